@@ -1,0 +1,130 @@
+"""Feature schema: what each input column is, and the batch format models consume.
+
+A :class:`Schema` lists labels (tasks, in their Task-Sensitive order) and features of
+three kinds (torchrec-style names):
+
+* ``categorical`` — one id per row, its own embedding table;
+* ``numeric``     — one float per row, turned into a d-vector as ``value * v + b``;
+* ``multi``       — a list of ids per row (jagged), pooled by an embedding bag.
+
+After encoding, categorical ids are in ``[0, cardinality)`` with row 0 reserved for
+out-of-vocabulary / missing values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+KINDS = ("categorical", "numeric", "multi")
+
+
+@dataclass
+class FeatureSpec:
+    name: str
+    kind: str = "categorical"
+    cardinality: int = 0  # filled by the encoder for categorical / multi features
+    # numeric preprocessing: "standard", "log1p" (log1p then standardise) or "minmax"
+    transform: str = "standard"
+    pooling: str = "sum"  # multi-valued: "sum" or "mean"
+    delimiter: str = "|"  # multi-valued: separator of ids in a raw cell
+    column: Optional[str] = None  # raw column name if it differs from `name`
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"feature {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.transform not in ("standard", "log1p", "minmax", "none"):
+            raise ValueError(f"feature {self.name!r}: unknown numeric transform {self.transform!r}")
+        if self.pooling not in ("sum", "mean"):
+            raise ValueError(f"feature {self.name!r}: pooling must be 'sum' or 'mean', got {self.pooling!r}")
+
+    @property
+    def source(self) -> str:
+        return self.column or self.name
+
+
+@dataclass
+class Schema:
+    features: list[FeatureSpec]
+    labels: list[str]  # task names, in Task-Sensitive order (predecessor first)
+    label_columns: Optional[list[str]] = None
+
+    def __post_init__(self):
+        names = [f.name for f in self.features]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"schema: duplicate feature names {sorted(dup)}")
+        if len(self.labels) < 1:
+            raise ValueError("schema: at least one label (task) is required")
+
+    def of_kind(self, kind: str) -> list[FeatureSpec]:
+        return [f for f in self.features if f.kind == kind]
+
+    @property
+    def categorical(self) -> list[FeatureSpec]:
+        return self.of_kind("categorical")
+
+    @property
+    def numeric(self) -> list[FeatureSpec]:
+        return self.of_kind("numeric")
+
+    @property
+    def multi(self) -> list[FeatureSpec]:
+        return self.of_kind("multi")
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.features)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.labels)
+
+    def field_order(self) -> list[str]:
+        """Field order of the embedding matrix E: categorical, then multi, then numeric."""
+        return [f.name for f in self.categorical + self.multi + self.numeric]
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Schema":
+        feats = [f if isinstance(f, FeatureSpec) else FeatureSpec(**f) for f in d["features"]]
+        return cls(features=feats, labels=list(d["labels"]), label_columns=d.get("label_columns"))
+
+
+@dataclass
+class JaggedField:
+    """One multi-valued feature for a batch: ids ``values`` split by ``offsets`` (len B+1)."""
+
+    values: torch.Tensor
+    offsets: torch.Tensor
+    weights: Optional[torch.Tensor] = None
+
+    def to(self, device) -> "JaggedField":
+        w = None if self.weights is None else self.weights.to(device)
+        return JaggedField(self.values.to(device), self.offsets.to(device), w)
+
+
+@dataclass
+class FeatureBatch:
+    """What every model's ``forward`` takes.
+
+    categorical: LongTensor [B, C] of encoded ids (0 = out of vocabulary).
+    numeric:     FloatTensor [B, N] of scaled values.
+    multi:       one :class:`JaggedField` per multi-valued feature.
+    """
+
+    categorical: torch.Tensor
+    numeric: torch.Tensor
+    multi: Sequence[JaggedField] = field(default_factory=tuple)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.categorical.shape[0])
+
+    def to(self, device) -> "FeatureBatch":
+        return FeatureBatch(self.categorical.to(device), self.numeric.to(device), tuple(m.to(device) for m in self.multi))

@@ -1,0 +1,51 @@
+"""Build script for dtn-kernels' compiled extension (``dtn_kernels._C``).
+
+CppExtension when no CUDA toolchain is found, CUDAExtension when one is.
+Environment switches:
+  DTN_FORCE_CUDA=1   build the CUDA sources even if torch sees no GPU (needs nvcc)
+  DTN_SKIP_CUDA=1    never build CUDA sources
+  DTN_NO_EXT=1       build no compiled extension at all (pure Python install)
+  MAX_JOBS=N         parallel compile jobs (respected by torch's build helper)
+"""
+import glob
+import os
+
+from setuptools import setup
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _extensions():
+    if _flag("DTN_NO_EXT"):
+        return [], {}
+    here = os.path.dirname(os.path.abspath(__file__))
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    if not cpp:
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    use_cuda = bool(cu) and not _flag("DTN_SKIP_CUDA") and CUDA_HOME is not None and (
+        _flag("DTN_FORCE_CUDA") or torch.cuda.is_available()
+    )
+    cxx = ["-O3", "-std=c++17"]
+    extra = {"cxx": cxx}
+    if use_cuda:
+        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        ext = CUDAExtension(
+            "dtn_kernels._C", cpp + cu, extra_compile_args=extra, define_macros=[("DTN_WITH_CUDA", None)],
+            include_dirs=[os.path.join(here, "csrc")],
+        )
+    else:
+        ext = CppExtension(
+            "dtn_kernels._C", cpp, extra_compile_args=extra,
+            include_dirs=[os.path.join(here, "csrc")],
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=_flag("DTN_USE_NINJA"))}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
