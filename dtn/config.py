@@ -69,6 +69,7 @@ class DataConfig:
     dataset: str = "census"  # "census" or "synthetic"
     path: Optional[str] = None  # census: folder with the files (else $DTN_CENSUS_DIR, cache, download)
     split_seed: int = 2024
+    bucketize: int = 0  # census: > 0 adds a quantile-bucket categorical copy of each numeric column
     synthetic_rows: int = 20_000
 
 

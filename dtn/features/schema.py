@@ -30,12 +30,15 @@ class FeatureSpec:
     pooling: str = "sum"  # multi-valued: "sum" or "mean"
     delimiter: str = "|"  # multi-valued: separator of ids in a raw cell
     column: Optional[str] = None  # raw column name if it differs from `name`
+    bins: int = 0  # categorical only: > 0 = a numeric column cut into this many train quantile buckets
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"feature {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
         if self.transform not in ("standard", "log1p", "minmax", "none"):
             raise ValueError(f"feature {self.name!r}: unknown numeric transform {self.transform!r}")
+        if self.bins and self.kind != "categorical":
+            raise ValueError(f"feature {self.name!r}: bins applies to categorical features only")
         if self.pooling not in ("sum", "mean"):
             raise ValueError(f"feature {self.name!r}: pooling must be 'sum' or 'mean', got {self.pooling!r}")
 

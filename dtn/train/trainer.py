@@ -1,0 +1,244 @@
+"""Training and evaluation: Adam, weighted per-task BCE, early stopping on validation AUC,
+atomic checkpoints with exact resume, metrics to JSON/CSV.
+
+Files in ``out_dir``:
+  last.pt       the resume point (model, optimizer, RNG, history), written after every epoch
+  best.pt       the best model so far by the early-stopping metric (what ``dtn evaluate`` loads)
+  history.csv   one row per epoch; metrics.json the final metrics
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+from ..config import Config, config_from_dict
+from ..data.encoders import EncodedData, TabularEncoder
+from ..models import DTN, build_model
+from .checkpoint import atomic_save, atomic_write_text, load_checkpoint
+from .metrics import mean_auc, task_metrics
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover
+    tqdm = None
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The shuffle order of an epoch depends only on (seed, epoch): resuming reproduces it."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def checkpoint_payload(model, encoder: TabularEncoder | None, config: Config) -> dict:
+    payload = {"model_name": model.cfg.name, "config": config.to_dict(), "model_state": model.state_dict(),
+               "encoder": encoder.state_dict() if encoder is not None else None,
+               "schema": model.schema.to_dict()}
+    if isinstance(model, DTN):
+        payload["trim_active"] = model.active.clone()
+    return payload
+
+
+def model_from_checkpoint(ckpt: dict | str, device="cpu"):
+    """(model, encoder, config) rebuilt from a checkpoint dict or path."""
+    if isinstance(ckpt, str):
+        ckpt = load_checkpoint(ckpt)
+    from ..features import Schema
+
+    config = config_from_dict(ckpt["config"])
+    schema = Schema.from_dict(ckpt["schema"])
+    model = build_model(ckpt["model_name"], schema, config.model, device=device)
+    if isinstance(model, DTN) and ckpt.get("trim_active") is not None:
+        model.apply_trim(ckpt["trim_active"])
+    model.load_state_dict(ckpt["model_state"])
+    encoder = TabularEncoder.from_state_dict(ckpt["encoder"]) if ckpt.get("encoder") else None
+    return model, encoder, config
+
+
+class Trainer:
+    def __init__(self, model, config: Config, out_dir: str | None = None, encoder: TabularEncoder | None = None):
+        self.model = model
+        self.config = config
+        self.cfg = config.train
+        self.out_dir = out_dir
+        self.encoder = encoder
+        self.device = torch.device(self.cfg.device)
+        self.model.to(self.device)
+        if self.cfg.num_threads:
+            torch.set_num_threads(self.cfg.num_threads)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.history: list[dict] = []
+        self.epoch = 0  # epochs completed
+        self.best_score = -math.inf
+        self.best_epoch = 0
+        self.bad_epochs = 0
+        if self.cfg.task_weights is not None and len(self.cfg.task_weights) != model.num_tasks:
+            raise ValueError(f"train.task_weights has {len(self.cfg.task_weights)} entries for {model.num_tasks} tasks")
+
+    # ---- paths -------------------------------------------------------------------------
+    def _path(self, name: str) -> str | None:
+        return os.path.join(self.out_dir, name) if self.out_dir else None
+
+    # ---- state -------------------------------------------------------------------------
+    def state(self) -> dict:
+        payload = checkpoint_payload(self.model, self.encoder, self.config)
+        payload.update(optimizer_state=self.optimizer.state_dict(), epoch=self.epoch, history=self.history,
+                       best_score=self.best_score, best_epoch=self.best_epoch, bad_epochs=self.bad_epochs,
+                       torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state(), python_rng=random.getstate())
+        return payload
+
+    def load_state(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model_state"])
+        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        self.epoch = ckpt["epoch"]
+        self.history = list(ckpt["history"])
+        self.best_score, self.best_epoch, self.bad_epochs = ckpt["best_score"], ckpt["best_epoch"], ckpt["bad_epochs"]
+        torch.set_rng_state(ckpt["torch_rng"])
+        np.random.set_state(ckpt["numpy_rng"])
+        random.setstate(ckpt["python_rng"])
+
+    def resume(self, path: str | None = None) -> bool:
+        """Load ``last.pt`` (or ``path``) if it exists; True when something was resumed."""
+        path = path or self._path("last.pt")
+        if not path or not os.path.exists(path):
+            return False
+        self.load_state(load_checkpoint(path, map_location=self.device))
+        return True
+
+    # ---- training ----------------------------------------------------------------------
+    def _progress(self, total: int, desc: str):
+        if not self.cfg.progress or tqdm is None:
+            return None
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr,
+                    disable=not sys.stderr.isatty() and not os.environ.get("DTN_FORCE_PROGRESS"))
+
+    def train_epoch(self, data: EncodedData) -> float:
+        self.model.train()
+        gen = epoch_generator(self.cfg.seed, self.epoch)
+        n_steps = math.ceil(len(data) / self.cfg.batch_size)
+        bar = self._progress(n_steps, f"epoch {self.epoch + 1}")
+        total, count = 0.0, 0
+        for step, (batch, labels) in enumerate(data.batches(self.cfg.batch_size, shuffle=True, generator=gen)):
+            batch, labels = batch.to(self.device), labels.to(self.device)
+            logits = self.model(batch)
+            loss, per_task = self.model.loss(logits, labels, self.cfg.task_weights)
+            if not torch.isfinite(loss):
+                if bar is not None:
+                    bar.close()
+                last = self._path("last.pt")
+                kept = f"; the last good checkpoint {last} is untouched" if last and os.path.exists(last) else ""
+                per = {t: float(v) for t, v in zip(self.model.tasks, per_task.detach())}
+                raise TrainingDivergedError(
+                    f"loss became {float(loss)} at epoch {self.epoch + 1}, step {step + 1} (per-task losses {per}); "
+                    f"lower the learning rate or check the inputs for extreme values{kept}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            total += float(loss.detach()) * labels.shape[0]
+            count += labels.shape[0]
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{total / count:.4f}")
+        if bar is not None:
+            bar.close()
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def predict(self, data: EncodedData) -> np.ndarray:
+        self.model.eval()
+        out = [torch.sigmoid(self.model(b.to(self.device))).float().cpu() for b, _ in data.batches(self.cfg.eval_batch_size)]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.model.num_tasks), dtype=np.float32)
+
+    def evaluate(self, data: EncodedData) -> dict[str, dict[str, float]]:
+        return task_metrics(data.labels.numpy(), self.predict(data), self.model.tasks)
+
+    def _score(self, metrics: dict) -> float:
+        key = self.cfg.early_stop_metric
+        if key == "mean_auc":
+            return mean_auc(metrics)
+        if key.startswith("auc/") and key[4:] in metrics:
+            return metrics[key[4:]]["auc"]
+        raise ValueError(f"train.early_stop_metric {key!r}: use 'mean_auc' or 'auc/<task>' with a task of {list(metrics)}")
+
+    def fit(self, train: EncodedData, valid: EncodedData, resume: bool = False, log=print) -> list[dict]:
+        if len(train) == 0:
+            raise ValueError("the training set is empty")
+        if resume and self.resume():
+            log(f"resumed from {self._path('last.pt')} after epoch {self.epoch}")
+        while self.epoch < self.cfg.epochs and self.bad_epochs < self.cfg.patience:
+            t0 = time.perf_counter()
+            train_loss = self.train_epoch(train)
+            val = self.evaluate(valid)
+            score = self._score(val)
+            self.epoch += 1
+            improved = score > self.best_score
+            if improved:
+                self.best_score, self.best_epoch, self.bad_epochs = score, self.epoch, 0
+            else:
+                self.bad_epochs += 1
+            row = {"epoch": self.epoch, "train_loss": train_loss, "seconds": time.perf_counter() - t0,
+                   **{f"val_{m}/{t}": v for t, d in val.items() for m, v in d.items()}, "score": score}
+            self.history.append(row)
+            log(f"epoch {self.epoch}: loss {train_loss:.4f}  " +
+                "  ".join(f"{t} auc {d['auc']:.4f}" for t, d in val.items()) +
+                f"  ({row['seconds']:.1f}s){'  *' if improved else ''}")
+            if self.out_dir:
+                if improved:
+                    atomic_save(checkpoint_payload(self.model, self.encoder, self.config), self._path("best.pt"))
+                atomic_save(self.state(), self._path("last.pt"))
+                self._write_history()
+        if self.out_dir and os.path.exists(self._path("best.pt")):
+            self.model.load_state_dict(load_checkpoint(self._path("best.pt"), self.device)["model_state"])
+        elif not self.out_dir:
+            log("(no out_dir: keeping the last epoch's weights)")
+        return self.history
+
+    def _write_history(self) -> None:
+        keys = list(dict.fromkeys(k for row in self.history for k in row))
+        path = self._path("history.csv")
+        import io
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(self.history)
+        atomic_write_text(buf.getvalue(), path)
+
+
+def write_metrics(metrics: dict, path: str) -> None:
+    atomic_write_text(json.dumps(metrics, indent=2, default=float), path)
+
+
+def train_model(name: str, data, config: Config, out_dir: str | None = None, resume: bool = False, log=print):
+    """Build ``name`` for ``data`` (a CensusData / SyntheticData), train, and evaluate on test."""
+    seed_everything(config.train.seed)
+    model = build_model(name, data.schema, config.model, device=config.train.device)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, name=model.cfg.name))
+    trainer = Trainer(model, config, out_dir, data.encoder)
+    t0 = time.perf_counter()
+    trainer.fit(data.train, data.valid, resume=resume, log=log)
+    result = {"model": model.cfg.name, "params": model.num_parameters(), "best_epoch": trainer.best_epoch,
+              "epochs_run": trainer.epoch, "train_seconds": time.perf_counter() - t0,
+              "valid": trainer.evaluate(data.valid), "test": trainer.evaluate(data.test)}
+    if out_dir:
+        write_metrics(result, os.path.join(out_dir, "metrics.json"))
+    return trainer, result

@@ -1,0 +1,67 @@
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+CENSUS_DIR = os.environ.get("DTN_CENSUS_DIR") or os.path.join(SHARED, "data", "census-income")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "requires_cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_schema():
+    from dtn.features import FeatureSpec, Schema
+
+    return Schema([FeatureSpec("a", cardinality=5), FeatureSpec("b", cardinality=7), FeatureSpec("c", cardinality=3),
+                   FeatureSpec("m", kind="multi", cardinality=9), FeatureSpec("x", kind="numeric"),
+                   FeatureSpec("y", kind="numeric")], labels=["t1", "t2"])
+
+
+@pytest.fixture
+def tiny_batch():
+    from dtn.features import FeatureBatch, JaggedField
+
+    B = 8
+    g = torch.Generator().manual_seed(1)
+    cat = torch.stack([torch.randint(0, c, (B,), generator=g) for c in (5, 7, 3)], 1)
+    lens = torch.tensor([2, 0, 3, 1, 1, 2, 0, 1])
+    offsets = torch.zeros(B + 1, dtype=torch.long)
+    offsets[1:] = lens.cumsum(0)
+    multi = JaggedField(torch.randint(0, 9, (int(lens.sum()),), generator=g), offsets)
+    labels = torch.randint(0, 2, (B, 2), generator=g).float()
+    return FeatureBatch(cat, torch.randn(B, 2, generator=g), (multi,)), labels
+
+
+@pytest.fixture
+def small_model_cfg():
+    import dataclasses
+
+    from dtn.config import load_config
+
+    cfg = load_config("cpu").model
+    return dataclasses.replace(cfg, embed_dim=4, fim_dim=16, tower_hidden=[8], expert_hidden=[16], bottom_hidden=[16],
+                               masknet={**cfg.masknet, "mask_hidden": 16, "block_dim": 16},
+                               memonet={**cfg.memonet, "fields": None, "num_buckets": 101, "codebook_dim": 4})
+
+
+@pytest.fixture(scope="session")
+def census_dir():
+    if not os.path.exists(os.path.join(CENSUS_DIR, "census-income.data.xz")) and \
+            not os.path.exists(os.path.join(CENSUS_DIR, "census-income.data")):
+        pytest.skip(f"Census-Income files not found in {CENSUS_DIR} (set DTN_CENSUS_DIR)")
+    return CENSUS_DIR
