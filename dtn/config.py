@@ -62,6 +62,9 @@ class TrainConfig:
     num_threads: Optional[int] = None
     grad_clip: Optional[float] = None
     progress: bool = True
+    # torch.use_deterministic_algorithms: bit-exact reruns and resumes with several CPU threads
+    # (without it some ATen CPU backward reductions differ in the last bit from run to run)
+    deterministic: bool = False
 
 
 @dataclass
@@ -70,6 +73,7 @@ class DataConfig:
     path: Optional[str] = None  # census: folder with the files (else $DTN_CENSUS_DIR, cache, download)
     split_seed: int = 2024
     bucketize: int = 0  # census: > 0 adds a quantile-bucket categorical copy of each numeric column
+    numeric_ids: int = 0  # census: > 0 adds a categorical copy of each numeric column (values seen >= this often)
     synthetic_rows: int = 20_000
 
 

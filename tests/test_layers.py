@@ -197,3 +197,14 @@ def test_input_layer_rejects_bad_ids(tiny_schema, tiny_batch):
 def test_input_layer_needs_fitted_cardinality():
     with pytest.raises(ValueError, match="feature 'a': cardinality"):
         InputLayer(Schema([FeatureSpec("a")], labels=["t"]), 4)
+
+
+def test_hcnet_buckets_equal_cross_hash():
+    net = HCNet(fields=[2, 0, 3], num_fields=4, embed_dim=2, num_hashes=3, num_buckets=1009, codebook_dim=2)
+    ids = torch.randint(0, 50, (6, 4))
+    got = net.buckets(ids)
+    for k, (i, j) in enumerate([(0, 1), (0, 2), (1, 2)]):
+        fi, fj = [2, 0, 3][i], [2, 0, 3][j]
+        for h, seed in enumerate(net.seeds):
+            want = cross_hash(ids[:, fi], ids[:, fj], int(net.salts[i]), int(net.salts[j]), seed, 1009)
+            assert torch.equal(got[:, k, h], want)

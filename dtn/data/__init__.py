@@ -6,7 +6,8 @@ from .synthetic import PLANTED, SyntheticData, make_synthetic, make_synthetic_fr
 def load_dataset(cfg, encoder=None):
     """The data set a :class:`dtn.config.DataConfig` names (``encoder``: reuse fitted encoders)."""
     if cfg.dataset == "census":
-        return load_census(cfg.path, cfg.split_seed, bucketize=cfg.bucketize, encoder=encoder)
+        return load_census(cfg.path, cfg.split_seed, bucketize=cfg.bucketize, numeric_ids=cfg.numeric_ids,
+                           encoder=encoder)
     if cfg.dataset == "synthetic":
         return make_synthetic(cfg.synthetic_rows, cfg.split_seed, encoder=encoder)
     raise ValueError(f"unknown dataset {cfg.dataset!r}; known: census, synthetic")

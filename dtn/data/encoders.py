@@ -87,10 +87,10 @@ class TabularEncoder:
                 f.cardinality = len(self.edges[f.name]) + 2  # buckets 1..len+1, 0 stays OOV
             elif f.kind == "categorical":
                 counts = Counter(col.astype(str).tolist())
-                self._set_vocab(f, counts, min_count)
+                self._set_vocab(f, counts, max(min_count, f.min_count))
             elif f.kind == "multi":
                 counts = Counter(tok for cell in col.fillna("").astype(str) for tok in _split(cell, f.delimiter))
-                self._set_vocab(f, counts, min_count)
+                self._set_vocab(f, counts, max(min_count, f.min_count))
             else:
                 x = self._numeric(col, f, source, transform_only=True)
                 if f.transform == "minmax":
@@ -182,7 +182,9 @@ class TabularEncoder:
         bad = ~np.isin(y, (0.0, 1.0))
         if bad.any():
             row = int(np.argmax(bad))
-            raise DataError(f"{_where(source, name, row)}: label value {col.iloc[row]!r} is not 0 or 1")
+            value = col.iloc[row]
+            value = value.item() if hasattr(value, "item") else value
+            raise DataError(f"{_where(source, name, row)}: label value {value!r} is not 0 or 1")
         return y.astype(np.float32)
 
     # ---- persistence -------------------------------------------------------------------

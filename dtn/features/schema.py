@@ -31,6 +31,7 @@ class FeatureSpec:
     delimiter: str = "|"  # multi-valued: separator of ids in a raw cell
     column: Optional[str] = None  # raw column name if it differs from `name`
     bins: int = 0  # categorical only: > 0 = a numeric column cut into this many train quantile buckets
+    min_count: int = 1  # categorical / multi: values seen fewer times in train map to the OOV id 0
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -107,11 +107,17 @@ class HCNet(nn.Module):
         return int(self.fields.numel())
 
     def buckets(self, cat_ids: torch.Tensor) -> torch.Tensor:
-        """Bucket ids [B, M, H] of every cross under every hash."""
-        sub = cat_ids[:, self.fields].long()
-        ii, jj = sub[:, self.pair_i], sub[:, self.pair_j]
-        si, sj = self.salts[self.pair_i], self.salts[self.pair_j]
-        return torch.stack([cross_hash(ii, jj, si, sj, s, self.num_buckets) for s in self.seeds], dim=-1)
+        """Bucket ids [B, M, H] of every cross under every hash (= :func:`cross_hash`).
+
+        The per-field parts of the hash are computed once per (row, field), not per cross.
+        """
+        a = fmix32((cat_ids[:, self.fields].long() & M32) ^ self.salts)  # [B, S]
+        b = a[:, self.pair_j]  # [B, M]
+        out = []
+        for s in self.seeds:
+            left = fmix32(a ^ s)[:, self.pair_i]  # [B, M]
+            out.append(fmix32(left ^ b) % self.num_buckets)
+        return torch.stack(out, dim=-1)
 
     def attention(self, E: torch.Tensor) -> torch.Tensor:
         return self.senet(E.mean(dim=-1))  # [B, M]

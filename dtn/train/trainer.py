@@ -83,12 +83,15 @@ class Trainer:
         self.model.to(self.device)
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
+        if self.cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.history: list[dict] = []
         self.epoch = 0  # epochs completed
         self.best_score = -math.inf
         self.best_epoch = 0
         self.bad_epochs = 0
+        self._best_state = None  # in-memory copy of the best weights when there is no out_dir
         if self.cfg.task_weights is not None and len(self.cfg.task_weights) != model.num_tasks:
             raise ValueError(f"train.task_weights has {len(self.cfg.task_weights)} entries for {model.num_tasks} tasks")
 
@@ -201,15 +204,18 @@ class Trainer:
             log(f"epoch {self.epoch}: loss {train_loss:.4f}  " +
                 "  ".join(f"{t} auc {d['auc']:.4f}" for t, d in val.items()) +
                 f"  ({row['seconds']:.1f}s){'  *' if improved else ''}")
+            if improved and not self.out_dir:
+                self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             if self.out_dir:
                 if improved:
                     atomic_save(checkpoint_payload(self.model, self.encoder, self.config), self._path("best.pt"))
                 atomic_save(self.state(), self._path("last.pt"))
                 self._write_history()
+        # end on the best weights, which is what evaluation and prediction should use
         if self.out_dir and os.path.exists(self._path("best.pt")):
             self.model.load_state_dict(load_checkpoint(self._path("best.pt"), self.device)["model_state"])
-        elif not self.out_dir:
-            log("(no out_dir: keeping the last epoch's weights)")
+        elif self._best_state is not None:
+            self.model.load_state_dict(self._best_state)
         return self.history
 
     def _write_history(self) -> None:
