@@ -1,15 +1,17 @@
 """The input layer: every field becomes one d-vector, E in R^{B x F x d}.
 
 All categorical and multi-valued tables live in one weight buffer with per-table row
-offsets (the table-batched layout), so a single lookup serves every field.
+offsets (the table-batched layout), so a single ``dtn_kernels.ops.embedding_bag`` call
+(the compiled ``torch.ops.dtn.embedding_bag`` when built) serves every field.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from dtn_kernels.ops import embedding_bag
 
 from .schema import FeatureBatch, Schema
 
@@ -78,6 +80,46 @@ class InputLayer(nn.Module):
                     f"feature {name!r}: id {int(col[row])} at row {row} is outside its table [0, {card})"
                 )
 
+    def _check_jagged(self, jf, name: str) -> None:
+        if jf.offsets.dim() != 1 or jf.values.dim() != 1:
+            raise ValueError(f"feature {name!r}: values and offsets must be 1-D")
+        if jf.offsets.numel() < 1 or int(jf.offsets[0]) != 0 or int(jf.offsets[-1]) != jf.values.numel():
+            raise ValueError(
+                f"feature {name!r}: offsets must start at 0 and end at len(values)={jf.values.numel()}, got "
+                f"{jf.offsets.tolist() if jf.offsets.numel() <= 8 else jf.offsets[[0, -1]].tolist()}"
+            )
+
+    def _jagged_input(self, cat: torch.Tensor, multi) -> tuple:
+        """All tables' ids as one table-major jagged input for ``dtn_kernels.ops.embedding_bag``.
+
+        Categorical field t is table t with B bags of one id; multi-valued field j is table
+        C + j with its own bags. Returns (indices, offsets, mode, per_sample_weights).
+        """
+        B, C = cat.shape
+        device = self.weight.device
+        idx_parts = [cat.t().reshape(-1).long()]
+        end_parts = [torch.arange(C * B + 1, device=device)]  # 0, then the end of every one-id bag
+        base = C * B
+        modes = set(self.multi_pooling)
+        mixed = len(modes) > 1
+        mode = "sum" if mixed or not modes else modes.pop()
+        need_psw = mixed or any(jf.weights is not None for jf in multi)
+        psw_parts = [self.weight.new_ones(C * B)] if need_psw else []
+        for j, jf in enumerate(multi):
+            n = jf.values.numel()
+            offsets = jf.offsets.long()
+            idx_parts.append(jf.values.long())
+            end_parts.append(offsets[1:] + base)
+            base += n
+            if need_psw:
+                w = self.weight.new_ones(n) if jf.weights is None else jf.weights.to(self.weight.dtype)
+                if mixed and self.multi_pooling[j] == "mean":  # mean as a sum with weights w / len(bag)
+                    lengths = offsets[1:] - offsets[:-1]
+                    w = w / torch.repeat_interleave(lengths.clamp_min(1), lengths, output_size=n).to(w.dtype)
+                psw_parts.append(w)
+        psw = torch.cat(psw_parts) if need_psw else None
+        return torch.cat(idx_parts), torch.cat(end_parts), mode, psw
+
     def forward(self, batch: FeatureBatch) -> torch.Tensor:
         cat = batch.categorical
         B = cat.shape[0]
@@ -87,24 +129,18 @@ class InputLayer(nn.Module):
         if len(batch.multi) != len(self.multi_names):
             raise ValueError(f"expected {len(self.multi_names)} multi-valued fields {self.multi_names}, got {len(batch.multi)}")
         parts = []
-        if n_cat:
+        n_tables = n_cat + len(self.multi_names)
+        if n_tables:
             if self.validate and not torch.compiler.is_compiling():
-                self._check_ids(cat, 0, self.cat_names)
-            shifted = cat.long() + self.table_offsets[:n_cat]
-            parts.append(F.embedding(shifted, self.weight))  # [B, C, d]
-        for j, jf in enumerate(batch.multi):
-            t = n_cat + j
-            if self.validate and not torch.compiler.is_compiling():
-                self._check_ids(jf.values, t, [self.multi_names[j]])
-            pooled = F.embedding_bag(
-                jf.values.long() + self.table_offsets[t], self.weight, jf.offsets[:-1].long(),
-                mode=self.multi_pooling[j] if jf.weights is None else "sum",
-                per_sample_weights=jf.weights,
-            )
-            if jf.weights is not None and self.multi_pooling[j] == "mean":
-                counts = (jf.offsets[1:] - jf.offsets[:-1]).clamp_min(1).to(pooled.dtype)
-                pooled = pooled / counts[:, None]
-            parts.append(pooled[:, None, :])
+                if n_cat:
+                    self._check_ids(cat, 0, self.cat_names)
+                for j, jf in enumerate(batch.multi):
+                    self._check_jagged(jf, self.multi_names[j])
+                    self._check_ids(jf.values, n_cat + j, [self.multi_names[j]])
+            indices, offsets, mode, psw = self._jagged_input(cat, batch.multi)
+            # one table-batched lookup for every categorical and multi-valued field
+            pooled = embedding_bag(self.weight, self.table_offsets, indices, offsets, mode, psw)
+            parts.append(pooled.view(B, n_tables, self.embed_dim))
         n_num = len(self.num_names)
         if n_num:
             x = batch.numeric

@@ -1,0 +1,191 @@
+"""Table-batched embedding bag, forward + backward, on Census-Income's tables (CPU).
+
+Providers (same inputs, same upstream gradient, output [B, T*d] in every case):
+
+* ``dtn_op``       -- ``dtn_kernels.ops.embedding_bag`` (torch.ops.dtn.embedding_bag when built);
+* ``module_loop``  -- one ``nn.EmbeddingBag`` per feature, then ``torch.cat`` (what
+  torch-rechub / FuxiCTR-style input layers do);
+* ``single_fbag``  -- one ``F.embedding_bag`` over the concatenated tables, ids already
+  shifted by their table's row offset (precomputed, not timed), output permuted to [B, T*d].
+
+Shapes: the 32 categorical inputs of Census-Income (KDD) plus one multi-valued feature
+(10,000 rows, bag lengths uniform in 0..20), batch 2048, d = 16, sum pooling.
+Every step sets the weight gradients to None first (as ``zero_grad(set_to_none=True)`` does).
+
+Run with pytest-benchmark (ratios printed at the end by benchmarks/conftest.py)::
+
+    DTN_BENCH_THREADS=1 .venv/bin/python -m pytest benchmarks/bench_embedding_bag.py --benchmark-only
+
+or as a script, which interleaves the providers round by round (more robust on a shared,
+noisy machine) and prints medians and ratios::
+
+    .venv/bin/python benchmarks/bench_embedding_bag.py --threads 1 --rounds 200
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dtn_kernels
+from dtn_kernels.ops import embedding_bag
+
+# Census-Income (KDD) categorical cardinalities, +1 for an out-of-vocabulary row each.
+# Computed from /work/shared/data/census-income/census-income.data.xz (42 columns, no
+# header): the number of distinct stripped values of every column except the numeric
+# ones (0, 5, 16, 17, 18, 30, 39), instance_weight (24), the labels income_50k (41) and
+# marital_stat (7); 32 columns remain, in column order.
+CENSUS_CARDINALITIES = [10, 53, 48, 18, 4, 25, 16, 6, 11, 3, 4, 7, 9, 7, 7, 52,
+                        39, 9, 11, 10, 11, 4, 5, 6, 44, 44, 44, 6, 4, 4, 4, 3]
+MULTI_ROWS = 10_000
+MULTI_MAX_LEN = 20
+BATCH = 2048
+DIM = 16
+PROVIDERS = ["dtn_op", "module_loop", "single_fbag"]
+
+
+class Workload:
+    """Inputs and one fwd+bwd step per provider."""
+
+    def __init__(self, batch=BATCH, dim=DIM, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.B, self.d = batch, dim
+        cards = CENSUS_CARDINALITIES + [MULTI_ROWS]
+        self.C, self.T = len(CENSUS_CARDINALITIES), len(cards)
+        self.cat = torch.stack([torch.randint(0, c, (batch,), generator=g) for c in CENSUS_CARDINALITIES], 1)
+        lengths = torch.randint(0, MULTI_MAX_LEN + 1, (batch,), generator=g)
+        self.multi_offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        self.multi_values = torch.randint(0, MULTI_ROWS, (int(self.multi_offsets[-1]),), generator=g)
+        self.table_offsets = torch.tensor([0] + cards).cumsum(0)
+        R = int(self.table_offsets[-1])
+        # table-batched jagged input (what InputLayer builds): ids local to their table
+        self.indices = torch.cat([self.cat.t().reshape(-1), self.multi_values])
+        self.offsets = torch.cat([torch.arange(self.C * batch + 1), self.multi_offsets[1:] + self.C * batch])
+        self.shifted = self.indices + self.table_offsets[:-1].repeat_interleave(batch).repeat_interleave(
+            self.offsets.diff())
+        self.weight = nn.Parameter(torch.randn(R, dim, generator=g) * 0.05)
+        self.modules = [nn.EmbeddingBag(c, dim, mode="sum") for c in cards]
+        with torch.no_grad():
+            for m, lo, hi in zip(self.modules, self.table_offsets[:-1], self.table_offsets[1:]):
+                m.weight.copy_(self.weight[lo:hi])
+        self.grad_out = torch.randn(batch, self.T * dim, generator=g)
+
+    # --- the three providers: forward + backward, gradients reset first
+    def dtn_op(self):
+        self.weight.grad = None
+        out = embedding_bag(self.weight, self.table_offsets, self.indices, self.offsets, "sum")
+        out.backward(self.grad_out)
+        return out
+
+    def module_loop(self):
+        for m in self.modules:
+            m.weight.grad = None
+        outs = [m(self.cat[:, j : j + 1]) for j, m in enumerate(self.modules[: self.C])]
+        outs.append(self.modules[self.C](self.multi_values, self.multi_offsets[:-1]))
+        out = torch.cat(outs, dim=1)
+        out.backward(self.grad_out)
+        return out
+
+    def single_fbag(self):
+        self.weight.grad = None
+        out = F.embedding_bag(self.shifted, self.weight, self.offsets, mode="sum", include_last_offset=True)
+        out = out.view(self.T, self.B, self.d).transpose(0, 1).reshape(self.B, self.T * self.d)
+        out.backward(self.grad_out)
+        return out
+
+    def check(self):
+        """All providers compute the same output and weight gradient."""
+        ref = self.single_fbag().detach()
+        ref_grad = self.weight.grad.clone()
+        out = self.dtn_op().detach()
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)  # fp32 sums of ~2048 terms in different orders
+        torch.testing.assert_close(self.weight.grad, ref_grad, rtol=1e-4, atol=1e-4)  # fp32 sums of ~2048 terms in different orders
+        out = self.module_loop().detach()
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)  # fp32 sums of ~2048 terms in different orders
+        loop_grad = torch.cat([m.weight.grad for m in self.modules])
+        torch.testing.assert_close(loop_grad, ref_grad, rtol=1e-4, atol=1e-4)  # fp32 sums of ~2048 terms in different orders
+
+
+def bench_threads() -> int:
+    return int(os.environ.get("DTN_BENCH_THREADS", "1"))
+
+
+def environment() -> dict:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "compiled_op": dtn_kernels.HAS_C_EXT, "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------------- pytest-benchmark
+
+
+@pytest.fixture(scope="module")
+def workload():
+    torch.set_num_threads(bench_threads())
+    w = Workload()
+    w.check()
+    return w
+
+
+@pytest.mark.benchmark(group="embedding_bag fwd+bwd (census, B=2048, d=16)")
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_embedding_bag_fwd_bwd(benchmark, workload, provider, request):
+    torch.set_num_threads(bench_threads())
+    benchmark.extra_info.update(environment())
+    benchmark.pedantic(getattr(workload, provider), rounds=60, iterations=1, warmup_rounds=5)
+    request.config.__dict__.setdefault("dtn_bench_medians", {})[provider] = benchmark.stats.stats.median
+
+
+# ----------------------------------------------------------------------------- script
+
+
+def interleaved_medians(work: Workload, rounds: int, warmup: int = 10) -> dict:
+    """Median seconds per provider, timing the providers in turn every round."""
+    fns = {p: getattr(work, p) for p in PROVIDERS}
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {p: [] for p in PROVIDERS}
+    for _ in range(rounds):
+        for p, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[p].append(time.perf_counter() - t0)
+    return {p: statistics.median(ts) for p, ts in times.items()}
+
+
+def format_ratios(medians: dict) -> str:
+    ours = medians["dtn_op"]
+    lines = [f"{'provider':<14}{'median ms':>11}{'vs dtn_op':>11}"]
+    for p in PROVIDERS:
+        lines.append(f"{p:<14}{medians[p] * 1e3:>11.3f}{medians[p] / ours:>10.2f}x")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=bench_threads())
+    ap.add_argument("--rounds", type=int, default=200)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Workload()
+    work.check()
+    medians = interleaved_medians(work, args.rounds)
+    print(environment())
+    print(format_ratios(medians))
+
+
+if __name__ == "__main__":
+    main()

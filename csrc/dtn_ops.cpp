@@ -1,0 +1,33 @@
+// Operator schemas of the dtn library (torch.ops.dtn.*) and the Python import stub.
+//
+// Kernels are registered next to their code (csrc/cpu/*.cpp: CPU, csrc/cuda/*.cu: CUDA);
+// fake (meta) implementations and autograd formulas are registered in Python
+// (dtn_kernels/ops/<op>.py), where torch.library does it in a few lines.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(dtn, m) {
+  // ---- table-batched embedding bag (csrc/embedding_bag.h documents the layout)
+  m.def(
+      "embedding_bag(Tensor weight, Tensor table_offsets, Tensor indices, Tensor offsets, str mode=\"sum\", "
+      "Tensor? per_sample_weights=None, int? padding_idx=None, bool sparse=False) -> Tensor");
+  // Dense gradient of weight [R, D] and of per_sample_weights ([N], or [0] when not asked for).
+  m.def(
+      "embedding_bag_backward(Tensor grad_output, Tensor weight, Tensor table_offsets, Tensor indices, "
+      "Tensor offsets, str mode, Tensor? per_sample_weights, int? padding_idx, bool compute_psw_grad) "
+      "-> (Tensor, Tensor)");
+  // Row-sparse gradient: (rows [U] int64 sorted unique, row_grads [U, D], grad per_sample_weights).
+  m.def(
+      "embedding_bag_backward_sparse(Tensor grad_output, Tensor weight, Tensor table_offsets, Tensor indices, "
+      "Tensor offsets, str mode, Tensor? per_sample_weights, int? padding_idx, bool compute_psw_grad) "
+      "-> (Tensor, Tensor, Tensor)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dtn-kernels compiled ops; importing this module registers torch.ops.dtn.*";
+#ifdef DTN_WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+}

@@ -1,0 +1,535 @@
+"""dtn::embedding_bag (table-batched embedding bag) against F.embedding_bag.
+
+The oracle is a per-table loop of F.embedding_bag. The pure-PyTorch twin is always
+tested; the compiled op when dtn_kernels._C is built (otherwise those tests skip with the
+reason), and the CUDA kernels when a GPU and the CUDA build are present.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import dtn_kernels
+from dtn_kernels.ops import embedding_bag
+from dtn_kernels.reference import pt_embedding_bag
+
+HAS_EXT = dtn_kernels.HAS_C_EXT
+requires_ext = pytest.mark.skipif(
+    not HAS_EXT, reason=f"dtn_kernels._C not built ({dtn_kernels.C_EXT_ERROR}); the twin is tested instead"
+)
+requires_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and dtn_kernels.HAS_CUDA_EXT),
+    reason="needs a CUDA device and dtn_kernels._C built with CUDA",
+)
+IMPLS = ["twin"] + (["op"] if HAS_EXT else [])
+
+
+def run(impl, *args, **kwargs):
+    if impl == "op":
+        return torch.ops.dtn.embedding_bag(*args, **kwargs)
+    return pt_embedding_bag(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- oracle & data
+
+
+def oracle(weight, table_offsets, indices, offsets, mode="sum", per_sample_weights=None, padding_idx=None):
+    """One F.embedding_bag per table (what per-feature recsys code does), padding ids dropped."""
+    T = table_offsets.numel() - 1
+    B = (offsets.numel() - 1) // T
+    outs = []
+    for t in range(T):
+        lo, hi = int(table_offsets[t]), int(table_offsets[t + 1])
+        off = offsets[t * B : (t + 1) * B + 1].long()
+        ids = indices[int(off[0]) : int(off[-1])].long()
+        psw = None if per_sample_weights is None else per_sample_weights[int(off[0]) : int(off[-1])]
+        lengths = off[1:] - off[:-1]
+        if padding_idx is not None:
+            keep = ids != padding_idx
+            bag = torch.repeat_interleave(torch.arange(B), lengths)
+            ids, psw = ids[keep], (psw[keep] if psw is not None else None)
+            lengths = torch.bincount(bag[keep], minlength=B)
+        new_off = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        pooled = F.embedding_bag(ids, weight[lo:hi], new_off, mode="sum" if psw is not None else mode,
+                                 per_sample_weights=psw, include_last_offset=True)
+        if psw is not None and mode == "mean":
+            pooled = pooled / lengths.clamp_min(1).to(pooled.dtype)[:, None]
+        outs.append(pooled)
+    return torch.cat(outs, dim=1) if outs else weight.new_zeros(B, 0)
+
+
+def make_input(cards, B, d, max_len=4, dtype=torch.float32, index_dtype=torch.int64, seed=0, pad=None,
+               pad_rate=0.2):
+    g = torch.Generator().manual_seed(seed)
+    toff = torch.tensor([0] + list(cards)).cumsum(0)
+    weight = torch.randn(int(toff[-1]), d, generator=g, dtype=torch.float64).to(dtype)
+    T = len(cards)
+    lengths = torch.randint(0, max_len + 1, (T * B,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    rows = torch.tensor(cards).repeat_interleave(B).repeat_interleave(lengths)
+    ids = (torch.rand(int(offsets[-1]), generator=g, dtype=torch.float64) * rows).long()
+    if pad is not None:
+        ids = torch.where(torch.rand(ids.shape, generator=g) < pad_rate, torch.full_like(ids, pad), ids)
+    psw = torch.rand(ids.numel(), generator=g, dtype=torch.float64).to(dtype) + 0.5
+    return weight, toff, ids.to(index_dtype), offsets.to(index_dtype), psw
+
+
+def grads(out, inputs, seed=1):
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+    return torch.autograd.grad(out, inputs, go)
+
+
+def tol(dtype):
+    return {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+
+
+def assert_close(a, b, dtype, what):
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+    torch.testing.assert_close(a, b, atol=tol(dtype), rtol=tol(dtype), msg=lambda m: f"{what}: {m}")
+
+
+def check_against_oracle(impl, cards, B, d, mode, use_psw, pad, dtype=torch.float32, index_dtype=torch.int64,
+                         seed=0, max_len=4):
+    weight, toff, ids, offs, psw = make_input(cards, B, d, max_len, dtype, index_dtype, seed, pad)
+    weight.requires_grad_(True)
+    psw = psw.requires_grad_(True) if use_psw else None
+    inputs = [weight] + ([psw] if use_psw else [])
+    out = run(impl, weight, toff, ids, offs, mode, psw, pad)
+    assert out.shape == (B, len(cards) * d) and out.dtype == dtype
+    ref = oracle(weight, toff, ids, offs, mode, psw, pad)
+    assert_close(out, ref, dtype, f"{impl} forward")
+    if out.numel() == 0:
+        return
+    for name, a, b in zip(["weight", "per_sample_weights"], grads(out, inputs), grads(ref, inputs)):
+        assert_close(a, b, dtype, f"{impl} grad {name}")
+
+
+# ----------------------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("use_psw", [False, True])
+@pytest.mark.parametrize("pad", [None, 0, -1])
+def test_matches_f_embedding_bag(impl, mode, dtype, use_psw, pad):
+    if use_psw and mode == "max":
+        pytest.skip("per-sample weights need sum / mean (as in F.embedding_bag)")
+    check_against_oracle(impl, [7, 1, 12, 3], B=9, d=5, mode=mode, use_psw=use_psw, pad=pad, dtype=dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("d", [1, 16, 32, 64, 67])
+def test_dims_and_int32(impl, d):
+    # d = 16/32 take the compile-time-width paths of the CPU kernel
+    for mode in ("sum", "mean", "max"):
+        check_against_oracle(impl, [5, 9], B=6, d=d, mode=mode, use_psw=mode != "max", pad=None,
+                             index_dtype=torch.int32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_low_precision_accumulates_in_fp32(impl, dtype, mode):
+    use_psw = mode != "max"
+    weight, toff, ids, offs, psw = make_input([11, 4, 30], B=8, d=16, max_len=12, dtype=dtype)
+    weight.requires_grad_(True)
+    psw = psw.requires_grad_(True) if use_psw else None
+    out = run(impl, weight, toff, ids, offs, mode, psw)
+    assert out.dtype == dtype
+    w32 = weight.detach().float().requires_grad_(True)
+    p32 = psw.detach().float().requires_grad_(True) if use_psw else None
+    ref = oracle(w32, toff, ids, offs, mode, p32)
+    # within 2x of the error of rounding the fp32 result to the low-precision dtype, plus an ulp
+    err_self = (out.float() - ref).abs().max()
+    err_round = (ref.to(dtype).float() - ref).abs().max()
+    assert err_self <= 2 * err_round + tol(dtype), (err_self, err_round)
+    ga = grads(out, [weight] + ([psw] if use_psw else []))
+    gb = grads(ref, [w32] + ([p32] if use_psw else []))
+    for a, b in zip(ga, gb):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), b, atol=5 * tol(dtype), rtol=5 * tol(dtype))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_bags_one_row_tables_and_empty_batch(impl):
+    # all bags empty
+    w = torch.randn(4, 3, requires_grad=True)
+    toff = torch.tensor([0, 1, 4])
+    out = run(impl, w, toff, torch.zeros(0, dtype=torch.long), torch.zeros(2 * 5 + 1, dtype=torch.long), "max")
+    assert out.shape == (5, 6) and bool((out == 0).all())
+    out.sum().backward()
+    assert bool((w.grad == 0).all())
+    # one-row tables, repeated ids
+    for mode in ("sum", "mean", "max"):
+        check_against_oracle(impl, [1, 1, 1], B=5, d=4, mode=mode, use_psw=mode != "max", pad=None, max_len=6)
+    # B = 0
+    out = run(impl, w, toff, torch.zeros(0, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    assert out.shape == (0, 6)
+    # weight with spare rows past the last table
+    w = torch.randn(10, 2)
+    out = run(impl, w, torch.tensor([0, 2, 3]), torch.tensor([1, 0]), torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(out, torch.cat([w[1], w[2]])[None])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_worked_example(impl):
+    w = torch.arange(10.0).view(5, 2)
+    out = run(impl, w, torch.tensor([0, 3, 5]), torch.tensor([2, 0, 1, 1, 1]), torch.tensor([0, 1, 3, 3, 5]))
+    torch.testing.assert_close(out, torch.tensor([[4.0, 5.0, 0.0, 0.0], [2.0, 4.0, 16.0, 18.0]]))
+
+
+@st.composite
+def jagged_cases(draw):
+    T = draw(st.integers(1, 4))
+    cards = draw(st.lists(st.integers(1, 6), min_size=T, max_size=T))
+    return dict(
+        cards=cards, B=draw(st.integers(0, 5)), d=draw(st.integers(1, 9)),
+        mode=draw(st.sampled_from(["sum", "mean", "max"])), use_psw=draw(st.booleans()),
+        pad=draw(st.sampled_from([None, 0, -1])), index_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
+        max_len=draw(st.integers(0, 5)), seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=jagged_cases())
+def test_random_jagged_shapes(impl, case):
+    if case["mode"] == "max":
+        case["use_psw"] = False
+    check_against_oracle(impl, dtype=torch.float64, **case)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_gradcheck_float64(impl, mode):
+    weight, toff, ids, offs, psw = make_input([4, 1, 6], B=3, d=3, max_len=3, dtype=torch.float64, pad=-1)
+    weight.requires_grad_(True)
+    if mode == "max":
+        fn = lambda w: run(impl, w, toff, ids, offs, mode, None, -1)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (weight,))
+    else:
+        psw.requires_grad_(True)
+        fn = lambda w, p: run(impl, w, toff, ids, offs, mode, p, -1)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (weight, psw))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_sparse_gradient_matches_dense(impl, mode):
+    weight, toff, ids, offs, psw = make_input([50, 3, 200], B=6, d=4, pad=0)
+    use_psw = mode != "max"
+    w1 = weight.clone().requires_grad_(True)
+    w2 = weight.clone().requires_grad_(True)
+    p = psw if use_psw else None
+    go = torch.randn(6, 12)
+    run(impl, w1, toff, ids, offs, mode, p, 0, False).backward(go)
+    run(impl, w2, toff, ids, offs, mode, p, 0, True).backward(go)
+    assert w1.grad.layout == torch.strided
+    if impl == "op" or mode != "max":  # the twin's max gradient is dense (F.embedding_bag has no sparse max)
+        assert w2.grad.layout == torch.sparse_coo
+        touched = w2.grad.coalesce().indices()[0]
+        assert touched.numel() < weight.shape[0]  # only touched rows are stored
+    torch.testing.assert_close(w2.grad.to_dense(), w1.grad)
+
+
+@requires_ext
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_backward_is_deterministic_across_thread_counts(mode):
+    # big enough for several row ranges (one per thread) and several sample tiles
+    weight, toff, ids, offs, psw = make_input([3, 5000, 2, 700], B=700, d=16, max_len=8, pad=1)
+    go = torch.randn(700, 64)
+    p = psw if mode != "max" else None
+    results = []
+    n0 = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(torch.ops.dtn.embedding_bag_backward(go, weight, toff, ids, offs, mode, p, 1, p is not None))
+            out = torch.ops.dtn.embedding_bag(weight, toff, ids, offs, mode, p, 1)
+            torch.testing.assert_close(out, oracle(weight, toff, ids, offs, mode, p, 1), atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(n0)
+    for r in results[1:]:
+        assert torch.equal(r[0], results[0][0]) and torch.equal(r[1], results[0][1])
+    w = weight.clone().requires_grad_(True)
+    pr = p.clone().requires_grad_(True) if p is not None else None
+    ref = torch.autograd.grad(oracle(w, toff, ids, offs, mode, pr, 1), [w] + ([pr] if pr is not None else []), go)
+    torch.testing.assert_close(results[0][0], ref[0], atol=1e-5, rtol=1e-5)
+    if pr is not None:
+        torch.testing.assert_close(results[0][1], ref[1], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+@requires_ext
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_opcheck(mode):
+    weight, toff, ids, offs, psw = make_input([5, 2, 8], B=4, d=4)
+    weight.requires_grad_(True)
+    p = psw.requires_grad_(True) if mode != "max" else None
+    torch.library.opcheck(torch.ops.dtn.embedding_bag.default, (weight, toff, ids, offs, mode, p, None, False))
+    go = torch.randn(4, 12)
+    torch.library.opcheck(torch.ops.dtn.embedding_bag_backward.default,
+                          (go, weight.detach(), toff, ids, offs, mode, None if p is None else p.detach(), None,
+                           p is not None))
+
+
+@requires_ext
+def test_torch_compile_fullgraph():
+    class Pooled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(15, 4))
+            self.register_buffer("toff", torch.tensor([0, 5, 15]))
+
+        def forward(self, ids, offs, w):
+            return torch.relu(embedding_bag(self.weight, self.toff, ids, offs, "mean", w)).sum(dim=1)
+
+    m = Pooled()
+    _, _, ids, offs, psw = make_input([5, 10], B=6, d=4)
+    compiled = torch.compile(m, fullgraph=True)  # inductor; the op stays an opaque extern call
+    out = compiled(ids, offs, psw)
+    ref = m(ids, offs, psw)
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    g = m.weight.grad.clone()
+    m.weight.grad = None
+    ref.sum().backward()
+    torch.testing.assert_close(g, m.weight.grad)
+
+
+def test_dispatcher_falls_back_to_twin_with_warning(monkeypatch):
+    weight, toff, ids, offs, psw = make_input([3, 4], B=5, d=2)
+    monkeypatch.setattr(dtn_kernels, "HAS_C_EXT", False)
+    monkeypatch.setattr(dtn_kernels, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="embedding_bag op"):
+        out = embedding_bag(weight, toff, ids, offs, "sum", psw)
+    torch.testing.assert_close(out, oracle(weight, toff, ids, offs, "sum", psw))
+
+
+@requires_ext
+def test_dispatcher_uses_compiled_op():
+    weight, toff, ids, offs, _ = make_input([3, 4], B=5, d=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = embedding_bag(weight, toff, ids, offs, "mean")
+    torch.testing.assert_close(out, torch.ops.dtn.embedding_bag(weight, toff, ids, offs, "mean"))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+W = torch.randn(10, 3)
+TOFF = torch.tensor([0, 4, 6, 10])  # table 0: 4 rows, table 1: 2 rows, table 2: 4 rows
+GOOD_OFFS = torch.tensor([0, 1, 2, 3, 5, 6, 7])  # B = 2
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "ids, offs, pad, match",
+    [
+        ([0, 3, 1, 7, 0, 2, 3], GOOD_OFFS, None, r"table 1: id 7 at indices\[3\] \(bag 1\) is outside the table's rows \[0, 2\)"),
+        ([0, 3, -3, 1, 0, 2, 3], GOOD_OFFS, None, r"table 1: id -3 at indices\[2\]"),
+        ([0, 3, -1, 1, 0, 2, 5], GOOD_OFFS, -1, r"table 2: id 5 at indices\[6\]"),  # -1 is padding, 5 is not
+        ([0, 3, 1, 1, 0, 2, 3], [0, 1, 2, 4, 3, 6, 7], None, r"table 1: offsets decrease at bag 1: offsets\[3\]=4 > offsets\[4\]=3"),
+        ([0, 3, 1, 1, 0, 2, 3], [0, 1, 2, 3, 5, 6, 9], None, r"table 2: offsets\[6\]=9 \(bag 1\) runs past the end of indices \(numel 7\)"),
+        ([0, 3, 1, 1, 0, 2, 3], [-1, 1, 2, 3, 5, 6, 7], None, r"table 0: offsets\[0\]=-1 \(bag 0\) is negative"),
+    ],
+)
+def test_bad_values_name_table_and_value(impl, ids, offs, pad, match):
+    ids = torch.tensor(ids)
+    offs = torch.as_tensor(offs)
+    with pytest.raises(RuntimeError, match=match):
+        run(impl, W, TOFF, ids, offs, "sum", None, pad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_types_devices_and_shapes(impl):
+    ids = torch.tensor([0, 3, 1, 1, 0, 2, 3])
+    with pytest.raises(RuntimeError, match="indices must be .*int32 or int64, got torch.float32|indices must be int32 or int64, got Float"):
+        run(impl, W, TOFF, ids.float(), GOOD_OFFS)
+    with pytest.raises(RuntimeError, match="offsets must have the dtype of indices"):
+        run(impl, W, TOFF, ids, GOOD_OFFS.int())
+    with pytest.raises(RuntimeError, match="one device"):
+        run(impl, W, TOFF, ids.to("meta"), GOOD_OFFS)
+    with pytest.raises(RuntimeError, match=r"T\*B\+1 entries \(T=3 tables\)"):
+        run(impl, W, TOFF, ids, GOOD_OFFS[:-1])
+    with pytest.raises(RuntimeError, match="mode must be"):
+        run(impl, W, TOFF, ids, GOOD_OFFS, "min")
+    with pytest.raises(RuntimeError, match="per_sample_weights are only supported"):
+        run(impl, W, TOFF, ids, GOOD_OFFS, "max", torch.ones(7))
+    with pytest.raises(RuntimeError, match="per_sample_weights must"):
+        run(impl, W, TOFF, ids, GOOD_OFFS, "sum", torch.ones(7, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"table 2: table_offsets must be non-decreasing.*table_offsets\[3\]=11"):
+        run(impl, W, torch.tensor([0, 4, 6, 11]), ids, GOOD_OFFS)
+
+
+@requires_ext
+def test_backward_op_rejects_bad_ids():
+    ids = torch.tensor([0, 3, 1, 7, 0, 2, 3])
+    with pytest.raises(RuntimeError, match=r"table 1: id 7 at indices\[3\]"):
+        torch.ops.dtn.embedding_bag_backward(torch.ones(2, 9), W, TOFF, ids, GOOD_OFFS, "sum", None, None, False)
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("d", [16, 7])
+def test_cuda_matches_cpu(dtype, mode, d):
+    use_psw = mode != "max"
+    weight, toff, ids, offs, psw = make_input([40, 1, 300], B=33, d=d, max_len=9, dtype=dtype, pad=-1)
+    go = torch.randn(33, 3 * d, dtype=torch.float64).to(dtype)
+    res = {}
+    for dev in ("cpu", "cuda"):
+        w = weight.to(dev).requires_grad_(True)
+        p = psw.to(dev).requires_grad_(True) if use_psw else None
+        out = torch.ops.dtn.embedding_bag(w, toff.to(dev), ids.to(dev), offs.to(dev), mode, p, -1)
+        gs = torch.autograd.grad(out, [w] + ([p] if use_psw else []), go.to(dev))
+        res[dev] = [out] + list(gs)
+    for a, b in zip(res["cuda"], res["cpu"]):
+        torch.testing.assert_close(a.cpu().float(), b.float(), atol=5 * tol(dtype), rtol=5 * tol(dtype))
+
+
+@requires_cuda
+def test_cuda_backward_deterministic_and_sparse():
+    weight, toff, ids, offs, psw = make_input([3, 50, 2], B=512, d=16, max_len=16)
+    args = [t.cuda() for t in (weight, toff, ids, offs)]
+    go = torch.randn(512, 48, device="cuda")
+    a = torch.ops.dtn.embedding_bag_backward(go, *args, "sum", psw.cuda(), None, True)
+    b = torch.ops.dtn.embedding_bag_backward(go, *args, "sum", psw.cuda(), None, True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    rows, row_grads, _ = torch.ops.dtn.embedding_bag_backward_sparse(go, *args, "sum", psw.cuda(), None, False)
+    torch.testing.assert_close(a[0][rows], row_grads)
+
+
+@requires_cuda
+def test_cuda_bad_id_raises_flag_not_crash():
+    ids = torch.tensor([0, 3, 1, 7, 0, 2, 3], device="cuda")
+    with pytest.raises(RuntimeError, match=r"table 1: id 7"):
+        torch.ops.dtn.embedding_bag(W.cuda(), TOFF.cuda(), ids, GOOD_OFFS.cuda())
+    with pytest.raises(RuntimeError, match=r"runs past the end"):
+        torch.ops.dtn.embedding_bag(W.cuda(), TOFF.cuda(), ids, torch.tensor([0, 1, 2, 3, 5, 6, 90], device="cuda"))
+    torch.cuda.synchronize()  # the context is still usable
+    assert torch.ops.dtn.embedding_bag(W.cuda(), TOFF.cuda(), ids % 2, GOOD_OFFS.cuda()).shape == (2, 9)
+
+
+# ----------------------------------------------------------------------------- dtn input layer
+
+
+def _input_layer_case(poolings, weighted, B=7, seed=0):
+    from dtn.features import FeatureBatch, FeatureSpec, JaggedField, Schema
+
+    g = torch.Generator().manual_seed(seed)
+    feats = [FeatureSpec("c0", cardinality=5), FeatureSpec("c1", cardinality=1), FeatureSpec("c2", cardinality=9)]
+    feats += [FeatureSpec(f"m{j}", kind="multi", cardinality=6 + 5 * j, pooling=p) for j, p in enumerate(poolings)]
+    feats += [FeatureSpec("x", kind="numeric")]
+    schema = Schema(feats, labels=["y"])
+    cat = torch.stack([torch.randint(0, f.cardinality, (B,), generator=g) for f in schema.categorical], 1)
+    multi = []
+    for f in schema.multi:
+        lengths = torch.randint(0, 4, (B,), generator=g)
+        off = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        vals = torch.randint(0, f.cardinality, (int(off[-1]),), generator=g).int()
+        w = torch.rand(vals.numel(), generator=g) if weighted else None
+        multi.append(JaggedField(vals, off, w))
+    return schema, FeatureBatch(cat, torch.randn(B, 1, generator=g), tuple(multi))
+
+
+def _input_layer_reference(layer, batch):
+    """The input layer's semantics written per field with F.embedding / F.embedding_bag."""
+    parts = []
+    for t in range(len(layer.cat_names)):
+        lo = int(layer.table_offsets[t])
+        parts.append(F.embedding(batch.categorical[:, t], layer.weight[lo:])[:, None])
+    for j, jf in enumerate(batch.multi):
+        lo = int(layer.table_offsets[len(layer.cat_names) + j])
+        pooled = F.embedding_bag(jf.values.long(), layer.weight[lo:], jf.offsets.long(), mode="sum",
+                                 per_sample_weights=jf.weights, include_last_offset=True)
+        if layer.multi_pooling[j] == "mean":
+            pooled = pooled / (jf.offsets[1:] - jf.offsets[:-1]).clamp_min(1)[:, None]
+        parts.append(pooled[:, None])
+    parts.append(batch.numeric[:, :, None] * layer.numeric_weight + layer.numeric_bias)
+    return torch.cat(parts, 1)
+
+
+@pytest.mark.parametrize("poolings", [("sum",), ("mean", "mean"), ("sum", "mean")])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_input_layer_matches_per_field_lookups(poolings, weighted):
+    from dtn.features import InputLayer
+
+    schema, batch = _input_layer_case(poolings, weighted)
+    layer = InputLayer(schema, embed_dim=4)
+    E = layer(batch)
+    assert E.shape == (7, 3 + len(poolings) + 1, 4)
+    ref = _input_layer_reference(layer, batch)
+    torch.testing.assert_close(E, ref)
+    go = torch.randn_like(E)
+    names = ["weight", "numeric_weight", "numeric_bias"]
+    params = [getattr(layer, n) for n in names]
+    for n, a, b in zip(names, torch.autograd.grad(E, params, go), torch.autograd.grad(ref, params, go)):
+        torch.testing.assert_close(a, b, msg=lambda m: f"grad {n}: {m}")
+
+
+def test_input_layer_calls_the_table_batched_op_once(monkeypatch):
+    from dtn.features import InputLayer
+    import dtn.features.embedding as emb
+
+    schema, batch = _input_layer_case(("sum", "mean"), True)
+    layer = InputLayer(schema, embed_dim=3)
+    calls = []
+    real = emb.embedding_bag
+    monkeypatch.setattr(emb, "embedding_bag", lambda *a, **k: calls.append(a) or real(*a, **k))
+    layer(batch)
+    assert len(calls) == 1
+    weight, toff, indices, offsets, mode, psw = calls[0]
+    assert weight is layer.weight and toff.numel() == 3 + 2 + 1 and offsets.numel() == 5 * 7 + 1
+
+
+def test_input_layer_keeps_id_range_errors():
+    from dtn.features import InputLayer
+
+    schema, batch = _input_layer_case(("sum",), False)
+    layer = InputLayer(schema, embed_dim=2)
+    batch.categorical[3, 2] = 9
+    with pytest.raises(IndexError, match=r"feature 'c2': id 9 at row 3 is outside its table \[0, 9\)"):
+        layer(batch)
+    schema, batch = _input_layer_case(("sum",), False)
+    batch.multi[0].values[0] = -2
+    with pytest.raises(IndexError, match=r"feature 'm0': id -2 at row 0"):
+        layer(batch)
+    # with validation off, the op itself still refuses (naming the table: m0 is table 3)
+    layer.validate = False
+    with pytest.raises(RuntimeError, match=r"table 3: id -2"):
+        layer(batch)
+
+
+def test_input_layer_compiles_fullgraph():
+    from dtn.features import InputLayer
+
+    schema, batch = _input_layer_case(("sum", "mean"), True)
+    layer = InputLayer(schema, embed_dim=4)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    E = compiled(batch)
+    torch.testing.assert_close(E, _input_layer_reference(layer, batch))
+    E.sum().backward()
+    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_twin_traceable_path_matches_oracle(mode):
+    # the twin's torch.compile path (no value checks, no data-dependent shapes)
+    from dtn_kernels.reference.pt_embedding_bag import _pt_embedding_bag_traceable
+
+    weight, toff, ids, offs, psw = make_input([6, 1, 9], B=5, d=3, dtype=torch.float64)
+    p = psw if mode != "max" else None
+    out = _pt_embedding_bag_traceable(weight, toff, ids, offs, mode, p, False)
+    torch.testing.assert_close(out, oracle(weight, toff, ids, offs, mode, p))
