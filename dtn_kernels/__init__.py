@@ -44,3 +44,9 @@ def warn_missing_extension(what: str) -> None:
         RuntimeWarning,
         stacklevel=3,
     )
+
+# Fused FIM/gate kernels: importing the switch registers torch.ops.dtn.{gated_cross, mask_block,
+# hcnet, softmax_gate} (+ their _backward ops).
+from .switch import kernels_of, set_kernels  # noqa: E402
+
+__all__ += ["set_kernels", "kernels_of"]

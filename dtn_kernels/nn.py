@@ -1,0 +1,83 @@
+"""Drop-in fused twins of the reference layers in ``dtn.layers``.
+
+Each subclasses its reference layer (same parameters, buffers and state_dict) and only
+overrides ``forward`` to call one ``torch.ops.dtn.*`` op. :func:`dtn_kernels.set_kernels`
+swaps a whole model between the two by changing each module's class in place.
+
+    >>> from dtn.layers import GatedCrossLayer
+    >>> layer = GatedCrossLayer(24)
+    >>> dtn_kernels.set_kernels(layer, "fused")   # layer is now a FusedGatedCrossLayer
+"""
+from __future__ import annotations
+
+import torch
+
+from dtn.layers.gating import SoftmaxGate
+from dtn.layers.gdcn import CrossNetwork, GatedCrossLayer
+from dtn.layers.masknet import MaskBlock
+from dtn.layers.memonet import HCNet
+
+from .ops.gated_cross import cross_network, gated_cross
+from .ops.hcnet import hcnet
+from .ops.masknet import mask_block
+from .ops.softmax_gate import softmax_gate
+
+__all__ = ["FusedGatedCrossLayer", "FusedCrossNetwork", "FusedMaskBlock", "FusedHCNet", "FusedSoftmaxGate",
+           "FUSED_TWINS"]
+
+# TF32 for the fp32 GEMMs inside the kernels (GPU only; the interpreter always computes IEEE fp32).
+ALLOW_TF32 = False
+
+
+class FusedGatedCrossLayer(GatedCrossLayer):
+    """GatedCrossLayer through ``torch.ops.dtn.gated_cross``."""
+
+    def forward(self, x0: torch.Tensor, xl: torch.Tensor) -> torch.Tensor:
+        return gated_cross(x0, xl, self.weight, self.bias, self.gate_weight if self.gated else None, ALLOW_TF32)
+
+
+class FusedCrossNetwork(CrossNetwork):
+    """CrossNetwork whose layers run ``torch.ops.dtn.gated_cross`` (one op per layer)."""
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        layers = list(self.layers)
+        return cross_network(e, [m.weight for m in layers], [m.bias for m in layers],
+                             [m.gate_weight if m.gated else None for m in layers], ALLOW_TF32)
+
+
+class FusedMaskBlock(MaskBlock):
+    """MaskBlock (instance mask, product, GEMM, LayerNorm, ReLU) through ``torch.ops.dtn.mask_block``."""
+
+    def forward(self, e: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        norm = self.norm
+        gamma = norm.weight if norm.weight is not None else v.new_ones(norm.normalized_shape)
+        beta = norm.bias if norm.bias is not None else v.new_zeros(norm.normalized_shape)
+        return mask_block(e, v, self.mask.fc1.weight, self.mask.fc1.bias, self.mask.fc2.weight, self.mask.fc2.bias,
+                          self.hidden.weight, gamma, beta, float(norm.eps), ALLOW_TF32)
+
+
+class FusedHCNet(HCNet):
+    """HCNet: the SENet in PyTorch, then hash + gather + restore + shrink through ``torch.ops.dtn.hcnet``."""
+
+    def forward(self, E: torch.Tensor, cat_ids: torch.Tensor) -> torch.Tensor:
+        w = self.attention(E)  # [B, M]
+        ids = cat_ids[:, self.fields]
+        seeds = torch.tensor(self.seeds, dtype=torch.long, device=cat_ids.device)
+        return hcnet(ids, self.salts, seeds, self.codebook, self.restore.weight, w, None, ALLOW_TF32)
+
+
+class FusedSoftmaxGate(SoftmaxGate):
+    """SoftmaxGate through ``torch.ops.dtn.softmax_gate``."""
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, mask: torch.Tensor | None = None):
+        return softmax_gate(x, experts, self.linear.weight, self.linear.bias, mask, ALLOW_TF32)
+
+
+# reference class -> fused twin (exact classes: user subclasses are left alone)
+FUSED_TWINS: dict[type, type] = {
+    GatedCrossLayer: FusedGatedCrossLayer,
+    CrossNetwork: FusedCrossNetwork,
+    MaskBlock: FusedMaskBlock,
+    HCNet: FusedHCNet,
+    SoftmaxGate: FusedSoftmaxGate,
+}

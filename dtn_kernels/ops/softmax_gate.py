@@ -1,0 +1,80 @@
+"""``torch.ops.dtn.softmax_gate``: a linear gate + softmax over experts + the weighted sum.
+
+    weights = softmax(x W^T + b)  (experts with mask False at -inf),  out = sum_k weights_k * experts_k
+
+Returns (out [B, h], weights [B, K]); both are differentiable. CUDA tensors run the Triton
+kernels; CPU tensors the twin unless DTN_TRITON_ON_CPU=1.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..reference.pt_softmax_gate import pt_softmax_gate, pt_softmax_gate_backward
+from ..triton._dispatch import cast_floats, compute_dtype, use_triton
+
+
+@torch.library.custom_op("dtn::softmax_gate", mutates_args=())
+def _softmax_gate(x: Tensor, experts: Tensor, weight: Tensor, bias: Tensor, mask: Optional[Tensor],
+                  allow_tf32: bool = False) -> tuple[Tensor, Tensor]:
+    if use_triton(x):
+        from ..triton.triton_softmax_gate import softmax_gate_forward
+
+        return softmax_gate_forward(x, experts, weight, bias, mask, allow_tf32)
+    out, w = pt_softmax_gate(x, experts, weight, bias, mask)
+    return out.contiguous(), w.contiguous()
+
+
+@_softmax_gate.register_fake
+def _(x, experts, weight, bias, mask, allow_tf32=False):
+    return experts.new_empty((x.shape[0], experts.shape[2])), x.new_empty((x.shape[0], experts.shape[1]))
+
+
+@torch.library.custom_op("dtn::softmax_gate_backward", mutates_args=())
+def _softmax_gate_backward(grad_out: Tensor, grad_weights: Tensor, x: Tensor, experts: Tensor, weight: Tensor,
+                           bias: Tensor, mask: Optional[Tensor], weights: Tensor, allow_tf32: bool = False
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, d experts, dW, db)."""
+    if use_triton(x):
+        from ..triton.triton_softmax_gate import softmax_gate_backward
+
+        grads = softmax_gate_backward(grad_out, grad_weights, x, experts, weight, weights, allow_tf32)
+    else:
+        grads = pt_softmax_gate_backward(grad_out, grad_weights, x, experts, weight, bias, mask)
+    return tuple(g.contiguous() for g in grads)
+
+
+@_softmax_gate_backward.register_fake
+def _(grad_out, grad_weights, x, experts, weight, bias, mask, weights, allow_tf32=False):
+    return x.new_empty(x.shape), experts.new_empty(experts.shape), weight.new_empty(weight.shape), \
+        bias.new_empty(bias.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, experts, weight, bias, mask, allow_tf32 = inputs
+    ctx.allow_tf32 = allow_tf32
+    ctx.save_for_backward(x, experts, weight, bias, mask, output[1])
+
+
+def _backward(ctx, grad_out, grad_weights):
+    x, experts, weight, bias, mask, weights = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = x.new_zeros((x.shape[0], experts.shape[2]))
+    if grad_weights is None:
+        grad_weights = torch.zeros_like(weights)
+    dx, dexp, dW, db = torch.ops.dtn.softmax_gate_backward(grad_out, grad_weights, x, experts, weight, bias, mask,
+                                                           weights, ctx.allow_tf32)
+    return dx, dexp, dW, db, None, None
+
+
+_softmax_gate.register_autograd(_backward, setup_context=_setup_context)
+
+
+def softmax_gate(x: Tensor, experts: Tensor, weight: Tensor, bias: Tensor, mask: Optional[Tensor] = None,
+                 allow_tf32: bool = False) -> tuple[Tensor, Tensor]:
+    """(out, weights) through ``torch.ops.dtn.softmax_gate``; casts to the autocast dtype (or x's)."""
+    dt = compute_dtype(x)
+    x, experts, weight, bias = cast_floats(dt, x, experts, weight, bias)
+    return torch.ops.dtn.softmax_gate(x, experts, weight, bias, mask, allow_tf32)

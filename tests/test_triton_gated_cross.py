@@ -1,0 +1,103 @@
+"""torch.ops.dtn.gated_cross: Triton kernels (interpreter) vs the PyTorch twin, opcheck, gradcheck."""
+import triton_env  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
+from triton_env import assert_close, compare_fwd_bwd, interpreter, needs_cuda, needs_interpreter, requires_cuda
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import dtn_kernels  # noqa: F401  (registers the ops)
+from dtn_kernels.ops.gated_cross import gated_cross
+from dtn_kernels.reference.pt_gated_cross import pt_gated_cross
+
+NAMES = ["x0", "xl", "weight", "bias", "gate_weight"]
+
+
+def make_args(B, D, gated, dtype=torch.float32, device="cpu", seed=0, noncontig=False):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)  # noqa: E731
+    x0, xl = r(B, D), r(B, D)
+    if noncontig:  # column slices of wider tensors
+        x0, xl = r(B, 2 * D)[:, ::2], r(B, 2 * D)[:, 1::2]
+    w = r(D, D) / D ** 0.5
+    return [x0, xl, w, r(D), (r(D, D) / D ** 0.5) if gated else None]
+
+
+def op(x0, xl, w, b, wg):
+    return torch.ops.dtn.gated_cross(x0, xl, w, b, wg, False)
+
+
+@interpreter
+@needs_interpreter
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("B,D,noncontig", [(1, 1, False), (1, 7, False), (19, 23, False), (5, 33, True)])
+def test_matches_twin(B, D, gated, noncontig):
+    args = make_args(B, D, gated, noncontig=noncontig)
+    diff = [0, 1, 2, 3] + ([4] if gated else [])
+    compare_fwd_bwd(op, pt_gated_cross, args, diff, names=NAMES)
+
+
+@interpreter
+@needs_interpreter
+@settings(max_examples=4, deadline=None)
+@given(B=st.integers(1, 20), D=st.integers(1, 24), gated=st.booleans(), seed=st.integers(0, 99))
+def test_matches_twin_hypothesis(B, D, gated, seed):
+    args = make_args(B, D, gated, seed=seed)
+    compare_fwd_bwd(op, pt_gated_cross, args, [0, 1, 2, 3] + ([4] if gated else []), seed=seed, names=NAMES)
+
+
+@interpreter
+@needs_interpreter
+def test_empty_batch():
+    x0, xl, w, b, wg = make_args(0, 5, True)
+    out = op(x0, xl, w, b, wg)
+    assert out.shape == (0, 5)
+
+
+@interpreter
+@needs_interpreter
+def test_kernel_is_used_not_the_twin(monkeypatch):
+    """Under DTN_TRITON_ON_CPU=1 the op must run the Triton launcher."""
+    import dtn_kernels.triton.triton_gated_cross as T
+
+    calls = []
+    orig = T.gated_cross_forward
+    monkeypatch.setattr(T, "gated_cross_forward", lambda *a: calls.append(1) or orig(*a))
+    op(*make_args(3, 5, True))
+    assert calls
+
+
+@interpreter
+@needs_interpreter
+@pytest.mark.parametrize("gated", [True, False])
+def test_opcheck_triton(gated):
+    args = [a.requires_grad_() if a is not None else None for a in make_args(3, 9, gated)]
+    torch.library.opcheck(torch.ops.dtn.gated_cross.default, (*args, False))
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_opcheck_and_gradcheck_twin(gated):
+    """float64 always runs the twin: gradcheck checks its closed-form backward."""
+    args = [a.requires_grad_() if a is not None else None for a in make_args(3, 5, gated, dtype=torch.float64)]
+    torch.library.opcheck(torch.ops.dtn.gated_cross.default, (*args, False))
+    assert torch.autograd.gradcheck(lambda *a: op(*a), args)
+
+
+def test_autocast_wrapper_casts():
+    x0, xl, w, b, wg = make_args(2, 4, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gated_cross(x0, xl, w, b, wg)
+    assert out.dtype == torch.bfloat16
+
+
+@requires_cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gated", [True, False])
+def test_cuda_dtypes(dtype, gated):
+    args = make_args(67, 45, gated, dtype=dtype, device="cuda")
+    ref_args = [a.float() if a is not None else None for a in args]
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    out = op(*args)
+    assert_close(out.float(), pt_gated_cross(*ref_args), "out", **tol)
+    compare_fwd_bwd(op, pt_gated_cross, ref_args, [0, 1, 2, 3] + ([4] if gated else []), names=NAMES)

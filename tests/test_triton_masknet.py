@@ -1,0 +1,90 @@
+"""torch.ops.dtn.mask_block: Triton kernels (interpreter) vs the PyTorch twin, opcheck, gradcheck."""
+import triton_env  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
+from triton_env import assert_close, compare_fwd_bwd, interpreter, needs_cuda, needs_interpreter, requires_cuda
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import dtn_kernels  # noqa: F401
+from dtn_kernels.reference.pt_masknet import pt_mask_block
+
+NAMES = ["e", "v", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "hidden.weight", "norm.weight", "norm.bias"]
+DIFF = list(range(9))
+
+
+def make_args(B, din, dv, hm, do, dtype=torch.float32, device="cpu", seed=0, noncontig=False):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    e = r(B, din)
+    v = r(B, dv) if not noncontig else r(dv, B).t()
+    return [e, v, r(hm, din) / din ** 0.5, r(hm), r(dv, hm) / hm ** 0.5, r(dv), r(do, dv) / dv ** 0.5,
+            1 + 0.1 * r(do), 0.1 * r(do)]
+
+
+def op(*args):
+    return torch.ops.dtn.mask_block(*args, 1e-5, False)
+
+
+@interpreter
+@needs_interpreter
+@pytest.mark.parametrize("B,din,dv,hm,do,noncontig", [
+    (1, 1, 1, 1, 2, False), (1, 5, 5, 3, 7, False), (19, 23, 11, 17, 37, False), (6, 20, 13, 40, 9, True)])
+def test_matches_twin(B, din, dv, hm, do, noncontig):
+    compare_fwd_bwd(op, pt_mask_block, make_args(B, din, dv, hm, do, noncontig=noncontig), DIFF, n_outputs=6,
+                    n_grad=1, names=NAMES)
+
+
+@interpreter
+@needs_interpreter
+@settings(max_examples=4, deadline=None)
+@given(B=st.integers(1, 20), din=st.integers(1, 20), dv=st.integers(1, 20), hm=st.integers(1, 20),
+       do=st.integers(2, 20), seed=st.integers(0, 99))
+def test_matches_twin_hypothesis(B, din, dv, hm, do, seed):
+    compare_fwd_bwd(op, pt_mask_block, make_args(B, din, dv, hm, do, seed=seed), DIFF, seed=seed, names=NAMES)
+
+
+@interpreter
+@needs_interpreter
+def test_matches_reference_module():
+    """The op equals dtn.layers.masknet.MaskBlock on the module's own parameters."""
+    from dtn.layers.masknet import MaskBlock
+
+    torch.manual_seed(0)
+    block = MaskBlock(12, 10, 9, 7)
+    e, v = torch.randn(5, 12), torch.randn(5, 10)
+    m = block.mask
+    out = op(e, v, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, block.hidden.weight, block.norm.weight,
+             block.norm.bias)[0]
+    assert_close(out, block(e, v), "out")
+
+
+@interpreter
+@needs_interpreter
+def test_empty_batch():
+    out = op(*make_args(0, 4, 3, 5, 6))
+    assert out[0].shape == (0, 6)
+
+
+@interpreter
+@needs_interpreter
+def test_opcheck_triton():
+    args = [a.requires_grad_() for a in make_args(3, 5, 4, 6, 7)]
+    torch.library.opcheck(torch.ops.dtn.mask_block.default, (*args, 1e-5, False))
+
+
+def test_opcheck_and_gradcheck_twin():
+    args = [a.requires_grad_() for a in make_args(3, 4, 3, 5, 4, dtype=torch.float64)]
+    torch.library.opcheck(torch.ops.dtn.mask_block.default, (*args, 1e-5, False))
+    assert torch.autograd.gradcheck(lambda *a: op(*a)[0], args)
+
+
+@requires_cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_dtypes(dtype):
+    args = make_args(129, 96, 96, 80, 64, dtype=dtype, device="cuda")
+    ref = [a.float() for a in args]
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    assert_close(op(*args)[0].float(), pt_mask_block(*ref)[0], "out", **tol)
+    compare_fwd_bwd(op, pt_mask_block, ref, DIFF, names=NAMES)

@@ -1,0 +1,99 @@
+"""torch.ops.dtn.softmax_gate: Triton kernels (interpreter) vs the PyTorch twin, opcheck, gradcheck."""
+import triton_env  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
+from triton_env import assert_close, compare_fwd_bwd, interpreter, needs_cuda, needs_interpreter, requires_cuda
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import dtn_kernels  # noqa: F401
+from dtn_kernels.reference.pt_softmax_gate import pt_softmax_gate
+
+NAMES = ["x", "experts", "weight", "bias"]
+
+
+def make_args(B, din, K, h, mask_kind=None, dtype=torch.float32, device="cpu", seed=0, noncontig=False):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    x = r(B, din)
+    experts = r(B, K, h) if not noncontig else r(B, h, K).transpose(1, 2)
+    mask = None
+    if mask_kind == "1d":
+        mask = (torch.arange(K) % 3 != 1).to(device)
+    elif mask_kind == "2d":
+        mask = torch.rand(B, K, generator=g) > 0.4
+        mask[:, 0] = True  # never a fully masked row (softmax of all -inf is NaN on both paths)
+        mask = mask.to(device)
+    return [x, experts, r(K, din), r(K), mask]
+
+
+def op(x, experts, w, b, mask):
+    return torch.ops.dtn.softmax_gate(x, experts, w, b, mask, False)
+
+
+@interpreter
+@needs_interpreter
+@pytest.mark.parametrize("B,din,K,h,mask_kind,noncontig", [
+    (1, 1, 1, 1, None, False), (1, 5, 3, 7, "1d", False), (19, 23, 6, 37, "2d", False), (7, 9, 17, 5, "1d", True)])
+def test_matches_twin(B, din, K, h, mask_kind, noncontig):
+    args = make_args(B, din, K, h, mask_kind, noncontig=noncontig)
+    compare_fwd_bwd(op, pt_softmax_gate, args, [0, 1, 2, 3], n_outputs=2, names=NAMES)
+
+
+@interpreter
+@needs_interpreter
+@settings(max_examples=4, deadline=None)
+@given(B=st.integers(1, 20), din=st.integers(1, 20), K=st.integers(1, 9), h=st.integers(1, 20),
+       masked=st.booleans(), seed=st.integers(0, 99))
+def test_matches_twin_hypothesis(B, din, K, h, masked, seed):
+    args = make_args(B, din, K, h, "1d" if (masked and K > 1) else None, seed=seed)
+    compare_fwd_bwd(op, pt_softmax_gate, args, [0, 1, 2, 3], n_outputs=2, seed=seed, names=NAMES)
+
+
+@interpreter
+@needs_interpreter
+def test_masked_experts_get_zero_weight_and_grad():
+    args = [a.requires_grad_() if a.is_floating_point() else a for a in make_args(4, 6, 5, 3, "1d")]
+    out, w = op(*args)
+    assert torch.all(w[:, 1] == 0) and torch.all(w[:, 4] == 0)
+    assert_close(w.sum(1), torch.ones(4), "weights sum")
+    out.sum().backward()
+    assert torch.all(args[1].grad[:, 1] == 0) and torch.all(args[2].grad[1] == 0)
+
+
+@interpreter
+@needs_interpreter
+def test_empty_batch():
+    out, w = op(*make_args(0, 4, 3, 5))
+    assert out.shape == (0, 5) and w.shape == (0, 3)
+
+
+@interpreter
+@needs_interpreter
+@pytest.mark.parametrize("mask_kind", [None, "1d"])
+def test_opcheck_triton(mask_kind):
+    args = [a.requires_grad_() if a is not None and a.is_floating_point() else a
+            for a in make_args(3, 5, 4, 6, mask_kind)]
+    torch.library.opcheck(torch.ops.dtn.softmax_gate.default, (*args, False))
+
+
+@pytest.mark.parametrize("mask_kind", [None, "2d"])
+def test_opcheck_and_gradcheck_twin(mask_kind):
+    args = [a.requires_grad_() if a is not None and a.is_floating_point() else a
+            for a in make_args(3, 4, 4, 5, mask_kind, dtype=torch.float64)]
+    torch.library.opcheck(torch.ops.dtn.softmax_gate.default, (*args, False))
+    assert torch.autograd.gradcheck(lambda *a: op(*a), args)
+
+
+@requires_cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_dtypes(dtype):
+    args = make_args(131, 47, 9, 65, "1d", dtype=dtype, device="cuda")
+    ref = [a.float() if a.is_floating_point() else a for a in args[:4]] + [args[4]]
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    out, w = op(*args)
+    r_out, r_w = pt_softmax_gate(*ref)
+    assert_close(out.float(), r_out, "out", **tol)
+    assert_close(w.float(), r_w, "weights", **tol)
+    compare_fwd_bwd(op, pt_softmax_gate, ref, [0, 1, 2, 3], n_outputs=2, names=NAMES)
