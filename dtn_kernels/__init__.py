@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib.util
 import warnings
 
+import torch  # noqa: F401  -- loads libc10 / libtorch, which _C links against
+
 __all__ = ["HAS_C_EXT", "HAS_CUDA_EXT", "HAS_TRITON", "C_EXT_ERROR", "warn_missing_extension"]
 
 HAS_C_EXT = False

@@ -31,7 +31,7 @@ def test_overfits_a_tiny_batch(name, tiny_schema, tiny_batch, small_model_cfg):
     first = None
     for _ in range(150):
         loss, _ = model.loss(model(batch), labels)
-        first = first if first is not None else float(loss)
+        first = first if first is not None else float(loss.detach())
         opt.zero_grad()
         loss.backward()
         opt.step()

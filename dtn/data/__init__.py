@@ -1,5 +1,5 @@
 from .census import CensusData, census_schema, find_census_files, load_census, read_census_file
-from .encoders import DataError, EncodedData, TabularEncoder
+from .encoders import DataError, EncodedData, SplitData, TabularEncoder
 from .synthetic import PLANTED, SyntheticData, make_synthetic, make_synthetic_frame, synthetic_schema
 
 
@@ -14,5 +14,5 @@ def load_dataset(cfg, encoder=None):
 
 
 __all__ = ["CensusData", "census_schema", "find_census_files", "load_census", "read_census_file", "DataError",
-           "EncodedData", "TabularEncoder", "PLANTED", "SyntheticData", "make_synthetic", "make_synthetic_frame",
+           "EncodedData", "SplitData", "TabularEncoder", "PLANTED", "SyntheticData", "make_synthetic", "make_synthetic_frame",
            "synthetic_schema", "load_dataset"]

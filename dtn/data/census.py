@@ -19,13 +19,12 @@ import os
 import tempfile
 import urllib.request
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from ..features import FeatureSpec, Schema
-from .encoders import DataError, EncodedData, TabularEncoder
+from .encoders import SplitData, DataError, EncodedData, TabularEncoder
 
 COLUMNS = [
     "age", "class_worker", "det_ind_code", "det_occ_code", "education", "wage_per_hour", "hs_college",
@@ -159,14 +158,7 @@ def add_labels(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-@dataclass
-class CensusData:
-    schema: Schema
-    encoder: TabularEncoder
-    train: EncodedData
-    valid: EncodedData
-    test: EncodedData
-    frames: dict[str, pd.DataFrame]
+CensusData = SplitData  # train / valid / test of the protocol
 
 
 def load_census(path: str | None = None, split_seed: int = 2024, download: bool = True, bucketize: int = 0,

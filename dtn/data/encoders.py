@@ -46,6 +46,18 @@ class EncodedData:
             yield self.batch(order[start:start + batch_size])
 
 
+@dataclass
+class SplitData:
+    """A data set ready for training: schema, fitted encoder, encoded splits and the raw frames."""
+
+    schema: Schema
+    encoder: "TabularEncoder"
+    train: EncodedData
+    valid: EncodedData
+    test: EncodedData
+    frames: dict[str, pd.DataFrame]
+
+
 def _take_jagged(m: JaggedField, idx: torch.Tensor) -> JaggedField:
     starts = m.offsets[idx]
     lens = m.offsets[idx + 1] - starts

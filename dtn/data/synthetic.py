@@ -10,13 +10,12 @@ Features (all known to drive exactly what their name says):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from ..features import FeatureSpec, Schema
-from .encoders import EncodedData, TabularEncoder
+from .encoders import SplitData, EncodedData, TabularEncoder
 
 PLANTED = {
     "task1": ["t1_cat", "t1_num", "x1_a", "x1_b"],
@@ -57,14 +56,7 @@ def make_synthetic_frame(n: int = 20_000, seed: int = 0) -> pd.DataFrame:
     return df
 
 
-@dataclass
-class SyntheticData:
-    schema: Schema
-    encoder: TabularEncoder
-    train: EncodedData
-    valid: EncodedData
-    test: EncodedData
-    frames: dict[str, pd.DataFrame]
+SyntheticData = SplitData  # train / valid / test of the protocol
 
 
 def make_synthetic(n: int = 20_000, seed: int = 0, encoder: TabularEncoder | None = None) -> SyntheticData:
