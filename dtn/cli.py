@@ -3,6 +3,13 @@
   dtn train    --model dtn --config cpu --out runs/dtn [--resume]
   dtn evaluate --checkpoint runs/dtn/best.pt [--split test]
   dtn compare  --models shared_bottom,mmoe,ple,dtn --config cpu --out results/census-cpu
+
+Analyses (docs/analysis.md):
+  dtn importance --checkpoint runs/dtn/best.pt --out results/importance [--repeats 3]
+  dtn gates      --checkpoint runs/dtn/best.pt --out results/gates
+  dtn trim       --checkpoint runs/dtn/best.pt --threshold 0.08 --out results/trim
+  dtn tsne       --checkpoint runs/dtn/best.pt --fim masknet --task income --out results/tsne
+  dtn table3     --config cpu --seeds 1,2,3 --trim-threshold 0.08 --out results/table3-cpu
 """
 from __future__ import annotations
 
@@ -112,8 +119,98 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _threads(args) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def cmd_importance(args) -> int:
+    from .analysis import load_checkpoint_data
+    from .analysis.importance import run_importance
+
+    _threads(args)
+    model, cfg, data, ckpt = load_checkpoint_data(args.checkpoint, args.data_dir)
+    tasks = args.tasks.split(",") if args.tasks else None
+    res, paths = run_importance(model, data, args.out, split=args.split, repeats=args.repeats, max_rows=args.max_rows,
+                                seed=args.seed, tasks=tasks, batch_size=cfg.train.eval_batch_size)
+    print(open(paths["md"]).read())
+    print("written " + ", ".join(paths.values()))
+    return 0
+
+
+def cmd_gates(args) -> int:
+    from .analysis import get_split, load_checkpoint_data
+    from .analysis.gates import gate_weights, gates_markdown, require_dtn, write_gates
+
+    _threads(args)
+    model, cfg, data, ckpt = load_checkpoint_data(args.checkpoint, args.data_dir)
+    require_dtn(model, "dtn gates")
+    g = gate_weights(model, get_split(data, args.split), cfg.train.eval_batch_size)
+    g["split"] = args.split
+    paths = write_gates(g, args.out)
+    print(f"mean gate weights on {args.split} ({g['rows']} rows):\n" + gates_markdown(g))
+    print("written " + ", ".join(paths.values()))
+    return 0
+
+
+def cmd_trim(args) -> int:
+    from .analysis import load_checkpoint_data
+    from .analysis.gates import require_dtn, trim_markdown, trim_model, write_trim
+
+    _threads(args)
+    model, cfg, data, ckpt = load_checkpoint_data(args.checkpoint, args.data_dir)
+    require_dtn(model, "dtn trim")
+    r = trim_model(model, data, args.threshold, latency_batch=args.latency_batch, latency_repeats=args.repeats,
+                   eval_batch_size=cfg.train.eval_batch_size)
+    r["checkpoint"] = args.checkpoint
+    paths = write_trim(r, model, data.encoder, cfg, args.out)
+    print(trim_markdown(r))
+    print("written " + ", ".join(paths.values()))
+    return 0
+
+
+def cmd_tsne(args) -> int:
+    from .analysis import get_split, load_checkpoint_data
+    from .analysis.tsne import run_tsne
+
+    _threads(args)
+    model, cfg, data, ckpt = load_checkpoint_data(args.checkpoint, args.data_dir)
+    paths = run_tsne(model, get_split(data, args.split), args.out, fim=args.fim, task=args.task, n=args.samples,
+                     seed=args.seed, perplexity=args.perplexity)
+    print("written " + ", ".join(paths.values()))
+    return 0
+
+
+def cmd_table3(args) -> int:
+    from .analysis.table3 import TABLE3_MODELS, table3, table3_markdown
+    from .data import load_dataset
+
+    cfg = _config(args)
+    t0 = time.time()
+    data = load_dataset(cfg.data)
+    print(f"data: {len(data.train)} train / {len(data.valid)} valid / {len(data.test)} test rows ({time.time() - t0:.1f}s)")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    models = args.models.split(",") if args.models else TABLE3_MODELS
+    summary = table3(data, cfg, args.out, seeds=seeds, threshold=args.trim_threshold, models=models, base=args.base,
+                     resume=not args.fresh)
+    print()
+    print(table3_markdown(summary))
+    print(f"total {time.time() - t0:.0f}s; table in {os.path.join(args.out, 'compare.md')} and compare.json")
+    return 0
+
+
+def _analysis_common(p: argparse.ArgumentParser, out: str) -> None:
+    p.add_argument("--checkpoint", required=True, help="a best.pt / trimmed.pt written by dtn train, compare or trim")
+    p.add_argument("--data-dir", help="override the data path of the checkpoint's config")
+    p.add_argument("--out", default=out, help=f"output folder [{out}]")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dtn", description="DTN and multi-task baselines: train, evaluate, compare.")
+    p = argparse.ArgumentParser(prog="dtn", description="DTN and multi-task baselines: train, evaluate, compare; the paper's analyses: "
+                                "importance, gates, trim, tsne, table3 (docs/analysis.md).")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one model")
@@ -138,6 +235,47 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="results/compare", help="output folder [results/compare]")
     c.add_argument("--fresh", action="store_true", help="retrain even where OUT/<model>/metrics.json exists")
     c.set_defaults(func=cmd_compare)
+
+    i = sub.add_parser("importance", help="permutation feature importance per task (Table 1, Fig. 2)")
+    _analysis_common(i, "results/importance")
+    i.add_argument("--split", choices=["train", "valid", "test"], default="test")
+    i.add_argument("--repeats", type=int, default=3, help="permutations per field (mean ± std) [3]")
+    i.add_argument("--max-rows", type=int, default=20000, help="subsample the split to this many rows; 0 = all [20000]")
+    i.add_argument("--tasks", help="the two tasks of the scatter plot, comma-separated [the first two]")
+    i.add_argument("--seed", type=int, default=0)
+    i.set_defaults(func=cmd_importance)
+
+    g = sub.add_parser("gates", help="DTN mean gate weight of every candidate FIM per task (Fig. 4)")
+    _analysis_common(g, "results/gates")
+    g.add_argument("--split", choices=["train", "valid", "test"], default="valid")
+    g.set_defaults(func=cmd_gates)
+
+    r = sub.add_parser("trim", help="DTN-trim a checkpoint; params, latency and AUC before and after")
+    _analysis_common(r, "results/trim")
+    r.add_argument("--threshold", type=float, required=True, help="switch off gate candidates under this mean weight")
+    r.add_argument("--latency-batch", type=int, default=2048, help="rows per timed forward pass [2048]")
+    r.add_argument("--repeats", type=int, default=30, help="timed forward passes (median reported) [30]")
+    r.set_defaults(func=cmd_trim)
+
+    s = sub.add_parser("tsne", help="t-SNE of FIM representations (Fig. 5)")
+    _analysis_common(s, "results/tsne")
+    s.add_argument("--split", choices=["train", "valid", "test"], default="test")
+    s.add_argument("--fim", default="masknet", help="FIM kind for the per-task plot (Fig. 5a) [masknet]")
+    s.add_argument("--task", help="task for the per-FIM-kind plot (Fig. 5b) [the first task]")
+    s.add_argument("--samples", type=int, default=1000, help="rows embedded [1000]")
+    s.add_argument("--perplexity", type=float, default=30.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_tsne)
+
+    b = sub.add_parser("table3", help="Table 3: the baselines, DTN and DTN-trim, mean ± std over seeds")
+    _common(b)
+    b.add_argument("--models", help="comma-separated [shared_bottom,mmoe,ple,sfm,tfi,dtn]")
+    b.add_argument("--base", default="shared_bottom", help="RelaImp base model [shared_bottom]")
+    b.add_argument("--seeds", default="1,2,3", help="comma-separated seeds [1,2,3]")
+    b.add_argument("--trim-threshold", type=float, default=0.08, help="DTN-trim gate-weight threshold [0.08]")
+    b.add_argument("--out", default="results/table3", help="output folder [results/table3]")
+    b.add_argument("--fresh", action="store_true", help="retrain even where finished runs exist")
+    b.set_defaults(func=cmd_table3)
     return p
 
 
