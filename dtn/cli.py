@@ -14,7 +14,6 @@ Analyses (docs/analysis.md):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -53,6 +52,17 @@ def _config(args):
     return config_from_dict(over, cfg) if over else cfg
 
 
+def _load_data(cfg):
+    """The configured data set, with a one-line summary."""
+    from .data import load_dataset
+
+    t0 = time.time()
+    data = load_dataset(cfg.data)
+    print(f"data: {len(data.train)} train / {len(data.valid)} valid / {len(data.test)} test rows, "
+          f"{data.schema.num_fields} fields ({time.time() - t0:.1f}s)")
+    return data
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="cpu", help="packaged config name (cpu, paper) or a YAML file [cpu]")
     p.add_argument("--dataset", choices=["census", "synthetic"], help="override data.dataset")
@@ -67,14 +77,10 @@ def _table(metrics: dict) -> str:
 
 
 def cmd_train(args) -> int:
-    from .data import load_dataset
     from .train import train_model
 
     cfg = _config(args)
-    t0 = time.time()
-    data = load_dataset(cfg.data)
-    print(f"data: {len(data.train)} train / {len(data.valid)} valid / {len(data.test)} test rows, "
-          f"{data.schema.num_fields} fields ({time.time() - t0:.1f}s)")
+    data = _load_data(cfg)
     trainer, result = train_model(args.model, data, cfg, out_dir=args.out, resume=args.resume)
     print(f"{result['model']}: {result['params']:,} parameters, best epoch {result['best_epoch']}")
     print("test:\n" + _table(result["test"]))
@@ -105,12 +111,10 @@ def cmd_evaluate(args) -> int:
 
 def cmd_compare(args) -> int:
     from .compare import compare, to_markdown
-    from .data import load_dataset
 
     cfg = _config(args)
     t0 = time.time()
-    data = load_dataset(cfg.data)
-    print(f"data: {len(data.train)} train / {len(data.valid)} valid / {len(data.test)} test rows ({time.time() - t0:.1f}s)")
+    data = _load_data(cfg)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
     summary = compare(args.models.split(","), data, cfg, args.out, base=args.base, seeds=seeds, resume=not args.fresh)
     print()
@@ -185,12 +189,10 @@ def cmd_tsne(args) -> int:
 
 def cmd_table3(args) -> int:
     from .analysis.table3 import TABLE3_MODELS, table3, table3_markdown
-    from .data import load_dataset
 
     cfg = _config(args)
     t0 = time.time()
-    data = load_dataset(cfg.data)
-    print(f"data: {len(data.train)} train / {len(data.valid)} valid / {len(data.test)} test rows ({time.time() - t0:.1f}s)")
+    data = _load_data(cfg)
     seeds = [int(s) for s in args.seeds.split(",")]
     models = args.models.split(",") if args.models else TABLE3_MODELS
     summary = table3(data, cfg, args.out, seeds=seeds, threshold=args.trim_threshold, models=models, base=args.base,

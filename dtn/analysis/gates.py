@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from . import ensure_dir, get_split, inference_latency_ms, markdown_table, plt, predict_probs
+from . import ensure_dir, inference_latency_ms, markdown_table, plt, predict_probs
 from ..train.checkpoint import atomic_write_text
 
 

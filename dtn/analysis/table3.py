@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 from ..compare import compare, summarize, to_markdown
 from ..train import write_metrics

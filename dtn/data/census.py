@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ..features import FeatureSpec, Schema
-from .encoders import SplitData, DataError, EncodedData, TabularEncoder
+from .encoders import DataError, SplitData, TabularEncoder
 
 COLUMNS = [
     "age", "class_worker", "det_ind_code", "det_occ_code", "education", "wage_per_hour", "hs_college",

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..features import FeatureSpec, Schema
-from .encoders import SplitData, EncodedData, TabularEncoder
+from .encoders import SplitData, TabularEncoder
 
 PLANTED = {
     "task1": ["t1_cat", "t1_num", "x1_a", "x1_b"],
