@@ -126,6 +126,19 @@ inline BagShape check_embedding_bag_args(const char* op, const at::Tensor& weigh
   return BagShape{T, nb / T, weight.size(1), indices.numel(), weight.size(0)};
 }
 
+// The forward's checks plus those on grad_output (shared by the CPU and CUDA backward).
+inline BagShape check_embedding_bag_backward_args(const char* op, const at::Tensor& grad_output,
+                                                  const at::Tensor& weight, const at::Tensor& table_offsets,
+                                                  const at::Tensor& indices, const at::Tensor& offsets, PoolMode mode,
+                                                  const std::optional<at::Tensor>& per_sample_weights) {
+  const BagShape sh = check_embedding_bag_args(op, weight, table_offsets, indices, offsets, mode, per_sample_weights);
+  TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == sh.B && grad_output.size(1) == sh.T * sh.D, op,
+              ": grad_output must be [", sh.B, ", ", sh.T * sh.D, "], got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == weight.scalar_type() && grad_output.device() == weight.device(), op,
+              ": grad_output must match weight's dtype and device");
+  return sh;
+}
+
 inline int64_t padding_value(const std::optional<int64_t>& padding_idx) {
   return padding_idx.has_value() ? *padding_idx : kNoPadding;
 }

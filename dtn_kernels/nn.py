@@ -62,8 +62,7 @@ class FusedHCNet(HCNet):
     def forward(self, E: torch.Tensor, cat_ids: torch.Tensor) -> torch.Tensor:
         w = self.attention(E)  # [B, M]
         ids = cat_ids[:, self.fields]
-        seeds = torch.tensor(self.seeds, dtype=torch.long, device=cat_ids.device)
-        return hcnet(ids, self.salts, seeds, self.codebook, self.restore.weight, w, None, ALLOW_TF32)
+        return hcnet(ids, self.salts, self.seed_tensor, self.codebook, self.restore.weight, w, None, ALLOW_TF32)
 
 
 class FusedSoftmaxGate(SoftmaxGate):

@@ -545,11 +545,8 @@ BackwardInputs prepare_backward(const char* op, const at::Tensor& grad_output, c
                                 c10::string_view mode, const std::optional<at::Tensor>& per_sample_weights,
                                 std::optional<int64_t> padding_idx, bool full_validation) {
   const PoolMode pm = parse_pool_mode(mode);
-  const BagShape sh = check_embedding_bag_args(op, weight, table_offsets, indices, offsets, pm, per_sample_weights);
-  TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == sh.B && grad_output.size(1) == sh.T * sh.D, op,
-              ": grad_output must be [", sh.B, ", ", sh.T * sh.D, "], got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == weight.scalar_type() && grad_output.device() == weight.device(), op,
-              ": grad_output must match weight's dtype and device");
+  const BagShape sh = check_embedding_bag_backward_args(op, grad_output, weight, table_offsets, indices, offsets, pm,
+                                                        per_sample_weights);
   BackwardInputs in{grad_output.contiguous(), weight.contiguous(), table_offsets.contiguous(), indices.contiguous(),
                     offsets.contiguous(), std::nullopt, sh, pm, padding_value(padding_idx)};
   if (per_sample_weights.has_value()) in.psw = per_sample_weights->contiguous();

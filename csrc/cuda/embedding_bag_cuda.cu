@@ -338,11 +338,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda_impl(
     const at::Tensor& table_offsets, const at::Tensor& indices, const at::Tensor& offsets, c10::string_view mode,
     const std::optional<at::Tensor>& per_sample_weights, std::optional<int64_t> padding_idx, bool compute_psw_grad) {
   const PoolMode pm = parse_pool_mode(mode);
-  const BagShape sh = check_embedding_bag_args(op, weight, table_offsets, indices, offsets, pm, per_sample_weights);
-  TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == sh.B && grad_output.size(1) == sh.T * sh.D, op,
-              ": grad_output must be [", sh.B, ", ", sh.T * sh.D, "], got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == weight.scalar_type() && grad_output.device() == weight.device(), op,
-              ": grad_output must match weight's dtype and device");
+  const BagShape sh = check_embedding_bag_backward_args(op, grad_output, weight, table_offsets, indices, offsets, pm,
+                                                        per_sample_weights);
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor G = grad_output.contiguous(), W = weight.contiguous(), toff = table_offsets.contiguous();
   const at::Tensor idx = indices.contiguous(), off = offsets.contiguous();

@@ -90,6 +90,7 @@ class HCNet(nn.Module):
         salts = [field_salt(f) for f in fields]
         self.register_buffer("salts", torch.tensor(salts, dtype=torch.long, device=device), persistent=False)
         self.seeds = [hash_seed(index, k) for k in range(num_hashes)]
+        self.register_buffer("seed_tensor", torch.tensor(self.seeds, dtype=torch.long, device=device), persistent=False)
         incidence = torch.zeros(len(fields), self.num_crosses, device=device)
         for k, (i, j) in enumerate(pairs):
             incidence[i, k] = 1.0

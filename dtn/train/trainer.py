@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -221,8 +222,6 @@ class Trainer:
     def _write_history(self) -> None:
         keys = list(dict.fromkeys(k for row in self.history for k in row))
         path = self._path("history.csv")
-        import io
-
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=keys)
         w.writeheader()
