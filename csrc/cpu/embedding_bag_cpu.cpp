@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <mutex>
 #include <type_traits>
 #include <vector>
@@ -88,6 +89,8 @@ void dispatch_dim(int64_t D, F&& f) {
   switch (D) {
     case 16: f(std::integral_constant<int, 16>{}); break;
     case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
     default: f(std::integral_constant<int, 0>{});
   }
 }
@@ -107,18 +110,53 @@ inline void prefetch_row(const void* base, int64_t row, int64_t row_bytes) {
   const uintptr_t p = reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(row * row_bytes);
   __builtin_prefetch(reinterpret_cast<const void*>(p), 1, 3);
 }
-constexpr int64_t kPrefetchAhead = 4;
+constexpr int64_t kPrefetchAhead = 4;  // ids ahead, inside a bag
+constexpr int64_t kPrefetchBags = 8;   // ids ahead from a bag's start, across bags
+#ifndef DTN_SAMPLE_AHEAD
+#define DTN_SAMPLE_AHEAD 8
+#endif
+constexpr int64_t kSampleAhead = DTN_SAMPLE_AHEAD;  // samples ahead for a table's output / grad_output slice
+// Tables (or gradient tables) above this many bytes get software prefetch; smaller ones stay in L1/L2.
+constexpr int64_t kPrefetchMinTableBytes = 256 * 1024;
 
-// Row kernels. __restrict__ parameters let the compiler vectorise them after inlining.
+// Row kernels. With a compile-time d (kD, a multiple of 4) and fp32 rows they work on
+// 4-float vectors (GCC vector extension; memcpy loads/stores are unaligned movups): gcc
+// fully unrolls the plain loops before vectorising and then cannot prove y and x apart, so
+// the plain form would stay scalar. Other dtypes and run-time d use the plain loops.
+typedef float f32x4 __attribute__((vector_size(16)));
+
+template <int kD, typename acc_t, typename scalar_t>
+constexpr bool kVec4 = kD > 0 && kD % 4 == 0 && std::is_same<acc_t, float>::value &&
+                       std::is_same<scalar_t, float>::value;
+
+inline f32x4 load4(const float* p) {
+  f32x4 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store4(float* p, f32x4 v) { std::memcpy(p, &v, sizeof(v)); }
+
 template <int kD, typename acc_t, typename scalar_t>
 inline void row_add(acc_t* __restrict__ y, const scalar_t* __restrict__ x, int64_t D) {
-  const int64_t n = kD > 0 ? kD : D;
-  for (int64_t c = 0; c < n; ++c) y[c] += acc_t(x[c]);
+  if constexpr (kVec4<kD, acc_t, scalar_t>) {
+    for (int c = 0; c < kD; c += 4) store4(y + c, load4(y + c) + load4(x + c));
+  } else {
+    const int64_t n = kD > 0 ? kD : D;
+    for (int64_t c = 0; c < n; ++c) y[c] += acc_t(x[c]);
+  }
+}
+template <int kD, typename scalar_t>
+inline void row_copy(scalar_t* __restrict__ y, const scalar_t* __restrict__ x, int64_t D) {
+  std::memcpy(y, x, size_t(kD > 0 ? kD : D) * sizeof(scalar_t));
 }
 template <int kD, typename acc_t, typename scalar_t>
 inline void row_axpy(acc_t* __restrict__ y, const scalar_t* __restrict__ x, acc_t w, int64_t D) {
-  const int64_t n = kD > 0 ? kD : D;
-  for (int64_t c = 0; c < n; ++c) y[c] += w * acc_t(x[c]);
+  if constexpr (kVec4<kD, acc_t, scalar_t>) {
+    for (int c = 0; c < kD; c += 4) store4(y + c, load4(y + c) + w * load4(x + c));
+  } else {
+    const int64_t n = kD > 0 ? kD : D;
+    for (int64_t c = 0; c < n; ++c) y[c] += w * acc_t(x[c]);
+  }
 }
 template <int kD, typename acc_t, typename scalar_t>
 inline void row_max(acc_t* __restrict__ y, const scalar_t* __restrict__ x, bool first, int64_t D) {
@@ -131,8 +169,12 @@ inline void row_max(acc_t* __restrict__ y, const scalar_t* __restrict__ x, bool 
 }
 template <int kD, typename acc_t, typename scalar_t>
 inline void row_scale(acc_t* __restrict__ y, const scalar_t* __restrict__ x, acc_t w, int64_t D) {
-  const int64_t n = kD > 0 ? kD : D;
-  for (int64_t c = 0; c < n; ++c) y[c] = w * acc_t(x[c]);
+  if constexpr (kVec4<kD, acc_t, scalar_t>) {
+    for (int c = 0; c < kD; c += 4) store4(y + c, w * load4(x + c));
+  } else {
+    const int64_t n = kD > 0 ? kD : D;
+    for (int64_t c = 0; c < n; ++c) y[c] = w * acc_t(x[c]);
+  }
 }
 template <int kD, typename acc_t, typename scalar_t>
 inline acc_t row_dot(const acc_t* __restrict__ a, const scalar_t* __restrict__ x, int64_t D) {
@@ -194,6 +236,7 @@ void forward_kernel(const scalar_t* __restrict__ W, const int64_t* toff, const i
       const int64_t b0 = tile * kSampleTile, b1 = std::min(B, b0 + kSampleTile);
       for (int64_t t = 0; t < T; ++t) {
         const int64_t base = toff[t], rows = toff[t + 1] - base;
+        const bool prefetch = rows * D * int64_t(sizeof(scalar_t)) > kPrefetchMinTableBytes;
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t k = t * B + b;
           const int64_t s = off[k], e = off[k + 1];
@@ -202,14 +245,29 @@ void forward_kernel(const scalar_t* __restrict__ W, const int64_t* toff, const i
             errors.offer(err);
             continue;
           }
-          if (e < N) prefetch_row(W, base + int64_t(idx[e]), D * int64_t(sizeof(scalar_t)));  // next bag's first row
+          // rows a few ids ahead (ids of a table are contiguous, so this runs into the next bags)
+          if (prefetch && s + kPrefetchBags < N) prefetch_row(W, base + int64_t(idx[s + kPrefetchBags]), D * int64_t(sizeof(scalar_t)));
+          scalar_t* __restrict__ o = out + b * TD + t * D;
+          // this table's output slice kSampleAhead samples on: slices of one table lie T*d apart,
+          // so a table's pass over a tile strides across pages, where hardware prefetchers stop
+          if (b + kSampleAhead < B) __builtin_prefetch(o + kSampleAhead * TD, 1, 3);
+          if (kKind == 0 && e == s + 1) {  // one id (every categorical field): copy its row
+            const int64_t id = idx[s];
+            if (id != pad) {
+              if (id < 0 || id >= rows) {
+                errors.offer(bad_id(k, s, id, rows));
+                continue;
+              }
+              row_copy<kD>(o, W + (base + id) * D, D);
+              continue;
+            }
+          }
           int64_t count = 0;
           const int64_t bad = pool_bag<kKind, kD>(W, idx, psw, s, e, base, rows, pad, D, acc, count);
           if (bad >= 0) {
             errors.offer(bad_id(k, bad, idx[bad], rows));
             continue;
           }
-          scalar_t* __restrict__ o = out + b * TD + t * D;
           if (mean) {
             const acc_t scale = count > 0 ? acc_t(1) / acc_t(count) : acc_t(1);
             for (int64_t c = 0; c < D; ++c) o[c] = static_cast<scalar_t>(acc[c] * scale);
@@ -371,6 +429,43 @@ void check_empty_tables(const int64_t* toff, const index_t* idx, const index_t* 
   }
 }
 
+// A table overlapping a backward part's row range, with the local ids [id_lo, id_hi) it owns.
+struct Owned {
+  int64_t t, base, rows, id_lo, id_hi;
+};
+
+// Plain-sum backward of one table for samples [b0, b1): every id in bag b adds grad_output's
+// slice of (b, table) to its row. The hot loop of the common case (categorical fields and
+// unweighted multi-valued fields), with no per-bag mode tests.
+template <int kD, bool kPrefetch, typename scalar_t, typename index_t>
+inline void sum_grad_tile(const scalar_t* __restrict__ Gt, const index_t* __restrict__ idx,
+                          const index_t* __restrict__ offt, int64_t b0, int64_t b1, const Owned& o, int64_t pad,
+                          int64_t N, int64_t TD, int64_t D, scalar_t* __restrict__ acc_table, ErrorSlot& errors,
+                          int64_t B) {
+  const uint64_t span = uint64_t(o.id_hi - o.id_lo);
+  const int64_t row_bytes = D * int64_t(sizeof(scalar_t));
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t s = offt[b], e = offt[b + 1];
+    if (s < 0 || e < s || e > N) {
+      BagError err;
+      bag_bounds_ok(o.t * B + b, s, e, N, err);
+      errors.offer(err);
+      continue;
+    }
+    const scalar_t* __restrict__ g = Gt + b * TD;
+    if (b + kSampleAhead < B) __builtin_prefetch(g + kSampleAhead * TD, 0, 3);  // see forward_kernel
+    for (int64_t i = s; i < e; ++i) {
+      if (kPrefetch && i + kPrefetchAhead < N) prefetch_row(acc_table, int64_t(idx[i + kPrefetchAhead]), row_bytes);
+      const int64_t id = idx[i];
+      if (uint64_t(id - o.id_lo) >= span) {  // another part's row, padding, or a bad id
+        if (id != pad && (id < 0 || id >= o.rows)) errors.offer(bad_id(o.t * B + b, i, id, o.rows));
+        continue;
+      }
+      row_add<kD>(acc_table + id * D, g, D);
+    }
+  }
+}
+
 template <typename scalar_t, typename index_t, int kD>
 void backward_dense_kernel(const scalar_t* __restrict__ G, const scalar_t* __restrict__ W, const int64_t* toff,
                            const index_t* __restrict__ idx, const index_t* __restrict__ off,
@@ -382,6 +477,8 @@ void backward_dense_kernel(const scalar_t* __restrict__ G, const scalar_t* __res
   const int64_t D = kD > 0 ? kD : sh.D;
   const int64_t T = sh.T, B = sh.B, N = sh.N, TD = T * D;
 
+  // (a padding id >= 0 could fall inside a table, which the fast loop does not test for)
+  const bool plain_sum = mode == PoolMode::Sum && psw == nullptr && gpsw == nullptr && pad < 0;
   std::vector<int64_t> table_ids(T);
   for (int64_t t = 0; t < T; ++t) table_ids[t] = std::max<int64_t>(0, int64_t(off[(t + 1) * B]) - int64_t(off[t * B]));
   const int64_t work = N + sh.R;
@@ -398,9 +495,6 @@ void backward_dense_kernel(const scalar_t* __restrict__ G, const scalar_t* __res
       acc_t* __restrict__ acc = kInPlace ? reinterpret_cast<acc_t*>(gw + lo * D) : tmp.data();
       if (kInPlace) std::fill(acc, acc + (hi - lo) * D, acc_t(0));
       // tables overlapping [lo, hi), with the local ids this part owns in each
-      struct Owned {
-        int64_t t, base, rows, id_lo, id_hi;
-      };
       std::vector<Owned> owned;
       int64_t t = std::upper_bound(toff, toff + T + 1, lo) - toff - 1;
       for (t = std::max<int64_t>(t, 0); t < T && toff[t] < hi; ++t) {
@@ -414,6 +508,17 @@ void backward_dense_kernel(const scalar_t* __restrict__ G, const scalar_t* __res
       for (int64_t b0 = 0; b0 < B; b0 += kSampleTile) {
        const int64_t b1 = std::min(B, b0 + kSampleTile);
        for (const Owned& o : owned) {
+        if constexpr (kInPlace) {
+          if (plain_sum) {
+            acc_t* acc_table = acc + (o.base - lo) * D;  // row 0 of table t (rows < id_lo are not touched)
+            if (o.rows * row_bytes > kPrefetchMinTableBytes) {
+              sum_grad_tile<kD, true>(G + o.t * D, idx, off + o.t * B, b0, b1, o, pad, N, TD, D, acc_table, errors, B);
+            } else {
+              sum_grad_tile<kD, false>(G + o.t * D, idx, off + o.t * B, b0, b1, o, pad, N, TD, D, acc_table, errors, B);
+            }
+            continue;
+          }
+        }
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t k = o.t * B + b;
           const int64_t s = off[k], e = off[k + 1];
@@ -425,7 +530,8 @@ void backward_dense_kernel(const scalar_t* __restrict__ G, const scalar_t* __res
           }
           if (s == e) continue;
           const scalar_t* __restrict__ g = G + b * TD + o.t * D;
-          acc_t* __restrict__ acc_table = acc + (o.base - lo + o.id_lo) * D;  // row id_lo of table t
+          if (b + kSampleAhead < B) __builtin_prefetch(g + kSampleAhead * TD, 0, 3);  // see forward_kernel
+                acc_t* __restrict__ acc_table = acc + (o.base - lo + o.id_lo) * D;  // row id_lo of table t
           if (mode == PoolMode::Max) {
             const int64_t* am = amax + k * D;
             for (int64_t c = 0; c < D; ++c) {
