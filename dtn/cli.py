@@ -1,8 +1,14 @@
-"""The ``dtn`` command line: train, evaluate, compare.
+"""The ``dtn`` command line: train, evaluate, compare, export.
 
   dtn train    --model dtn --config cpu --out runs/dtn [--resume]
   dtn evaluate --checkpoint runs/dtn/best.pt [--split test]
   dtn compare  --models shared_bottom,mmoe,ple,dtn --config cpu --out results/census-cpu
+
+Your own data (docs/own-data.md):
+  dtn example-data --layout aliexpress --rows 20000 --out data/ae.csv
+  dtn train    --data-schema aliexpress --data data/ae.csv --out runs/ae [--stream] [--chunk-rows N]
+  torchrun --nproc_per_node 2 -m dtn train --data-schema aliexpress --data data/ae.csv --out runs/ae-ddp
+  dtn export   --checkpoint runs/ae/best.pt --out models/ae [--trim-threshold 0.08]
 
 Analyses (docs/analysis.md):
   dtn importance --checkpoint runs/dtn/best.pt --out results/importance [--repeats 3]
@@ -14,6 +20,7 @@ Analyses (docs/analysis.md):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -48,18 +55,43 @@ def _config(args):
         over.setdefault("train", {})["epochs"] = args.epochs
     if getattr(args, "threads", None):
         over.setdefault("train", {})["num_threads"] = args.threads
+    _own_data_overrides(args, over)
     cfg = load_config(args.config)
-    return config_from_dict(over, cfg) if over else cfg
+    cfg = config_from_dict(over, cfg) if over else cfg
+    if getattr(args, "data", None) and cfg.data.dataset != "table":
+        raise SystemExit("--data names a table file: give its data schema with --data-schema too")
+    return cfg
 
 
-def _load_data(cfg):
+def _own_data_overrides(args, over: dict) -> None:
+    """--data-schema / --data / --valid / --test / --stream / --chunk-rows / --workers -> data.* overrides."""
+    data = {}
+    if getattr(args, "data_schema", None):
+        schema = args.data_schema
+        data.update(dataset="table", schema=os.path.abspath(schema) if os.path.exists(schema) else schema)
+    for arg, key in (("data", "path"), ("valid", "valid_path"), ("test", "test_path")):
+        if getattr(args, arg, None):
+            data[key] = os.path.abspath(getattr(args, arg))
+    if getattr(args, "stream", False):
+        data["stream"] = True
+    if getattr(args, "chunk_rows", None):
+        data["chunk_rows"] = args.chunk_rows
+    if getattr(args, "workers", None) is not None:
+        data["num_workers"] = args.workers
+    if data:
+        over.setdefault("data", {}).update(data)
+
+
+def _load_data(cfg, quiet: bool = False):
     """The configured data set, with a one-line summary."""
     from .data import load_dataset
 
     t0 = time.time()
-    data = load_dataset(cfg.data)
-    print(f"data: {len(data.train)} train / {len(data.valid)} valid / {len(data.test)} test rows, "
-          f"{data.schema.num_fields} fields ({time.time() - t0:.1f}s)")
+    data = load_dataset(cfg.data, progress=not quiet)
+    if not quiet:
+        mode = " (streamed)" if cfg.data.dataset == "table" and cfg.data.stream else ""
+        print(f"data: {len(data.train)} train / {len(data.valid)} valid / {len(data.test)} test rows{mode}, "
+              f"{data.schema.num_fields} fields ({time.time() - t0:.1f}s)")
     return data
 
 
@@ -70,6 +102,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="any config override (repeatable)")
+    own = p.add_argument_group("your own data (a CSV / Parquet table; docs/own-data.md)")
+    own.add_argument("--data-schema", metavar="YAML", help="data schema file, or a packaged one: aliexpress, ali_ccp")
+    own.add_argument("--data", metavar="FILE", help="train file (overrides the schema's train)")
+    own.add_argument("--valid", metavar="FILE", help="validation file (instead of holding out train rows)")
+    own.add_argument("--test", metavar="FILE", help="test file (instead of holding out train rows)")
+    own.add_argument("--stream", action="store_true", help="read the table chunk by chunk every epoch (larger than memory)")
+    own.add_argument("--chunk-rows", type=int, help="rows per chunk (overrides the schema's chunk_rows)")
+    own.add_argument("--workers", type=int, help="DataLoader worker processes reading chunks when streaming [0]")
 
 
 def _table(metrics: dict) -> str:
@@ -77,29 +117,47 @@ def _table(metrics: dict) -> str:
 
 
 def cmd_train(args) -> int:
+    """Train one model; under torchrun (WORLD_SIZE > 1) every process joins one DDP job (gloo on CPU,
+    NCCL on CUDA), reads its share of the data, and rank 0 writes checkpoints and metrics."""
+    from . import distributed as D
     from .train import train_model
 
     cfg = _config(args)
-    data = _load_data(cfg)
-    trainer, result = train_model(args.model, data, cfg, out_dir=args.out, resume=args.resume)
-    print(f"{result['model']}: {result['params']:,} parameters, best epoch {result['best_epoch']}")
-    print("test:\n" + _table(result["test"]))
-    print(f"checkpoints and metrics in {args.out}")
+    device = D.init_from_env(cfg.train.device)
+    try:
+        if device != cfg.train.device:
+            cfg = cfg.replace(train=dataclasses.replace(cfg.train, device=device))
+        main = D.is_main()
+        world = D.rank_and_world()[1]
+        if main and world > 1:
+            print(f"distributed: {world} processes, backend {D.dist.get_backend()}, device {device} (rank 0)")
+        data = _load_data(cfg, quiet=not main)
+        trainer, result = train_model(args.model, data, cfg, out_dir=args.out, resume=args.resume)
+        if main:
+            print(f"{result['model']}: {result['params']:,} parameters, best epoch {result['best_epoch']}")
+            print("test:\n" + _table(result["test"]))
+            print(f"checkpoints and metrics in {args.out}")
+    finally:
+        D.cleanup()
     return 0
 
 
-def cmd_evaluate(args) -> int:
-    import dataclasses
+def _checkpoint_data_config(cfg, args):
+    """The checkpoint's data config with --data-dir / --data (a moved data set) applied."""
+    data_cfg = cfg.data
+    path = getattr(args, "data", None) or getattr(args, "data_dir", None)
+    if path:
+        data_cfg = dataclasses.replace(data_cfg, path=os.path.abspath(path) if cfg.data.dataset == "table" else path)
+    return data_cfg
 
+
+def cmd_evaluate(args) -> int:
     from .data import load_dataset
     from .train import Trainer, load_checkpoint, model_from_checkpoint, write_metrics
 
     ckpt = load_checkpoint(args.checkpoint)
     model, encoder, cfg = model_from_checkpoint(ckpt)
-    data_cfg = cfg.data
-    if args.data_dir:
-        data_cfg = dataclasses.replace(data_cfg, path=args.data_dir)
-    data = load_dataset(data_cfg, encoder=encoder)
+    data = load_dataset(_checkpoint_data_config(cfg, args), encoder=encoder)
     split = getattr(data, args.split)
     metrics = Trainer(model, cfg).evaluate(split)
     print(f"{ckpt['model_name']} on {args.split} ({len(split)} rows):\n" + _table(metrics))
@@ -203,6 +261,48 @@ def cmd_table3(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .serving import export_model
+    from .train import load_checkpoint, model_from_checkpoint
+
+    _threads(args)
+    ckpt = load_checkpoint(args.checkpoint)
+    model, encoder, cfg = model_from_checkpoint(ckpt)
+    extra = {"checkpoint": os.path.abspath(args.checkpoint), "trim": None}
+    if args.trim_threshold is not None:
+        from .analysis.gates import require_dtn
+        from .data import load_dataset
+
+        require_dtn(model, "dtn export --trim-threshold")
+        if not 0.0 <= args.trim_threshold < 1.0:
+            raise ValueError(f"--trim-threshold must be in [0, 1), got {args.trim_threshold}")
+        data = load_dataset(_checkpoint_data_config(cfg, args), encoder=encoder)
+        model.eval()
+        weights = model.mean_gate_weights(b for b, _ in data.valid.batches(cfg.train.eval_batch_size))
+        info = model.trim(weights, args.trim_threshold)
+        extra["trim"] = {"threshold": args.trim_threshold, **info}
+        print(f"trimmed at gate weight {args.trim_threshold} (measured on {len(data.valid)} validation rows): removed "
+              f"{', '.join(info['removed']) or 'no FIM'}; {info['params_before']:,} -> {info['params_after']:,} parameters")
+    t0 = time.time()
+    paths = export_model(model, encoder, args.out, ckpt["model_name"], extra)
+    print(f"exported {ckpt['model_name']} ({model.num_parameters():,} parameters) to {args.out} in {time.time() - t0:.1f}s: "
+          + ", ".join(os.path.basename(p) for p in paths.values()))
+    print(f"predict: python {os.path.join(args.out, 'predict.py')} rows.csv --out predictions.csv")
+    return 0
+
+
+def cmd_example_data(args) -> int:
+    from .data.examples import make_example_frame, write_table
+
+    t0 = time.time()
+    df = make_example_frame(args.layout, args.rows, args.seed)
+    write_table(df, args.out, args.row_group_rows)
+    rates = ", ".join(f"{c} {df[c].mean():.3f}" for c in df.columns if c in ("click", "conversion", "purchase"))
+    print(f"wrote {args.out}: {len(df)} rows x {df.shape[1]} columns in the {args.layout} layout ({rates}; "
+          f"{time.time() - t0:.1f}s)")
+    return 0
+
+
 def _analysis_common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--checkpoint", required=True, help="a best.pt / trimmed.pt written by dtn train, compare or trim")
     p.add_argument("--data-dir", help="override the data path of the checkpoint's config")
@@ -211,8 +311,9 @@ def _analysis_common(p: argparse.ArgumentParser, out: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dtn", description="DTN and multi-task baselines: train, evaluate, compare; the paper's analyses: "
-                                "importance, gates, trim, tsne, table3 (docs/analysis.md).")
+    p = argparse.ArgumentParser(prog="dtn", description="DTN and multi-task baselines: train, evaluate, compare, export; the "
+                                "paper's analyses: importance, gates, trim, tsne, table3 (docs/analysis.md); your own "
+                                "CSV / Parquet data (docs/own-data.md).")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one model")
@@ -225,9 +326,28 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a checkpoint")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--split", choices=["train", "valid", "test"], default="test")
-    e.add_argument("--data-dir")
+    e.add_argument("--data-dir", help="Census-Income folder (if it moved)")
+    e.add_argument("--data", metavar="FILE", help="the table's train file (if it moved)")
     e.add_argument("--out", help="write metrics JSON here")
     e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("export", help="the model and its encoders as one folder for serving (torch.export)")
+    x.add_argument("--checkpoint", required=True, help="a best.pt / trimmed.pt written by dtn train or trim")
+    x.add_argument("--out", default="export", help="artifact folder [export]")
+    x.add_argument("--trim-threshold", type=float, help="DTN only: trim gate candidates under this mean validation "
+                   "weight before exporting (reads the checkpoint's validation data)")
+    x.add_argument("--data-dir", help="Census-Income folder for --trim-threshold (if it moved)")
+    x.add_argument("--data", metavar="FILE", help="the table's train file for --trim-threshold (if it moved)")
+    x.add_argument("--threads", type=int, help="torch CPU threads")
+    x.set_defaults(func=cmd_export)
+
+    d = sub.add_parser("example-data", help="write a generated table in the AliExpress or Ali-CCP layout")
+    d.add_argument("--layout", choices=["aliexpress", "ali_ccp"], required=True)
+    d.add_argument("--rows", type=int, default=20000, help="rows [20000]")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", required=True, help="output file: .csv or .parquet")
+    d.add_argument("--row-group-rows", type=int, help="Parquet row group size [65536]")
+    d.set_defaults(func=cmd_example_data)
 
     c = sub.add_parser("compare", help="train several models and print a Table-3-style table")
     _common(c)
@@ -285,7 +405,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError, ImportError) as exc:
         from .train import TrainingDivergedError
 
         if os.environ.get("DTN_DEBUG"):

@@ -62,6 +62,7 @@ class TrainConfig:
     num_threads: Optional[int] = None
     grad_clip: Optional[float] = None
     progress: bool = True
+    shuffle: bool = True  # reshuffle the training rows every epoch (false: file order, e.g. to compare loaders)
     # torch.use_deterministic_algorithms: bit-exact reruns and resumes with several CPU threads
     # (without it some ATen CPU backward reductions differ in the last bit from run to run)
     deterministic: bool = False
@@ -69,12 +70,20 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "census"  # "census" or "synthetic"
-    path: Optional[str] = None  # census: folder with the files (else $DTN_CENSUS_DIR, cache, download)
+    dataset: str = "census"  # "census", "synthetic" or "table" (your own CSV / Parquet file, see `schema`)
+    path: Optional[str] = None  # census: folder with the files (else $DTN_CENSUS_DIR, cache, download);
+    # table: the train file(s), overriding the data schema's `train`
     split_seed: int = 2024
     bucketize: int = 0  # census: > 0 adds a quantile-bucket categorical copy of each numeric column
     numeric_ids: int = 0  # census: > 0 adds a categorical copy of each numeric column (values seen >= this often)
     synthetic_rows: int = 20_000
+    # table: a YAML data schema (path, or a packaged name: aliexpress, ali_ccp); see docs/own-data.md
+    schema: Optional[str] = None
+    valid_path: Optional[str] = None  # table: a validation file (instead of holding out train rows)
+    test_path: Optional[str] = None  # table: a test file
+    stream: bool = False  # table: read chunk by chunk every epoch instead of loading into memory
+    chunk_rows: Optional[int] = None  # table: rows per chunk (default: the schema's chunk_rows)
+    num_workers: int = 0  # table, streaming: DataLoader worker processes reading chunks
 
 
 @dataclass

@@ -25,6 +25,8 @@ def load_checkpoint_data(checkpoint: str, data_dir: str | None = None):
     ckpt = load_checkpoint(checkpoint)
     model, encoder, cfg = model_from_checkpoint(ckpt)
     data_cfg = cfg.data if not data_dir else dataclasses.replace(cfg.data, path=data_dir)
+    if data_cfg.dataset == "table" and data_cfg.stream:  # the analyses permute and subsample in memory
+        data_cfg = dataclasses.replace(data_cfg, stream=False)
     data = load_dataset(data_cfg, encoder=encoder)
     model.eval()
     return model, cfg, data, ckpt

@@ -2,7 +2,9 @@
 
 All categorical and multi-valued tables live in one weight buffer with per-table row
 offsets (the table-batched layout), so a single ``dtn_kernels.ops.embedding_bag`` call
-(the compiled ``torch.ops.dtn.embedding_bag`` when built) serves every field.
+(the compiled ``torch.ops.dtn.embedding_bag`` when built) serves every field. Setting
+``embedding_kernel = "reference"`` makes the layer call the pure-PyTorch twin instead
+(aten ops only, e.g. for ``torch.export``; ``dtn export`` does this).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from dtn_kernels.ops import embedding_bag
+from dtn_kernels.reference.pt_embedding_bag import pt_embedding_bag
 
 from .schema import FeatureBatch, Schema
 
@@ -36,6 +39,7 @@ class InputLayer(nn.Module):
         super().__init__()
         self.embed_dim = embed_dim
         self.validate = validate
+        self.embedding_kernel = "auto"  # "auto": the compiled op when built; "reference": the PyTorch twin
         self.cat_names = [f.name for f in schema.categorical]
         self.multi_names = [f.name for f in schema.multi]
         self.num_names = [f.name for f in schema.numeric]
@@ -140,7 +144,8 @@ class InputLayer(nn.Module):
                     self._check_ids(jf.values, n_cat + j, [self.multi_names[j]])
             indices, offsets, mode, psw = self._jagged_input(cat, batch.multi)
             # one table-batched lookup for every categorical and multi-valued field
-            pooled = embedding_bag(self.weight, self.table_offsets, indices, offsets, mode, psw)
+            bag = pt_embedding_bag if self.embedding_kernel == "reference" else embedding_bag
+            pooled = bag(self.weight, self.table_offsets, indices, offsets, mode, psw)
             parts.append(pooled.view(B, n_tables, self.embed_dim))
         n_num = len(self.num_names)
         if n_num:

@@ -5,7 +5,9 @@ three kinds (torchrec-style names):
 
 * ``categorical`` — one id per row, its own embedding table;
 * ``numeric``     — one float per row, turned into a d-vector as ``value * v + b``;
-* ``multi``       — a list of ids per row (jagged), pooled by an embedding bag.
+* ``multi``       — a list of ids per row (jagged), pooled by an embedding bag; optionally
+  weighted, as ``id:weight`` tokens (``weight_separator=":"``) or a parallel column of
+  weights (``weight_column``).
 
 After encoding, categorical ids are in ``[0, cardinality)`` with row 0 reserved for
 out-of-vocabulary / missing values.
@@ -32,6 +34,8 @@ class FeatureSpec:
     column: Optional[str] = None  # raw column name if it differs from `name`
     bins: int = 0  # categorical only: > 0 = a numeric column cut into this many train quantile buckets
     min_count: int = 1  # categorical / multi: values seen fewer times in train map to the OOV id 0
+    weight_separator: Optional[str] = None  # multi: tokens are "id<sep>weight", e.g. "12:0.5|7:2"
+    weight_column: Optional[str] = None  # multi: a column of weights, same delimiter, one per id
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -42,10 +46,26 @@ class FeatureSpec:
             raise ValueError(f"feature {self.name!r}: bins applies to categorical features only")
         if self.pooling not in ("sum", "mean"):
             raise ValueError(f"feature {self.name!r}: pooling must be 'sum' or 'mean', got {self.pooling!r}")
+        if (self.weight_separator or self.weight_column) and self.kind != "multi":
+            raise ValueError(f"feature {self.name!r}: weight_separator / weight_column apply to multi features only")
+        if self.weight_separator and self.weight_column:
+            raise ValueError(f"feature {self.name!r}: give weights either as id{self.weight_separator}weight tokens "
+                             "or in a weight_column, not both")
+        if self.weight_separator is not None and (not self.weight_separator or self.weight_separator == self.delimiter):
+            raise ValueError(f"feature {self.name!r}: weight_separator must be a non-empty string other than the "
+                             f"delimiter {self.delimiter!r}")
+        if not self.delimiter:
+            raise ValueError(f"feature {self.name!r}: delimiter must be a non-empty string")
+        if self.min_count < 1:
+            raise ValueError(f"feature {self.name!r}: min_count must be >= 1, got {self.min_count}")
 
     @property
     def source(self) -> str:
         return self.column or self.name
+
+    @property
+    def weighted(self) -> bool:
+        return bool(self.weight_separator or self.weight_column)
 
 
 @dataclass

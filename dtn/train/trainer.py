@@ -1,6 +1,14 @@
 """Training and evaluation: Adam, weighted per-task BCE, early stopping on validation AUC,
 atomic checkpoints with exact resume, metrics to JSON/CSV.
 
+The data are in-memory :class:`dtn.data.EncodedData` or streamed
+:class:`dtn.data.stream.StreamingSplit` (anything with ``len()``, ``batches()``,
+``num_batches()`` and ``shard()``). In a torch.distributed job (``dtn train`` under torchrun)
+the model is wrapped in DistributedDataParallel, each rank trains on its piece of every
+global batch (gradients are averaged so that a step equals the single-process step on the
+whole batch), evaluation gathers every rank's predictions so that metrics cover the whole
+split, and only rank 0 writes files and logs.
+
 Files in ``out_dir``:
   last.pt       the resume point (model, optimizer, RNG, history), written after every epoch
   best.pt       the best model so far by the early-stopping metric (what ``dtn evaluate`` loads)
@@ -21,8 +29,9 @@ import time
 import numpy as np
 import torch
 
+from .. import distributed as D
 from ..config import Config, config_from_dict
-from ..data.encoders import EncodedData, TabularEncoder
+from ..data.encoders import TabularEncoder
 from ..models import DTN, build_model
 from .checkpoint import atomic_save, atomic_write_text, load_checkpoint
 from .metrics import mean_auc, task_metrics
@@ -82,11 +91,14 @@ class Trainer:
         self.encoder = encoder
         self.device = torch.device(self.cfg.device)
         self.model.to(self.device)
+        self.rank, self.world_size = D.rank_and_world()
+        self.is_main = self.rank == 0
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
         if self.cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.train_module = self._data_parallel(model) if self.world_size > 1 else model
         self.history: list[dict] = []
         self.epoch = 0  # epochs completed
         self.best_score = -math.inf
@@ -95,6 +107,20 @@ class Trainer:
         self._best_state = None  # in-memory copy of the best weights when there is no out_dir
         if self.cfg.task_weights is not None and len(self.cfg.task_weights) != model.num_tasks:
             raise ValueError(f"train.task_weights has {len(self.cfg.task_weights)} entries for {model.num_tasks} tasks")
+
+    def _data_parallel(self, model):
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        empty = [n for n, p in model.named_parameters() if p.numel() == 0]  # e.g. no numeric features
+        if empty:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, empty)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # buffers (hash seeds, trim masks) never change in training: no need to sync them every step
+        params = inspect.signature(DistributedDataParallel.__init__).parameters
+        sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+        return DistributedDataParallel(model, device_ids=ids, **sync)
 
     # ---- paths -------------------------------------------------------------------------
     def _path(self, name: str) -> str | None:
@@ -128,37 +154,51 @@ class Trainer:
 
     # ---- training ----------------------------------------------------------------------
     def _progress(self, total: int, desc: str):
-        if not self.cfg.progress or tqdm is None:
+        if not self.cfg.progress or tqdm is None or not self.is_main:
             return None
         return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr,
                     disable=not sys.stderr.isatty() and not os.environ.get("DTN_FORCE_PROGRESS"))
 
-    def train_epoch(self, data: EncodedData) -> float:
-        self.model.train()
+    def train_epoch(self, data) -> float:
+        self.train_module.train()
         gen = epoch_generator(self.cfg.seed, self.epoch)
-        n_steps = math.ceil(len(data) / self.cfg.batch_size)
-        bar = self._progress(n_steps, f"epoch {self.epoch + 1}")
+        bs, world = self.cfg.batch_size, self.world_size
+        bar = self._progress(data.num_batches(bs, world), f"epoch {self.epoch + 1}")
         total, count = 0.0, 0
-        for step, (batch, labels) in enumerate(data.batches(self.cfg.batch_size, shuffle=True, generator=gen)):
+        for step, (batch, labels) in enumerate(data.batches(bs, shuffle=self.cfg.shuffle, generator=gen,
+                                                             rank=self.rank, world_size=world)):
             batch, labels = batch.to(self.device), labels.to(self.device)
-            logits = self.model(batch)
+            logits = self.train_module(batch)
             loss, per_task = self.model.loss(logits, labels, self.cfg.task_weights)
-            if not torch.isfinite(loss):
+            n = labels.shape[0]
+            if world > 1:
+                # one small all-reduce per step: the global loss, the global batch size, any rank's divergence
+                stats = D.all_reduce_sum(torch.stack([loss.detach().float() * n, torch.tensor(float(n), device=loss.device),
+                                                      (~torch.isfinite(loss.detach())).float()]), self.device)
+                finite, step_loss, n_all = bool(stats[2] == 0), float(stats[0]) / float(stats[1]), float(stats[1])
+                # DDP averages gradients over ranks; weighting by this rank's share of the global batch makes the
+                # step equal to the single-process step on the whole batch, whatever the piece sizes
+                objective = loss * (n * world / n_all)
+            else:
+                finite, step_loss, n_all, objective = bool(torch.isfinite(loss)), float(loss.detach()), n, loss
+            if not finite:
                 if bar is not None:
                     bar.close()
                 last = self._path("last.pt")
                 kept = f"; the last good checkpoint {last} is untouched" if last and os.path.exists(last) else ""
                 per = {t: float(v) for t, v in zip(self.model.tasks, per_task.detach())}
+                where = f" (on one of {world} ranks; this rank's per-task losses {per})" if world > 1 else \
+                    f" (per-task losses {per})"
                 raise TrainingDivergedError(
-                    f"loss became {float(loss)} at epoch {self.epoch + 1}, step {step + 1} (per-task losses {per}); "
-                    f"lower the learning rate or check the inputs for extreme values{kept}")
+                    f"loss became {step_loss} at epoch {self.epoch + 1}, step {step + 1}"
+                    f"{where}; lower the learning rate or check the inputs for extreme values{kept}")
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             if self.cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.optimizer.step()
-            total += float(loss.detach()) * labels.shape[0]
-            count += labels.shape[0]
+            total += step_loss * n_all
+            count += n_all
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{total / count:.4f}")
@@ -167,13 +207,28 @@ class Trainer:
         return total / max(count, 1)
 
     @torch.no_grad()
-    def predict(self, data: EncodedData) -> np.ndarray:
+    def predict_with_labels(self, data) -> tuple[np.ndarray, np.ndarray]:
+        """(labels [N, T], probabilities [N, T]) over all of ``data``; in a distributed job every rank
+        predicts its shard and the rows of all ranks are gathered (on every rank)."""
         self.model.eval()
-        out = [torch.sigmoid(self.model(b.to(self.device))).float().cpu() for b, _ in data.batches(self.cfg.eval_batch_size)]
-        return torch.cat(out).numpy() if out else np.zeros((0, self.model.num_tasks), dtype=np.float32)
+        local = data.shard(self.rank, self.world_size) if self.world_size > 1 else data
+        probs, labels = [], []
+        for b, y in local.batches(self.cfg.eval_batch_size):
+            probs.append(torch.sigmoid(self.model(b.to(self.device))).float().cpu())
+            labels.append(y.float().cpu())
+        T = self.model.num_tasks
+        p = torch.cat(probs) if probs else torch.zeros(0, T)
+        y = torch.cat(labels) if labels else torch.zeros(0, T)
+        if self.world_size > 1:
+            p, y = D.gather_rows(p, self.device), D.gather_rows(y, self.device)
+        return y.numpy(), p.numpy()
 
-    def evaluate(self, data: EncodedData) -> dict[str, dict[str, float]]:
-        return task_metrics(data.labels.numpy(), self.predict(data), self.model.tasks)
+    def predict(self, data) -> np.ndarray:
+        return self.predict_with_labels(data)[1]
+
+    def evaluate(self, data) -> dict[str, dict[str, float]]:
+        labels, probs = self.predict_with_labels(data)
+        return task_metrics(labels, probs, self.model.tasks)
 
     def _score(self, metrics: dict) -> float:
         key = self.cfg.early_stop_metric
@@ -183,9 +238,11 @@ class Trainer:
             return metrics[key[4:]]["auc"]
         raise ValueError(f"train.early_stop_metric {key!r}: use 'mean_auc' or 'auc/<task>' with a task of {list(metrics)}")
 
-    def fit(self, train: EncodedData, valid: EncodedData, resume: bool = False, log=print) -> list[dict]:
+    def fit(self, train, valid, resume: bool = False, log=print) -> list[dict]:
         if len(train) == 0:
             raise ValueError("the training set is empty")
+        if not self.is_main:
+            log = _quiet
         if resume and self.resume():
             log(f"resumed from {self._path('last.pt')} after epoch {self.epoch}")
         while self.epoch < self.cfg.epochs and self.bad_epochs < self.cfg.patience:
@@ -205,18 +262,19 @@ class Trainer:
             log(f"epoch {self.epoch}: loss {train_loss:.4f}  " +
                 "  ".join(f"{t} auc {d['auc']:.4f}" for t, d in val.items()) +
                 f"  ({row['seconds']:.1f}s){'  *' if improved else ''}")
-            if improved and not self.out_dir:
+            # without files (or on ranks other than 0, which write none) the best weights stay in memory
+            if improved and (not self.out_dir or not self.is_main):
                 self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            if self.out_dir:
+            if self.out_dir and self.is_main:
                 if improved:
                     atomic_save(checkpoint_payload(self.model, self.encoder, self.config), self._path("best.pt"))
                 atomic_save(self.state(), self._path("last.pt"))
                 self._write_history()
         # end on the best weights, which is what evaluation and prediction should use
-        if self.out_dir and os.path.exists(self._path("best.pt")):
-            self.model.load_state_dict(load_checkpoint(self._path("best.pt"), self.device)["model_state"])
-        elif self._best_state is not None:
+        if self._best_state is not None:
             self.model.load_state_dict(self._best_state)
+        elif self.out_dir and os.path.exists(self._path("best.pt")):
+            self.model.load_state_dict(load_checkpoint(self._path("best.pt"), self.device)["model_state"])
         return self.history
 
     def _write_history(self) -> None:
@@ -229,12 +287,16 @@ class Trainer:
         atomic_write_text(buf.getvalue(), path)
 
 
+def _quiet(*_args, **_kwargs) -> None:
+    """The log of ranks other than 0."""
+
+
 def write_metrics(metrics: dict, path: str) -> None:
     atomic_write_text(json.dumps(metrics, indent=2, default=float), path)
 
 
 def train_model(name: str, data, config: Config, out_dir: str | None = None, resume: bool = False, log=print):
-    """Build ``name`` for ``data`` (a CensusData / SyntheticData), train, and evaluate on test."""
+    """Build ``name`` for ``data`` (SplitData, or StreamingData for a streamed table), train, evaluate on test."""
     seed_everything(config.train.seed)
     model = build_model(name, data.schema, config.model, device=config.train.device)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, name=model.cfg.name))
@@ -244,6 +306,7 @@ def train_model(name: str, data, config: Config, out_dir: str | None = None, res
     result = {"model": model.cfg.name, "params": model.num_parameters(), "best_epoch": trainer.best_epoch,
               "epochs_run": trainer.epoch, "train_seconds": time.perf_counter() - t0,
               "valid": trainer.evaluate(data.valid), "test": trainer.evaluate(data.test)}
-    if out_dir:
+    result["world_size"] = trainer.world_size  # processes that trained it (torchrun), 1 without
+    if out_dir and trainer.is_main:
         write_metrics(result, os.path.join(out_dir, "metrics.json"))
     return trainer, result

@@ -1,0 +1,168 @@
+"""Encoding primitives shared by the training encoders and the exported predictor.
+
+:class:`dtn.data.encoders.TabularEncoder` (pandas, training) and the ``predict.py`` of a
+``dtn export`` artifact (no ``dtn``, no pandas needed) both turn raw cells into model inputs
+with these functions, so a served row is encoded exactly as it was in training. The module
+imports numpy only; ``dtn export`` copies this file verbatim into the artifact as
+``dtn_codec.py``.
+
+* :func:`canonical_strings` — the string a categorical / multi-valued cell is looked up by;
+* :func:`split_multi`       — "a|b|c" or "a:0.5|b:2" cells into ids (and weights);
+* :func:`parse_floats`      — numbers from raw cells, with the position of the first bad one;
+* :func:`pre_transform`, :func:`scale` — the numeric transform, then standardisation;
+* :func:`bucketize`         — a numeric value into its train-quantile bucket id;
+* :func:`lookup`            — strings to vocabulary ids (0 = out of vocabulary).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+__all__ = ["canonical_cell", "canonical_strings", "split_multi", "parse_weights", "parse_floats", "pre_transform",
+           "scale", "bucketize", "lookup"]
+
+
+def canonical_cell(v) -> str:
+    """One raw cell as its vocabulary key: a string as is; None / NaN -> ""; True / False ->
+    "True" / "False"; an integer or an integral float -> its decimal integer ("3", never "3.0");
+    any other float -> its shortest round-trip repr ("0.25")."""
+    if isinstance(v, str):
+        return v
+    if v is None:
+        return ""
+    if isinstance(v, (bool, np.bool_)):
+        return "True" if v else "False"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        x = float(v)
+        if math.isnan(x):
+            return ""
+        if math.isfinite(x) and x == math.floor(x) and abs(x) < 2.0**63:
+            return str(int(x))
+        return repr(x)
+    if isinstance(v, bytes):
+        return v.decode("utf-8")
+    return str(v)
+
+
+def canonical_strings(values) -> np.ndarray:
+    """:func:`canonical_cell` of every cell, as an object array (vectorised for numeric arrays)."""
+    arr = values if isinstance(values, np.ndarray) else np.asarray(values, dtype=object)
+    arr = arr.ravel()
+    kind = arr.dtype.kind
+    if kind in "iu":
+        return arr.astype(str).astype(object)
+    if kind == "b":
+        return np.where(arr, "True", "False").astype(object)
+    if kind == "U":
+        return arr.astype(object)
+    if kind == "f":
+        x = arr.astype(np.float64)
+        out = np.empty(x.shape, dtype=object)
+        nan = np.isnan(x)
+        with np.errstate(invalid="ignore"):
+            integral = ~nan & np.isfinite(x) & (x == np.floor(x)) & (np.abs(x) < 2.0**63)
+        out[integral] = x[integral].astype(np.int64).astype(str).astype(object)
+        other = ~nan & ~integral
+        out[other] = [repr(float(v)) for v in x[other]]
+        out[nan] = ""
+        return out
+    out = np.empty(arr.shape, dtype=object)
+    out[:] = [canonical_cell(v) for v in arr]
+    return out
+
+
+def parse_weights(tokens: list[str]) -> tuple[np.ndarray, int]:
+    """Floats from weight strings; (weights, index of the first unparsable or non-finite one, or -1)."""
+    out = np.empty(len(tokens), dtype=np.float64)
+    for i, t in enumerate(tokens):
+        try:
+            out[i] = float(t)
+        except ValueError:
+            return out, i
+        if not math.isfinite(out[i]):
+            return out, i
+    return out, -1
+
+
+def split_multi(cells, delimiter: str, weight_separator: Optional[str] = None):
+    """Multi-valued cells (canonical strings) -> (ids, lengths, weights, bad).
+
+    ``ids``: every id as a string, cell after cell; ``lengths``: int64 [rows], ids per cell;
+    ``weights``: float64 [len(ids)] when ``weight_separator`` is set (a token without the
+    separator weighs 1.0), else None. Tokens are stripped and empty ones dropped, so "" is an
+    empty bag. ``bad`` is None, or (row, token) for the first token whose weight is not a
+    finite number.
+    """
+    ids: list[str] = []
+    lengths = np.zeros(len(cells), dtype=np.int64)
+    wtok: list[str] = []
+    for r, cell in enumerate(cells):
+        cell = cell.strip()
+        if not cell:
+            continue
+        toks = [t.strip() for t in cell.split(delimiter)]
+        toks = [t for t in toks if t]
+        if weight_separator is not None:
+            for t in toks:
+                key, sep, w = t.rpartition(weight_separator)
+                if sep:
+                    ids.append(key.strip())
+                    wtok.append(w.strip())
+                else:
+                    ids.append(t)
+                    wtok.append("1")
+        else:
+            ids.extend(toks)
+        lengths[r] = len(toks)
+    if weight_separator is None:
+        return ids, lengths, None, None
+    weights, bad = parse_weights(wtok)
+    if bad >= 0:
+        row = int(np.searchsorted(np.cumsum(lengths), bad, side="right"))
+        return ids, lengths, weights, (row, ids[bad] + weight_separator + wtok[bad])
+    return ids, lengths, weights, None
+
+
+def parse_floats(values) -> tuple[np.ndarray, int]:
+    """float64 values of raw cells (numbers or numeric strings; None and "" are not numbers) and
+    the position of the first cell that is not a finite number, or -1."""
+    arr = values if isinstance(values, np.ndarray) else np.asarray(values, dtype=object)
+    arr = arr.ravel()
+    if arr.dtype.kind in "iufb":
+        x = arr.astype(np.float64)
+    else:
+        x = np.empty(arr.shape, dtype=np.float64)
+        for i, v in enumerate(arr):
+            try:
+                x[i] = float(v.strip() if isinstance(v, str) else v)
+            except (TypeError, ValueError):
+                return x, i
+    bad = ~np.isfinite(x)
+    return x, (int(np.argmax(bad)) if bad.any() else -1)
+
+
+def pre_transform(x: np.ndarray, transform: str) -> np.ndarray:
+    """The transform applied before statistics: "log1p" is a sign-preserving log1p, others none."""
+    if transform == "log1p":
+        return np.sign(x) * np.log1p(np.abs(x))
+    return x
+
+
+def scale(x: np.ndarray, shift: float, div: float) -> np.ndarray:
+    """(x - shift) / div, the fitted standardisation (z-score, min-max or identity)."""
+    return (x - shift) / div
+
+
+def bucketize(x: np.ndarray, edges) -> np.ndarray:
+    """Bucket ids 1..len(edges)+1 of ``x`` between the train-quantile ``edges`` (0 stays OOV)."""
+    return np.searchsorted(np.asarray(edges, dtype=np.float64), x, side="right").astype(np.int64) + 1
+
+
+def lookup(strings, vocab: dict) -> np.ndarray:
+    """Vocabulary ids of strings; a string not in ``vocab`` gets the out-of-vocabulary id 0."""
+    get = vocab.get
+    return np.fromiter((get(s, 0) for s in strings), dtype=np.int64, count=len(strings))
