@@ -36,6 +36,8 @@ from torch import nn
 
 import dtn_kernels
 from dtn_kernels.ops import embedding_bag
+from dtn_kernels.reference import pt_embedding_bag
+from harness import Case, bench_device, compiled, provider_list, run_case, shape_grid, skip_unless_available
 
 # Census-Income (KDD) categorical cardinalities, +1 for an out-of-vocabulary row each.
 # Computed from /work/shared/data/census-income/census-income.data.xz (42 columns, no
@@ -54,7 +56,7 @@ PROVIDERS = ["dtn_op", "module_loop", "single_fbag"]
 class Workload:
     """Inputs and one fwd+bwd step per provider."""
 
-    def __init__(self, batch=BATCH, dim=DIM, seed=0):
+    def __init__(self, batch=BATCH, dim=DIM, seed=0, device="cpu"):
         g = torch.Generator().manual_seed(seed)
         self.B, self.d = batch, dim
         cards = CENSUS_CARDINALITIES + [MULTI_ROWS]
@@ -76,6 +78,12 @@ class Workload:
             for m, lo, hi in zip(self.modules, self.table_offsets[:-1], self.table_offsets[1:]):
                 m.weight.copy_(self.weight[lo:hi])
         self.grad_out = torch.randn(batch, self.T * dim, generator=g)
+        if torch.device(device).type != "cpu":
+            for name in ("cat", "multi_offsets", "multi_values", "table_offsets", "indices", "offsets", "shifted",
+                         "grad_out"):
+                setattr(self, name, getattr(self, name).to(device))
+            self.weight = nn.Parameter(self.weight.detach().to(device))
+            self.modules = [m.to(device) for m in self.modules]
 
     # --- the three providers: forward + backward, gradients reset first
     def dtn_op(self):
@@ -114,7 +122,8 @@ class Workload:
 
 
 def bench_threads() -> int:
-    return int(os.environ.get("DTN_BENCH_THREADS", "1"))
+    """DTN_BENCH_THREADS, else torch's current thread count."""
+    return int(os.environ.get("DTN_BENCH_THREADS", torch.get_num_threads()))
 
 
 def environment() -> dict:
@@ -141,11 +150,58 @@ def workload():
 
 @pytest.mark.benchmark(group="embedding_bag fwd+bwd (census, B=2048, d=16)")
 @pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.skipif(os.environ.get("DTN_BENCH_DEVICE", "cpu") != "cpu" or os.environ.get("DTN_BENCH_PRESET") == "smoke",
+                    reason="the op's CPU ratio benchmark (README): CPU runs only")
 def test_embedding_bag_fwd_bwd(benchmark, workload, provider, request):
     torch.set_num_threads(bench_threads())
     benchmark.extra_info.update(environment())
     benchmark.pedantic(getattr(workload, provider), rounds=60, iterations=1, warmup_rounds=5)
     request.config.__dict__.setdefault("dtn_bench_medians", {})[provider] = benchmark.stats.stats.median
+
+
+# ----------------------------------------------------------------------------- the suite's providers
+#
+# eager: the pure-PyTorch twin (one F.embedding_bag over shifted ids, shifting included);
+# fused: dtn_kernels.ops.embedding_bag (C++ on CPU, CUDA on GPU); compile / compile_fused:
+# torch.compile of either; loop: one nn.EmbeddingBag per feature, then torch.cat.
+
+
+SUITE_DEVICE = bench_device()
+_WORK: dict = {}
+_COMPILED: dict = {}
+
+
+def suite_case(provider: str, mode: str, batch: int) -> Case:
+    if batch not in _WORK:
+        _WORK[batch] = Workload(batch=batch, device=SUITE_DEVICE)
+    w = _WORK[batch]
+    args = (w.weight, w.table_offsets, w.indices, w.offsets)
+    shape = f"B={batch} tables={w.T} (32 Census-Income + 1 multi-valued) d={w.d}"
+    if provider == "loop":
+        def loop():
+            outs = [m(w.cat[:, j: j + 1]) for j, m in enumerate(w.modules[: w.C])]
+            outs.append(w.modules[w.C](w.multi_values, w.multi_offsets[:-1]))
+            return torch.cat(outs, dim=1)
+        params = [m.weight for m in w.modules]
+        return Case("embedding_bag", provider, mode, batch, forward=loop, params=params, shape=shape)
+    fn = {"eager": pt_embedding_bag, "fused": embedding_bag,
+          "compile": pt_embedding_bag, "compile_fused": embedding_bag}[provider]
+    if provider.startswith("compile"):
+        fn = compiled(fn, (provider,), _COMPILED)
+    return Case("embedding_bag", provider, mode, batch, forward=lambda: fn(*args, "sum"), params=[w.weight],
+                shape=shape)
+
+
+@pytest.mark.parametrize("batch,mode", shape_grid(), ids=lambda v: str(v))
+@pytest.mark.parametrize("provider", provider_list(extra=("loop",)))
+def test_embedding_bag(benchmark, provider, batch, mode, request):
+    skip_unless_available(provider, SUITE_DEVICE, fused_on_cpu=True)
+    if provider in ("fused", "compile_fused") and not dtn_kernels.HAS_C_EXT:
+        pytest.skip(f"{provider}: dtn_kernels._C is not built")
+    if provider in ("fused", "compile_fused") and SUITE_DEVICE.type == "cuda" and not dtn_kernels.HAS_CUDA_EXT:
+        pytest.skip(f"{provider}: dtn_kernels._C was built without CUDA")
+    benchmark.group = f"embedding_bag {mode} B={batch}"
+    run_case(benchmark, suite_case(provider, mode, batch), SUITE_DEVICE, torch.float32, request)
 
 
 # ----------------------------------------------------------------------------- script

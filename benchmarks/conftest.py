@@ -1,5 +1,28 @@
-"""Benchmark helpers: print the speed-up of dtn_op over the other providers after a run."""
+"""Benchmark suite hooks.
+
+* Prints the embedding bag's CPU ratios after its ratio benchmark (``test_embedding_bag_fwd_bwd``).
+* Adds to pytest-benchmark's ``--benchmark-json`` output the cases that were skipped and why
+  (``dtn_skipped``), so ``benchmarks/report.py`` can list them next to the table.
+"""
 from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import harness` from any rootdir
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and report.when in ("setup", "call"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _SKIPPED.append({"test": report.nodeid, "reason": reason.removeprefix("Skipped: ")})
+
+
+_SKIPPED: list = []
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["dtn_skipped"] = list(_SKIPPED)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -1,0 +1,125 @@
+"""Whole models: a DTN training step and an inference batch, with MMoE and PLE alongside.
+
+The paper's configuration (``dtn/configs/paper.yaml``: d = 16, FIM width 512, GDCN 2 layers,
+serial MaskNet, MemoNet with 2 HCNets x 2 hashes x 100,000 buckets) on a 39-field input shaped
+like Census-Income (32 categorical fields with its cardinalities, 7 numeric), two tasks.
+
+* ``train``: ``zero_grad(set_to_none=True)``, forward, weighted BCE over both tasks, backward,
+  Adam step; ``infer``: eval mode, ``torch.no_grad()`` forward.
+* Providers: ``eager`` (every layer and the input layer on their PyTorch references),
+  ``fused`` (``dtn_kernels.set_kernels(model, "fused")``: Triton layers + the compiled
+  embedding bag; on CPU the layers' ops run their closed-form PyTorch twins through the
+  custom-op path, and the embedding bag its C++ kernel), ``compile`` / ``compile_fused`` (``torch.compile`` of either model; the
+  optimizer step stays eager in every provider).
+
+    .venv/bin/python -m pytest benchmarks/bench_model.py --benchmark-only
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dtn_kernels
+from bench_embedding_bag import CENSUS_CARDINALITIES
+from dtn.config import load_config
+from dtn.features import FeatureBatch, FeatureSpec, Schema
+from dtn.models import build_model
+from harness import (PAPER_BATCHES, Case, bench_device, compiled, preset, provider_list, run_case,
+                     skip_unless_available, subset)
+
+DEVICE = bench_device()
+DTYPE = torch.float32
+NUM_NUMERIC = 7
+MODELS = ("dtn", "mmoe", "ple")
+_MODELS: dict = {}
+_COMPILED: dict = {}
+_BATCHES: dict = {}
+
+
+def model_grid() -> list[tuple[str, str, int]]:
+    """(model, mode, batch): DTN at every paper batch size, MMoE and PLE at the first."""
+    if preset() == "smoke":
+        return [("dtn", "train", 64)]
+    grid = [("dtn", mode, b) for b in PAPER_BATCHES for mode in ("train", "infer")]
+    grid += [(name, mode, PAPER_BATCHES[0]) for name in MODELS[1:] for mode in ("train", "infer")]
+    if preset() == "quick":  # CPU: the first paper batch only
+        grid = [g for g in grid if g[2] == PAPER_BATCHES[0]]
+    return subset(grid, core=[("dtn", "train", PAPER_BATCHES[0])])
+
+
+def schema() -> Schema:
+    feats = [FeatureSpec(f"c{i}", cardinality=c) for i, c in enumerate(CENSUS_CARDINALITIES)]
+    feats += [FeatureSpec(f"n{i}", kind="numeric") for i in range(NUM_NUMERIC)]
+    return Schema(feats, labels=["income", "marital"])
+
+
+def model_for(name: str, kernels: str):
+    key = (name, kernels)
+    if key not in _MODELS:
+        if (name, "reference") not in _MODELS:
+            torch.manual_seed(0)
+            cfg = load_config("paper").model
+            if preset() == "smoke":  # tiny widths: the suite's own tests
+                cfg = copy.deepcopy(cfg)
+                cfg.memonet = dict(cfg.memonet, num_buckets=1000)
+            m = build_model(name, schema(), cfg).to(DEVICE)
+            dtn_kernels.set_kernels(m, "reference")
+            _MODELS[(name, "reference")] = m
+        if kernels == "fused":
+            m = copy.deepcopy(_MODELS[(name, "reference")])
+            dtn_kernels.set_kernels(m, "fused")
+            _MODELS[key] = m
+    return _MODELS[key]
+
+
+def batch_of(size: int):
+    if size not in _BATCHES:
+        g = torch.Generator().manual_seed(size)
+        cat = torch.stack([torch.randint(0, c, (size,), generator=g) for c in CENSUS_CARDINALITIES], 1)
+        num = torch.randn(size, NUM_NUMERIC, generator=g)
+        labels = (torch.rand(size, 2, generator=g) < 0.2).float()
+        _BATCHES[size] = (FeatureBatch(cat, num).to(DEVICE), labels.to(DEVICE))
+    return _BATCHES[size]
+
+
+def model_case(name: str, provider: str, mode: str, size: int) -> Case:
+    kernels = "fused" if provider in ("fused", "compile_fused") else "reference"
+    model = model_for(name, kernels)
+    fn = compiled(model, (name, provider, mode), _COMPILED) if provider.startswith("compile") else model
+    batch, labels = batch_of(size)
+    shape = f"B={size} paper config, 39 fields (32 categorical + 7 numeric), 2 tasks"
+    if mode == "infer":
+        def infer():
+            model.eval()
+            with torch.no_grad():
+                return fn(batch)
+        return Case(f"model:{name}", provider, mode, size, step=infer, shape=shape)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def train_step():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        logits = fn(batch)
+        loss = F.binary_cross_entropy_with_logits(logits, labels)
+        loss.backward()
+        opt.step()
+        return loss
+    return Case(f"model:{name}", provider, mode, size, step=train_step, shape=shape)
+
+
+@pytest.mark.parametrize("name,mode,size", model_grid(), ids=lambda v: str(v))
+@pytest.mark.parametrize("provider", provider_list())
+def test_model(benchmark, name, mode, size, provider, request):
+    # on CPU "fused" runs too (the C++ embedding bag; the layer ops run their PyTorch twins there,
+    # see the module docstring); compile_fused is covered by the compile rule below
+    skip_unless_available(provider, DEVICE, fused_on_cpu=provider == "fused")
+    if provider.startswith("compile") and DEVICE.type == "cpu" and os.environ.get("DTN_BENCH_MODEL_COMPILE") != "1":
+        pytest.skip(f"{provider}: torch.compile of a whole model takes minutes on CPU (over the CPU suite's budget); "
+                    "DTN_BENCH_MODEL_COMPILE=1 includes it")
+    benchmark.group = f"model {name} {mode} B={size}"
+    run_case(benchmark, model_case(name, provider, mode, size), DEVICE, DTYPE, request,
+             rounds_override=5 if preset() == "quick" else None)

@@ -1,0 +1,97 @@
+"""Forward bandwidth of the table-batched embedding bag against the device's copy bandwidth.
+
+Bytes moved by one forward = the gathered rows (ids x d x element size) + the ids and offsets
+read + the output written; GB/s = bytes / median time. The copy bandwidth is a device-to-device
+``Tensor.copy_`` of a 1 GiB buffer (read + write counted), measured in the same process. On CUDA
+the times are CUDA-event medians; on CPU wall-clock medians (the script runs there too).
+
+    .venv/bin/python benchmarks/embedding_bag_bandwidth.py --out results/bandwidth.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import dtn_kernels
+from dtn_kernels.ops import embedding_bag
+from harness import bench_device, environment, sync
+
+
+def median_seconds(fn, device, reps: int = 50, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device, nbytes: int) -> float:
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    t = median_seconds(lambda: dst.copy_(src), device, reps=20)
+    return 2 * nbytes / t / 1e9
+
+
+def case(device, batch: int, tables: int, rows: int, dim: int, pooling: int, dtype, index_dtype=torch.int32):
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(tables * rows, dim, generator=g).to(device=device, dtype=dtype)
+    table_offsets = torch.arange(tables + 1, dtype=torch.int64, device=device) * rows
+    n = tables * batch * pooling
+    indices = torch.randint(0, rows, (n,), generator=g).to(device=device, dtype=index_dtype)
+    offsets = (torch.arange(tables * batch + 1) * pooling).to(device=device, dtype=index_dtype)
+    fn = lambda: embedding_bag(weight, table_offsets, indices, offsets, "sum")  # noqa: E731
+    t = median_seconds(fn, device)
+    elem = weight.element_size()
+    moved = n * dim * elem + indices.numel() * indices.element_size() + offsets.numel() * offsets.element_size() \
+        + batch * tables * dim * elem
+    return {"batch": batch, "tables": tables, "rows_per_table": rows, "dim": dim, "ids_per_bag": pooling,
+            "dtype": str(dtype).replace("torch.", ""), "median_ms": t * 1e3, "bytes": moved, "gb_per_s": moved / t / 1e9}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--copy-gib", type=float, default=1.0)
+    args = ap.parse_args(argv)
+    device = bench_device()
+    cuda = device.type == "cuda"
+    if cuda and not dtn_kernels.HAS_CUDA_EXT:
+        raise SystemExit("dtn_kernels._C was built without CUDA: nothing to measure")
+    big = 65536 if cuda else 2048
+    rows = 1_000_000 if cuda else 100_000
+    shapes = [(big, 32, rows, 64, 1), (big, 32, rows, 128, 1), (big, 8, rows, 64, 20), (big, 32, rows, 16, 1)]
+    dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if cuda else [])
+    copy = copy_bandwidth(device, int(args.copy_gib * 2**30) if cuda else 256 * 2**20)
+    results = [case(device, *s, dtype=dt) for s in shapes for dt in dtypes]
+    for r in results:
+        r["fraction_of_copy"] = r["gb_per_s"] / copy
+    report = {"environment": environment(device, torch.float32), "copy_gb_per_s": copy, "cases": results}
+    print(f"device: {report['environment']['device']}  copy bandwidth: {copy:.1f} GB/s")
+    print(f"{'B':>7} {'T':>3} {'d':>4} {'L':>3} {'dtype':>9} {'ms':>9} {'GB/s':>8} {'of copy':>8}")
+    for r in results:
+        print(f"{r['batch']:>7} {r['tables']:>3} {r['dim']:>4} {r['ids_per_bag']:>3} {r['dtype']:>9} "
+              f"{r['median_ms']:>9.3f} {r['gb_per_s']:>8.1f} {r['fraction_of_copy']:>7.0%}")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(report, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
