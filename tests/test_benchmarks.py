@@ -86,7 +86,8 @@ def test_smoke_suite_through_pytest_benchmark(tmp_path):
     gate, through pytest-benchmark to JSON, then the report."""
     env = dict(os.environ, DTN_BENCH_DEVICE="cpu", DTN_BENCH_PRESET="smoke", DTN_BENCH_THREADS="1",
                DTN_BENCH_PROVIDERS="eager,fused,loop", PYTHONPATH=ROOT)
-    env.pop("DTN_BENCH_SUBSET", None)
+    for var in ("DTN_BENCH_SUBSET", "DTN_BENCH_DEADLINE", "TRITON_INTERPRET", "DTN_TRITON_ON_CPU"):
+        env.pop(var, None)  # the Triton tests' interpreter settings must not leak into timing
     out = tmp_path / "res.json"
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only",

@@ -97,3 +97,22 @@ def test_dtn_fused_compiled_fullgraph_runs_the_ops():
     code = "\n".join(graphs)
     for name in OPS:
         assert f"torch.ops.{name}" in code, f"{name} not in the compiled graph"
+
+
+def test_fused_layers_run_the_reference_forward_where_triton_cannot(monkeypatch):
+    """Without a Triton kernel to run (CPU, no interpreter), a fused layer runs its reference
+    forward, not the op's slower closed-form twin; REFERENCE_WITHOUT_TRITON=False calls the op."""
+    import dtn_kernels.nn as fnn
+
+    calls = []
+    monkeypatch.setattr(fnn, "use_triton", lambda t: False)
+    monkeypatch.setattr(fnn, "gated_cross", lambda *a, **k: calls.append(a) or a[1])
+    layer = GatedCrossLayer(6)
+    ref = copy.deepcopy(layer)
+    dtn_kernels.set_kernels(layer, "fused")
+    x0, xl = torch.randn(4, 6), torch.randn(4, 6)
+    torch.testing.assert_close(layer(x0, xl), ref(x0, xl), rtol=0, atol=0)
+    assert calls == []
+    monkeypatch.setattr(fnn, "REFERENCE_WITHOUT_TRITON", False)
+    layer(x0, xl)
+    assert len(calls) == 1
