@@ -146,15 +146,15 @@ def chart(rows: list[dict], env: dict, path: str) -> None:
     providers = [p for p in PROVIDER_ORDER if p != "eager" and any(p in r["ms"] for r in rows)]
     colors = {"compile": "#8c8c8c", "fused": "#d62728", "compile_fused": "#ff9896", "loop": "#1f77b4"}
     height = 0.8 / max(len(providers), 1)
-    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) * max(len(providers), 1) + 1.5))
+    fig, ax = plt.subplots(figsize=(9, 0.42 * len(rows) + 1.5))
     labels = [f"{r['op']} {r['mode']} B={r['batch']}" for r in rows]
     for j, p in enumerate(providers):
         ys = [i + j * height for i in range(len(rows))]
         xs = [r["ms"]["eager"] / r["ms"][p] if p in r["ms"] else 0 for r in rows]
         ax.barh(ys, xs, height=height, color=colors.get(p), label=p)
     ax.set_yticks([i + height * (len(providers) - 1) / 2 for i in range(len(rows))])
-    ax.set_yticklabels(labels, fontsize=7)
-    ax.invert_yaxis()
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_ylim(len(rows) - 0.1, -0.3)
     ax.axvline(1.0, color="black", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("speed-up over eager (median, log scale)")
