@@ -1,7 +1,6 @@
 """The analyses (dtn importance / gates / trim / tsne / table3) on the synthetic data with planted features."""
 import dataclasses
 import json
-import os
 
 import numpy as np
 import pytest

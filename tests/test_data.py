@@ -1,13 +1,12 @@
 """Data loading: the Census-Income protocol, the synthetic generator, and bad input."""
 import lzma
-import os
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from dtn.data import (DataError, TabularEncoder, census_schema, find_census_files, load_census, make_synthetic,
+from dtn.data import (DataError, TabularEncoder, find_census_files, load_census, make_synthetic,
                       read_census_file)
 from dtn.data.census import COLUMNS
 from dtn.features import FeatureSpec, Schema

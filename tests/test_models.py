@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from dtn.models import DTN, MODEL_REGISTRY, RemovedFIM, build_model
+from dtn.models import MODEL_REGISTRY, RemovedFIM, build_model
 
 MODELS = sorted(MODEL_REGISTRY)
 
