@@ -3,7 +3,8 @@
 Bytes moved by one forward = the gathered rows (ids x d x element size) + the ids and offsets
 read + the output written; GB/s = bytes / median time. The copy bandwidth is a device-to-device
 ``Tensor.copy_`` of a 1 GiB buffer (read + write counted), measured in the same process. On CUDA
-the times are CUDA-event medians; on CPU wall-clock medians (the script runs there too).
+the times are CUDA-event medians with the L2 flushed before each repetition (so rows come
+from HBM, not cache); on CPU wall-clock medians (the script runs there too).
 
     .venv/bin/python benchmarks/embedding_bag_bandwidth.py --out results/bandwidth.json
 """
@@ -18,26 +19,20 @@ import torch
 
 import dtn_kernels
 from dtn_kernels.ops import embedding_bag
-from harness import bench_device, environment, sync
+from harness import bench_device, cuda_event_times, environment
 
 
 def median_seconds(fn, device, reps: int = 50, warmup: int = 5) -> float:
+    """CUDA-event median (L2 flushed before each repetition) on CUDA, wall-clock median on CPU."""
+    if device.type == "cuda":
+        return statistics.median(cuda_event_times(lambda: None, fn, device, reps=reps, warmup=warmup))
     for _ in range(warmup):
         fn()
-    sync(device)
     times = []
     for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
