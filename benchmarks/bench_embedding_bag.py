@@ -187,7 +187,7 @@ def suite_case(provider: str, mode: str, batch: int) -> Case:
     fn = {"eager": pt_embedding_bag, "fused": embedding_bag,
           "compile": pt_embedding_bag, "compile_fused": embedding_bag}[provider]
     if provider.startswith("compile"):
-        fn = compiled(fn, (provider,), _COMPILED)
+        fn = compiled(fn, (provider, batch), _COMPILED)
     return Case("embedding_bag", provider, mode, batch, forward=lambda: fn(*args, "sum"), params=[w.weight],
                 shape=shape)
 

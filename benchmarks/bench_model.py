@@ -43,7 +43,7 @@ _BATCHES: dict = {}
 def model_grid() -> list[tuple[str, str, int]]:
     """(model, mode, batch): DTN at every paper batch size, MMoE and PLE at the first."""
     if preset() == "smoke":
-        return [("dtn", "train", 64)]
+        return subset([("dtn", "train", 64)], core=[("dtn", "train", 64)])
     grid = [("dtn", mode, b) for b in PAPER_BATCHES for mode in ("train", "infer")]
     grid += [(name, mode, PAPER_BATCHES[0]) for name in MODELS[1:] for mode in ("train", "infer")]
     if preset() == "quick":  # CPU: the first paper batch only
@@ -89,7 +89,7 @@ def batch_of(size: int):
 def model_case(name: str, provider: str, mode: str, size: int) -> Case:
     kernels = "fused" if provider in ("fused", "compile_fused") else "reference"
     model = model_for(name, kernels)
-    fn = compiled(model, (name, provider, mode), _COMPILED) if provider.startswith("compile") else model
+    fn = compiled(model, (name, provider, mode, size), _COMPILED) if provider.startswith("compile") else model
     batch, labels = batch_of(size)
     shape = f"B={size} paper config, 39 fields (32 categorical + 7 numeric), 2 tasks"
     if mode == "infer":
@@ -108,7 +108,7 @@ def model_case(name: str, provider: str, mode: str, size: int) -> Case:
         loss.backward()
         opt.step()
         return loss
-    return Case(f"model:{name}", provider, mode, size, step=train_step, shape=shape)
+    return Case(f"model:{name}", provider, mode, size, step=train_step, params=list(model.parameters()), shape=shape)
 
 
 @pytest.mark.parametrize("name,mode,size", model_grid(), ids=lambda v: str(v))
@@ -116,7 +116,7 @@ def model_case(name: str, provider: str, mode: str, size: int) -> Case:
 def test_model(benchmark, name, mode, size, provider, request):
     # on CPU "fused" runs too (the C++ embedding bag; the layer ops run their PyTorch twins there,
     # see the module docstring); compile_fused is covered by the compile rule below
-    skip_unless_available(provider, DEVICE, fused_on_cpu=provider == "fused")
+    skip_unless_available(provider, DEVICE, fused_on_cpu=provider == "fused", compile_s=150.0)
     if provider.startswith("compile") and DEVICE.type == "cpu" and os.environ.get("DTN_BENCH_MODEL_COMPILE") != "1":
         pytest.skip(f"{provider}: torch.compile of a whole model takes minutes on CPU (over the CPU suite's budget); "
                     "DTN_BENCH_MODEL_COMPILE=1 includes it")

@@ -63,7 +63,7 @@ def preset() -> str:
     return p
 
 
-def shape_grid(paper: tuple = PAPER_BATCHES, sweep: tuple = (512, 1024, 8192, 16384)) -> list[tuple[int, str]]:
+def shape_grid(paper: tuple = PAPER_BATCHES, sweep: tuple = (512, 8192, 16384)) -> list[tuple[int, str]]:
     """(batch, mode) pairs: every mode at the paper's batch sizes, forward + backward over the sweep.
 
     ``quick`` keeps every mode at the first paper batch and forward + backward at the second;
@@ -71,7 +71,7 @@ def shape_grid(paper: tuple = PAPER_BATCHES, sweep: tuple = (512, 1024, 8192, 16
     """
     p = preset()
     if p == "smoke":
-        return [(64, "fwd+bwd")]
+        return subset([(64, "fwd+bwd")], core=[(64, "fwd+bwd")])
     if p == "quick":
         grid = [(paper[0], m) for m in MODES] + [(b, "fwd+bwd") for b in paper[1:]]
     else:
@@ -270,7 +270,7 @@ def peak_memory(setup, target, device) -> int:
     setup()
     sync(device)
     if device.type == "cuda":
-        base = torch.cuda.memory_allocated(device)
+        base = torch.cuda.memory_allocated(device)  # gradients already None (see run_case)
         torch.cuda.reset_peak_memory_stats(device)
         target()
         sync(device)
@@ -301,11 +301,16 @@ def run_case(benchmark, case: Case, device: torch.device, dtype: torch.dtype, re
         sync(device)  # wall time of the whole GPU work, not of the launches
 
     n = rounds() if rounds_override is None or os.environ.get("DTN_BENCH_ROUNDS") else rounds_override
-    benchmark.pedantic(timed, setup=setup, rounds=n, iterations=1, warmup_rounds=1 if n > 3 else 0)
+    def synced_setup():  # the setup's GPU work (e.g. bwd mode's forward) must not run into the timed part
+        setup()
+        sync(device)
+
+    benchmark.pedantic(timed, setup=synced_setup, rounds=n, iterations=1, warmup_rounds=1 if n > 3 else 0)
     info = benchmark.extra_info
     info.update(environment(device, dtype))
     info.update({"op": case.op, "provider": case.provider, "mode": case.mode, "batch": case.batch,
-                 "shape": case.shape, "first_call_s": round(first_call_s, 3)})
+                 "shape": case.shape, "first_call_s": round(first_call_s, 3),
+                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     wall = benchmark.stats.stats
     if device.type == "cuda":
         ev = cuda_event_times(setup, target, device, reps=max(n, 20))
@@ -313,7 +318,11 @@ def run_case(benchmark, case: Case, device: torch.device, dtype: torch.dtype, re
                      "min_ms": min(ev) * 1e3, "wall_median_ms": wall.median * 1e3})
     else:
         info.update({"timer": "perf_counter", "median_ms": wall.median * 1e3, "min_ms": wall.min * 1e3})
-    info["peak_mem_mb"] = round(peak_memory(setup, target, device) / 2**20, 2)
+    def setup_no_grads():  # the last round's gradients must not sit in the baseline of every mode
+        case.zero_grads()
+        setup()
+    info["peak_mem_mb"] = round(peak_memory(setup_no_grads, target, device) / 2**20, 2)
+    log_line({"kind": "case", **info})
     if request is not None:
         request.config.__dict__.setdefault("dtn_bench_results", []).append(dict(info))
     return info
@@ -325,12 +334,13 @@ def seconds_left() -> float:
     return float(deadline) - time.time() if deadline else float("inf")
 
 
-def skip_unless_available(provider: str, device: torch.device, fused_on_cpu: bool = False) -> None:
+def skip_unless_available(provider: str, device: torch.device, fused_on_cpu: bool = False,
+                          compile_s: float = 60.0) -> None:
     """Skip what cannot be timed here (with the reason): Triton-backed providers off CUDA, and
-    anything once the suite's time budget is spent (compile providers need a minute in hand)."""
-    left = seconds_left()
-    if left < (60 if provider.startswith("compile") else 5):
-        pytest.skip(f"{provider}: the suite's time budget (DTN_BENCH_DEADLINE) is spent ({left:.0f} s left)")
+    anything the suite's time budget cannot finish (a compile provider needs ``compile_s`` in
+    hand, other cases 10 s)."""
+    if seconds_left() < (compile_s if provider.startswith("compile") else 10):
+        pytest.skip(f"{provider}: not enough of the suite's time budget (DTN_BENCH_DEADLINE) left")
     if provider in ("fused", "compile_fused") and not fused_on_cpu:
         reason = triton_skip_reason(device)
         if reason:
@@ -340,12 +350,25 @@ def skip_unless_available(provider: str, device: torch.device, fused_on_cpu: boo
 
 
 def compiled(fn, key: tuple, cache: dict):
-    """torch.compile(fn) with default settings, once per key (op and provider): as a user would,
-    so the first batch size compiles static, the second recompiles with a dynamic batch, and
-    later sizes reuse that graph. The first call of each case is untimed."""
+    """torch.compile(fn, dynamic=False), once per key (op, provider and batch size): every batch
+    size gets its own static-shape graph, the strongest baseline torch.compile offers (a default
+    compile would reuse a dynamic-shape graph from the second size on). The first call of each
+    case, where compilation happens, is untimed."""
     if key not in cache:
-        cache[key] = torch.compile(fn)
+        cache[key] = torch.compile(fn, dynamic=False)
     return cache[key]
+
+
+def log_line(record: dict) -> None:
+    """Append ``record`` as one JSON line to ``DTN_BENCH_LOG`` (if set): every finished or skipped
+    case is on disk at once, so a run cut short by a timeout keeps what it measured."""
+    path = os.environ.get("DTN_BENCH_LOG")
+    if not path:
+        return
+    import json
+
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record, default=str) + "\n")
 
 
 # ----------------------------------------------------------------------------- module cases
@@ -373,7 +396,7 @@ def module_case(op: str, provider: str, mode: str, batch: int, build: Callable[[
             dtn_kernels.set_kernels(fused, "fused")
             _MODULES[key] = fused
     module = _MODULES[key]
-    fn = compiled(module, (op, provider), _COMPILED) if provider.startswith("compile") else module
+    fn = compiled(module, (op, provider, batch), _COMPILED) if provider.startswith("compile") else module
     if (op, batch) not in _INPUTS:
         torch.manual_seed(1)
         _INPUTS[(op, batch)] = make_inputs(batch)

@@ -7,7 +7,9 @@ writes ``DIR/report.md`` (also printed) and ``DIR/speedups.png``. Times are each
 Speed-ups are ratios of medians measured in the same run: ``eager / fused`` and
 ``compile / fused`` (and ``compile / compile_fused``). The project's targets on an H100/H200
 (every fused op's forward + backward at least 3x eager and 1.3x torch.compile; the DTN training
-step at least 2x eager and 1.25x torch.compile) are marked where they apply.
+step at least 2x eager and 1.25x torch.compile) are marked at the paper's batch sizes.
+Inputs: pytest-benchmark ``--benchmark-json`` files, or the harness's per-case log
+(``DTN_BENCH_LOG``, ``.jsonl``), which survives a run cut short.
 """
 from __future__ import annotations
 
@@ -38,7 +40,10 @@ def load(paths: list[str]) -> tuple[list[dict], list[dict], dict]:
             continue
         try:
             with open(path) as fh:
-                data = json.load(fh)
+                if path.endswith(".jsonl"):  # the harness's per-case log (DTN_BENCH_LOG)
+                    data = _from_log(fh, path)
+                else:
+                    data = json.load(fh)
         except (OSError, json.JSONDecodeError) as exc:
             raise ReportError(f"{path}: cannot read benchmark JSON ({exc})") from exc
         if "benchmarks" not in data:
@@ -51,11 +56,29 @@ def load(paths: list[str]) -> tuple[list[dict], list[dict], dict]:
             if not env:
                 env = {k: info.get(k) for k in ("device", "device_type", "torch", "triton", "cuda", "dtype",
                                                  "threads", "preset", "tf32")}
-                env["datetime"] = data.get("datetime")
+                env["datetime"] = data.get("datetime") or info.get("measured_at")
         skipped += data.get("dtn_skipped", [])
     if not cases:
         raise ReportError(f"no suite results in {paths}")
     return cases, skipped, env
+
+
+def _from_log(fh, path: str) -> dict:
+    """A DTN_BENCH_LOG file (one JSON object a line) in the shape of pytest-benchmark's JSON."""
+    benchmarks, skipped = [], []
+    for n, line in enumerate(fh, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ReportError(f"{path}: line {n} is not JSON ({exc})") from exc
+        kind = rec.pop("kind", None)
+        if kind == "case":
+            benchmarks.append({"extra_info": rec})
+        elif kind == "skipped":
+            skipped.append(rec)
+    return {"benchmarks": benchmarks, "dtn_skipped": skipped}
 
 
 def table_rows(cases: list[dict]) -> list[dict]:
@@ -79,7 +102,7 @@ def table_rows(cases: list[dict]) -> list[dict]:
 
 
 def target_for(row: dict, device_type: str):
-    if device_type != "cuda":
+    if device_type != "cuda" or row["batch"] not in (2048, 4096):  # the targets are at the paper's batches
         return None
     if row["op"].startswith("model:"):
         return TARGETS.get(f"{row['op']}/{row['mode']}")

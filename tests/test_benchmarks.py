@@ -89,6 +89,7 @@ def test_smoke_suite_through_pytest_benchmark(tmp_path):
     for var in ("DTN_BENCH_SUBSET", "DTN_BENCH_DEADLINE", "TRITON_INTERPRET", "DTN_TRITON_ON_CPU"):
         env.pop(var, None)  # the Triton tests' interpreter settings must not leak into timing
     out = tmp_path / "res.json"
+    env["DTN_BENCH_LOG"] = str(tmp_path / "cases.jsonl")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only",
          os.path.join(BENCH, "bench_embedding_bag.py"), os.path.join(BENCH, "bench_softmax_gate.py"),
@@ -108,3 +109,10 @@ def test_smoke_suite_through_pytest_benchmark(tmp_path):
     assert report.main([str(out), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| embedding_bag | fwd+bwd | 64 |" in md
+    # the per-case log holds the same cases and the skips, line by line (it survives a killed run)
+    lines = [json.loads(line) for line in (tmp_path / "cases.jsonl").read_text().splitlines()]
+    assert sorted((r["op"], r["provider"]) for r in lines if r["kind"] == "case") == sorted(
+        (i["op"], i["provider"]) for i in infos)
+    assert any(r["kind"] == "skipped" and "Triton" in r["reason"] for r in lines)
+    assert report.main([str(tmp_path / "cases.jsonl"), "--out", str(tmp_path / "rep2")]) == 0
+    assert "| embedding_bag | fwd+bwd | 64 |" in (tmp_path / "rep2" / "report.md").read_text()
