@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -37,6 +36,7 @@ from torch import nn
 import dtn_kernels
 from dtn_kernels.ops import embedding_bag
 from dtn_kernels.reference import pt_embedding_bag
+from harness import environment as harness_environment
 from harness import Case, bench_device, compiled, provider_list, run_case, shape_grid, skip_unless_available
 
 # Census-Income (KDD) categorical cardinalities, +1 for an out-of-vocabulary row each.
@@ -127,14 +127,8 @@ def bench_threads() -> int:
 
 
 def environment() -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "compiled_op": dtn_kernels.HAS_C_EXT, "python": platform.python_version()}
+    """The CPU ratio benchmark's environment: the suite's record (device, versions, threads)."""
+    return harness_environment(torch.device("cpu"), torch.float32)
 
 
 # ----------------------------------------------------------------------------- pytest-benchmark
