@@ -32,8 +32,10 @@ from .triton._dispatch import use_triton
 __all__ = ["FusedGatedCrossLayer", "FusedCrossNetwork", "FusedMaskBlock", "FusedHCNet", "FusedSoftmaxGate",
            "FUSED_TWINS"]
 
-# TF32 for the fp32 GEMMs inside the kernels (GPU only; the interpreter always computes IEEE fp32).
-ALLOW_TF32 = False
+# TF32 for the fp32 GEMMs inside the kernels: None follows torch's float32 matmul policy
+# (torch.set_float32_matmul_precision / torch.backends.cuda.matmul), like the eager layers do;
+# True / False force it. The interpreter always computes IEEE fp32.
+ALLOW_TF32 = None
 # run the reference layer's forward where the op's Triton kernel would not run (see above)
 REFERENCE_WITHOUT_TRITON = True
 

@@ -19,7 +19,7 @@ from ..triton._dispatch import cast_floats, compute_dtype, use_triton
 
 @torch.library.custom_op("dtn::gated_cross", mutates_args=())
 def _gated_cross(x0: Tensor, xl: Tensor, weight: Tensor, bias: Tensor, gate_weight: Optional[Tensor],
-                 allow_tf32: bool = False) -> Tensor:
+                 allow_tf32: Optional[bool] = None) -> Tensor:
     if use_triton(xl):
         from ..triton.triton_gated_cross import gated_cross_forward
 
@@ -28,13 +28,13 @@ def _gated_cross(x0: Tensor, xl: Tensor, weight: Tensor, bias: Tensor, gate_weig
 
 
 @_gated_cross.register_fake
-def _(x0, xl, weight, bias, gate_weight, allow_tf32=False):
+def _(x0, xl, weight, bias, gate_weight, allow_tf32=None):
     return xl.new_empty(xl.shape)
 
 
 @torch.library.custom_op("dtn::gated_cross_backward", mutates_args=())
 def _gated_cross_backward(grad_out: Tensor, x0: Tensor, xl: Tensor, weight: Tensor, bias: Tensor,
-                          gate_weight: Optional[Tensor], allow_tf32: bool = False
+                          gate_weight: Optional[Tensor], allow_tf32: Optional[bool] = None
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx0, dxl, dW, db, dWg); dWg is an empty tensor when ungated."""
     if use_triton(xl):
@@ -48,7 +48,7 @@ def _gated_cross_backward(grad_out: Tensor, x0: Tensor, xl: Tensor, weight: Tens
 
 
 @_gated_cross_backward.register_fake
-def _(grad_out, x0, xl, weight, bias, gate_weight, allow_tf32=False):
+def _(grad_out, x0, xl, weight, bias, gate_weight, allow_tf32=None):
     dwg = gate_weight.new_empty(gate_weight.shape) if gate_weight is not None else weight.new_empty(0)
     return x0.new_empty(x0.shape), xl.new_empty(xl.shape), weight.new_empty(weight.shape), \
         bias.new_empty(bias.shape), dwg
@@ -72,7 +72,7 @@ _gated_cross.register_autograd(_backward, setup_context=_setup_context)
 
 
 def gated_cross(x0: Tensor, xl: Tensor, weight: Tensor, bias: Tensor, gate_weight: Optional[Tensor] = None,
-                allow_tf32: bool = False) -> Tensor:
+                allow_tf32: Optional[bool] = None) -> Tensor:
     """One cross layer through ``torch.ops.dtn.gated_cross``; casts to the autocast dtype (or xl's)."""
     dt = compute_dtype(xl)
     x0, xl, weight, bias, gate_weight = cast_floats(dt, x0, xl, weight, bias, gate_weight)
@@ -80,7 +80,7 @@ def gated_cross(x0: Tensor, xl: Tensor, weight: Tensor, bias: Tensor, gate_weigh
 
 
 def cross_network(e: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor],
-                  gate_weights: Optional[Sequence[Optional[Tensor]]] = None, allow_tf32: bool = False) -> Tensor:
+                  gate_weights: Optional[Sequence[Optional[Tensor]]] = None, allow_tf32: Optional[bool] = None) -> Tensor:
     """c_L of L stacked cross layers on e (x0 = e for every layer): one op call per layer."""
     gate_weights = gate_weights if gate_weights is not None else [None] * len(weights)
     x = e

@@ -11,6 +11,8 @@ gradient's summation order fixed (sort + segmented sums instead of atomics).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -20,7 +22,7 @@ from ..triton._dispatch import cast_floats, compute_dtype, use_triton
 
 @torch.library.custom_op("dtn::hcnet", mutates_args=())
 def _hcnet(ids: Tensor, salts: Tensor, seeds: Tensor, codebook: Tensor, restore_weight: Tensor, attn: Tensor,
-           deterministic: bool = False, allow_tf32: bool = False) -> Tensor:
+           deterministic: bool = False, allow_tf32: Optional[bool] = None) -> Tensor:
     if use_triton(codebook):
         from ..triton.triton_hcnet import hcnet_forward
 
@@ -29,13 +31,13 @@ def _hcnet(ids: Tensor, salts: Tensor, seeds: Tensor, codebook: Tensor, restore_
 
 
 @_hcnet.register_fake
-def _(ids, salts, seeds, codebook, restore_weight, attn, deterministic=False, allow_tf32=False):
+def _(ids, salts, seeds, codebook, restore_weight, attn, deterministic=False, allow_tf32=None):
     return codebook.new_empty((ids.shape[0], ids.shape[1], restore_weight.shape[0]))
 
 
 @torch.library.custom_op("dtn::hcnet_backward", mutates_args=())
 def _hcnet_backward(grad_u: Tensor, ids: Tensor, salts: Tensor, seeds: Tensor, codebook: Tensor,
-                    restore_weight: Tensor, attn: Tensor, deterministic: bool = False, allow_tf32: bool = False
+                    restore_weight: Tensor, attn: Tensor, deterministic: bool = False, allow_tf32: Optional[bool] = None
                     ) -> tuple[Tensor, Tensor, Tensor]:
     """(d codebook, d restore weight, d attn)."""
     if use_triton(codebook):
@@ -48,7 +50,7 @@ def _hcnet_backward(grad_u: Tensor, ids: Tensor, salts: Tensor, seeds: Tensor, c
 
 
 @_hcnet_backward.register_fake
-def _(grad_u, ids, salts, seeds, codebook, restore_weight, attn, deterministic=False, allow_tf32=False):
+def _(grad_u, ids, salts, seeds, codebook, restore_weight, attn, deterministic=False, allow_tf32=None):
     return codebook.new_empty(codebook.shape), restore_weight.new_empty(restore_weight.shape), \
         attn.new_empty(attn.shape)
 
@@ -68,7 +70,7 @@ _hcnet.register_autograd(_backward, setup_context=_setup_context)
 
 
 def hcnet(ids: Tensor, salts: Tensor, seeds: Tensor, codebook: Tensor, restore_weight: Tensor, attn: Tensor,
-          deterministic: bool | None = None, allow_tf32: bool = False) -> Tensor:
+          deterministic: bool | None = None, allow_tf32: Optional[bool] = None) -> Tensor:
     """U [B, S, d] through ``torch.ops.dtn.hcnet``; ``deterministic=None`` follows
     ``torch.are_deterministic_algorithms_enabled()``. Casts to the autocast dtype (or the codebook's)."""
     if deterministic is None:

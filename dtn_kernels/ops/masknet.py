@@ -8,6 +8,8 @@ the twin unless DTN_TRITON_ON_CPU=1.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -17,7 +19,7 @@ from ..triton._dispatch import cast_floats, compute_dtype, use_triton
 
 @torch.library.custom_op("dtn::mask_block", mutates_args=())
 def _mask_block(e: Tensor, v: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, gamma: Tensor,
-                beta: Tensor, eps: float = 1e-5, allow_tf32: bool = False
+                beta: Tensor, eps: float = 1e-5, allow_tf32: Optional[bool] = None
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if use_triton(v):
         from ..triton.triton_masknet import mask_block_forward
@@ -27,7 +29,7 @@ def _mask_block(e: Tensor, v: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Te
 
 
 @_mask_block.register_fake
-def _(e, v, w1, b1, w2, b2, w3, gamma, beta, eps=1e-5, allow_tf32=False):
+def _(e, v, w1, b1, w2, b2, w3, gamma, beta, eps=1e-5, allow_tf32=None):
     B = v.shape[0]
     DO, HM = w3.shape[0], w1.shape[0]
     stats = v.new_empty((B,), dtype=torch.float32)
@@ -38,7 +40,7 @@ def _(e, v, w1, b1, w2, b2, w3, gamma, beta, eps=1e-5, allow_tf32=False):
 @torch.library.custom_op("dtn::mask_block_backward", mutates_args=())
 def _mask_block_backward(grad_out: Tensor, e: Tensor, v: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                          w3: Tensor, gamma: Tensor, beta: Tensor, hid: Tensor, mask: Tensor, z: Tensor,
-                         mean: Tensor, rstd: Tensor, eps: float = 1e-5, allow_tf32: bool = False
+                         mean: Tensor, rstd: Tensor, eps: float = 1e-5, allow_tf32: Optional[bool] = None
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(de, dv, dW1, db1, dW2, db2, dW3, dgamma, dbeta)."""
     if use_triton(v):
@@ -51,7 +53,7 @@ def _mask_block_backward(grad_out: Tensor, e: Tensor, v: Tensor, w1: Tensor, b1:
 
 
 @_mask_block_backward.register_fake
-def _(grad_out, e, v, w1, b1, w2, b2, w3, gamma, beta, hid, mask, z, mean, rstd, eps=1e-5, allow_tf32=False):
+def _(grad_out, e, v, w1, b1, w2, b2, w3, gamma, beta, hid, mask, z, mean, rstd, eps=1e-5, allow_tf32=None):
     return tuple(t.new_empty(t.shape) for t in (e, v, w1, b1, w2, b2, w3, gamma, beta))
 
 
@@ -71,7 +73,7 @@ _mask_block.register_autograd(_backward, setup_context=_setup_context)
 
 
 def mask_block(e: Tensor, v: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, gamma: Tensor,
-               beta: Tensor, eps: float = 1e-5, allow_tf32: bool = False) -> Tensor:
+               beta: Tensor, eps: float = 1e-5, allow_tf32: Optional[bool] = None) -> Tensor:
     """MaskBlock output [B, DO] through ``torch.ops.dtn.mask_block``; casts to the autocast dtype (or v's)."""
     dt = compute_dtype(v)
     args = cast_floats(dt, e, v, w1, b1, w2, b2, w3, gamma, beta)

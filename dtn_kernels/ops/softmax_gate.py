@@ -18,7 +18,7 @@ from ..triton._dispatch import cast_floats, compute_dtype, use_triton
 
 @torch.library.custom_op("dtn::softmax_gate", mutates_args=())
 def _softmax_gate(x: Tensor, experts: Tensor, weight: Tensor, bias: Tensor, mask: Optional[Tensor],
-                  allow_tf32: bool = False) -> tuple[Tensor, Tensor]:
+                  allow_tf32: Optional[bool] = None) -> tuple[Tensor, Tensor]:
     if use_triton(x):
         from ..triton.triton_softmax_gate import softmax_gate_forward
 
@@ -28,13 +28,13 @@ def _softmax_gate(x: Tensor, experts: Tensor, weight: Tensor, bias: Tensor, mask
 
 
 @_softmax_gate.register_fake
-def _(x, experts, weight, bias, mask, allow_tf32=False):
+def _(x, experts, weight, bias, mask, allow_tf32=None):
     return experts.new_empty((x.shape[0], experts.shape[2])), x.new_empty((x.shape[0], experts.shape[1]))
 
 
 @torch.library.custom_op("dtn::softmax_gate_backward", mutates_args=())
 def _softmax_gate_backward(grad_out: Tensor, grad_weights: Tensor, x: Tensor, experts: Tensor, weight: Tensor,
-                           bias: Tensor, mask: Optional[Tensor], weights: Tensor, allow_tf32: bool = False
+                           bias: Tensor, mask: Optional[Tensor], weights: Tensor, allow_tf32: Optional[bool] = None
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, d experts, dW, db)."""
     if use_triton(x):
@@ -47,7 +47,7 @@ def _softmax_gate_backward(grad_out: Tensor, grad_weights: Tensor, x: Tensor, ex
 
 
 @_softmax_gate_backward.register_fake
-def _(grad_out, grad_weights, x, experts, weight, bias, mask, weights, allow_tf32=False):
+def _(grad_out, grad_weights, x, experts, weight, bias, mask, weights, allow_tf32=None):
     return x.new_empty(x.shape), experts.new_empty(experts.shape), weight.new_empty(weight.shape), \
         bias.new_empty(bias.shape)
 
@@ -73,7 +73,7 @@ _softmax_gate.register_autograd(_backward, setup_context=_setup_context)
 
 
 def softmax_gate(x: Tensor, experts: Tensor, weight: Tensor, bias: Tensor, mask: Optional[Tensor] = None,
-                 allow_tf32: bool = False) -> tuple[Tensor, Tensor]:
+                 allow_tf32: Optional[bool] = None) -> tuple[Tensor, Tensor]:
     """(out, weights) through ``torch.ops.dtn.softmax_gate``; casts to the autocast dtype (or x's)."""
     dt = compute_dtype(x)
     x, experts, weight, bias = cast_floats(dt, x, experts, weight, bias)

@@ -8,13 +8,16 @@ forward: one program per (block of rows, field s) walks the S-1 crosses that con
   hashes them (bit-identical to ``dtn.layers.memonet.cross_hash``: uint32 arithmetic wraps
   like the reference's masked int64 products), gathers the H codewords, accumulates
   w * codeword into a [rows, H, d_c] register tile (P), then multiplies by W_o^T into U.
-  Each cross is visited twice (once per field): hashing is cheap next to the gathers.
-backward: P is recomputed by the same kernel (no restore), dP = dU W_o and dW_o = dU^T P are
-  GEMMs over [B*S] rows; one program per (block of rows, cross k) hashes again, gathers,
-  writes dw[b, k] = <codewords, dP_i + dP_j> and adds w * (dP_i + dP_j) into the codebook
-  gradient, either with atomics (fast; summation order not fixed) or deterministically:
-  the rows are written out, stably sorted, and one program per distinct codebook row sums
-  its contributions in a fixed order.
+backward: one program per (block of rows, chunk of crosses); for cross k = (i, j) it hashes and
+  gathers again, forms G = dU[b, i] + dU[b, j] and g = G W_o (the codewords' gradient before the
+  attention weight) with a small tensor-core GEMM, writes dw[b, k] = <codewords, g>, adds w * g
+  into the codebook gradient, and accumulates this program's share of dW_o = sum G^T (w * cw)
+  in registers (partials summed afterwards in a fixed order). Nothing of size B*S*H*d_c is
+  written. The codebook gradient goes either through relaxed atomics (fast; summation order not
+  fixed) or deterministically: the (row, hash) keys are written, stably sorted, and one program
+  per codebook row sums its contributions in sorted order -- every size is known on the host
+  (no host sync; the row ranges come from ``searchsorted`` on the device).
+The backward's grid is one-dimensional, so any number of crosses works (S(S-1)/2 > 65,535 too).
 """
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_linear import INTERPRET, gemm, pow2, precision
+from ._dispatch import INTERPRET, resolve_tf32, tensor_cores
+from ._launch import grid_1d, launch, num_sms, pow2
+from .triton_linear import precision
 
 
 @triton.jit
@@ -55,9 +60,9 @@ def _codebook_rows(a_i, a_j, seeds, rh, NBK, SHARED: tl.constexpr):
 
 
 @triton.jit
-def _hcnet_fwd_kernel(ids_ptr, salts_ptr, seeds_ptr, cb_ptr, wr_ptr, w_ptr, u_ptr, p_ptr,
+def _hcnet_fwd_kernel(ids_ptr, salts_ptr, seeds_ptr, cb_ptr, wr_ptr, w_ptr, u_ptr,
                       B, S, M, NBK, D, H, DC,
-                      SHARED: tl.constexpr, STORE_P: tl.constexpr, RESTORE: tl.constexpr, PRECISION: tl.constexpr,
+                      SHARED: tl.constexpr, PRECISION: tl.constexpr,
                       BB: tl.constexpr, BH: tl.constexpr, BDC: tl.constexpr, BD: tl.constexpr):
     s = tl.program_id(1)
     rb = tl.program_id(0) * BB + tl.arange(0, BB)
@@ -84,87 +89,107 @@ def _hcnet_fwd_kernel(ids_ptr, salts_ptr, seeds_ptr, cb_ptr, wr_ptr, w_ptr, u_pt
         wk = tl.load(w_ptr + rb64 * M + k, mask=bmask, other=0.0).to(tl.float32)
         acc += wk[:, None, None] * cw.to(tl.float32)
     HD = H * DC
-    if STORE_P:
-        p_off = (rb64 * S + s)[:, None, None] * HD + (rh[:, None] * DC + rc[None, :])[None, :, :]
-        tl.store(p_ptr + p_off, acc, mask=gmask)
-    if RESTORE:
-        p2 = tl.reshape(acc, (BB, BH * BDC)).to(wr_ptr.dtype.element_ty)
-        col = tl.reshape(rh[:, None] * DC + rc[None, :], (BH * BDC,))
-        colm = tl.reshape(hmask[:, None] & cmask[None, :], (BH * BDC,))
-        for d0 in range(0, D, BD):
-            rd = d0 + tl.arange(0, BD)
-            wt = tl.load(wr_ptr + rd[None, :] * HD + col[:, None], mask=colm[:, None] & (rd[None, :] < D), other=0.0)
-            u = tl.dot(p2, wt, input_precision=PRECISION)
-            tl.store(u_ptr + (rb64 * S + s)[:, None] * D + rd[None, :], u.to(u_ptr.dtype.element_ty),
-                     mask=bmask[:, None] & (rd[None, :] < D))
+    p2 = tl.reshape(acc, (BB, BH * BDC)).to(wr_ptr.dtype.element_ty)
+    col = tl.reshape(rh[:, None] * DC + rc[None, :], (BH * BDC,))
+    colm = tl.reshape(hmask[:, None] & cmask[None, :], (BH * BDC,))
+    for d0 in range(0, D, BD):
+        rd = d0 + tl.arange(0, BD)
+        wt = tl.load(wr_ptr + rd[None, :] * HD + col[:, None], mask=colm[:, None] & (rd[None, :] < D), other=0.0)
+        u = tl.dot(p2, wt, input_precision=PRECISION)
+        tl.store(u_ptr + (rb64 * S + s)[:, None] * D + rd[None, :], u.to(u_ptr.dtype.element_ty),
+                 mask=bmask[:, None] & (rd[None, :] < D))
 
 
 @triton.jit
-def _hcnet_bwd_kernel(ids_ptr, salts_ptr, seeds_ptr, cb_ptr, w_ptr, dp_ptr, pi_ptr, pj_ptr, dw_ptr, dcb_ptr, key_ptr,
-                      B, S, M, NBK, H, DC,
-                      SHARED: tl.constexpr, DETERMINISTIC: tl.constexpr,
-                      BB: tl.constexpr, BH: tl.constexpr, BDC: tl.constexpr):
-    k = tl.program_id(1)
-    rb = tl.program_id(0) * BB + tl.arange(0, BB)
+def _hcnet_bwd_kernel(ids_ptr, salts_ptr, seeds_ptr, cb_ptr, wr_ptr, w_ptr, gu_ptr, pi_ptr, pj_ptr,
+                      dw_ptr, dcb_ptr, key_ptr, dwr_ptr,
+                      B, S, M, NBK, D, H, DC, NBLK, KPER,
+                      SHARED: tl.constexpr, DETERMINISTIC: tl.constexpr, PRECISION: tl.constexpr,
+                      BB: tl.constexpr, BH: tl.constexpr, BDC: tl.constexpr, BD: tl.constexpr):
+    pid = tl.program_id(0)
+    bblk = pid % NBLK
+    kc = pid // NBLK
+    rb = bblk * BB + tl.arange(0, BB)
     rb64 = rb.to(tl.int64)
     bmask = rb < B
     rh = tl.arange(0, BH)
     rc = tl.arange(0, BDC)
+    rd = tl.arange(0, BD)
     hmask = rh < H
     cmask = rc < DC
-    seeds = tl.load(seeds_ptr + rh, mask=hmask, other=0).to(tl.int64).to(tl.uint32)
-    gmask = bmask[:, None, None] & hmask[None, :, None] & cmask[None, None, :]
-    i = tl.load(pi_ptr + k)
-    j = tl.load(pj_ptr + k)
-    a_i = _field_hash(ids_ptr, salts_ptr, rb64, bmask, i, S)
-    a_j = _field_hash(ids_ptr, salts_ptr, rb64, bmask, j, S)
-    rows = _codebook_rows(a_i, a_j, seeds, rh, NBK, SHARED)
-    cw = tl.load(cb_ptr + rows[:, :, None] * DC + rc[None, None, :], mask=gmask, other=0.0).to(tl.float32)
+    dmask = rd < D
     HD = H * DC
-    hc = (rh[:, None] * DC + rc[None, :])[None, :, :]
-    g = tl.load(dp_ptr + (rb64 * S + i)[:, None, None] * HD + hc, mask=gmask, other=0.0) + \
-        tl.load(dp_ptr + (rb64 * S + j)[:, None, None] * HD + hc, mask=gmask, other=0.0)
-    tl.store(dw_ptr + rb64 * M + k, tl.sum(tl.sum(cw * g, axis=2), axis=1), mask=bmask)
-    if DETERMINISTIC:
-        tl.store(key_ptr + (rb64 * M + k)[:, None] * H + rh[None, :], rows, mask=bmask[:, None] & hmask[None, :])
-    else:
-        wk = tl.load(w_ptr + rb64 * M + k, mask=bmask, other=0.0).to(tl.float32)
-        tl.atomic_add(dcb_ptr + rows[:, :, None] * DC + rc[None, None, :], wk[:, None, None] * g, mask=gmask)
+    seeds = tl.load(seeds_ptr + rh, mask=hmask, other=0).to(tl.int64).to(tl.uint32)
+    col = tl.reshape(rh[:, None] * DC + rc[None, :], (BH * BDC,))
+    colm = tl.reshape(hmask[:, None] & cmask[None, :], (BH * BDC,))
+    wr = tl.load(wr_ptr + rd[:, None] * HD + col[None, :], mask=dmask[:, None] & colm[None, :], other=0.0)  # [BD, BHC]
+    dwr = tl.zeros((BD, BH * BDC), dtype=tl.float32)
+    for kk in range(0, KPER):
+        k = kc * KPER + kk
+        rmask = bmask & ((rb * 0 + k) < M)
+        i = tl.load(pi_ptr + tl.minimum(k, M - 1))  # past the last cross: a real pair, every row masked
+        j = tl.load(pj_ptr + tl.minimum(k, M - 1))
+        a_i = _field_hash(ids_ptr, salts_ptr, rb64, rmask, i, S)
+        a_j = _field_hash(ids_ptr, salts_ptr, rb64, rmask, j, S)
+        rows = _codebook_rows(a_i, a_j, seeds, rh, NBK, SHARED)
+        gmask = rmask[:, None, None] & hmask[None, :, None] & cmask[None, None, :]
+        cw = tl.load(cb_ptr + rows[:, :, None] * DC + rc[None, None, :], mask=gmask, other=0.0).to(tl.float32)
+        gd_msk = rmask[:, None] & dmask[None, :]
+        G = tl.load(gu_ptr + (rb64 * S + i)[:, None] * D + rd[None, :], mask=gd_msk, other=0.0).to(tl.float32) + \
+            tl.load(gu_ptr + (rb64 * S + j)[:, None] * D + rd[None, :], mask=gd_msk, other=0.0).to(tl.float32)
+        g = tl.reshape(tl.dot(G.to(wr.dtype), wr, input_precision=PRECISION), (BB, BH, BDC))  # dL/dcw / w
+        tl.store(dw_ptr + rb64 * M + k, tl.sum(tl.sum(cw * g, axis=2), axis=1), mask=rmask)
+        wk = tl.load(w_ptr + rb64 * M + k, mask=rmask, other=0.0).to(tl.float32)
+        if DETERMINISTIC:
+            tl.store(key_ptr + (rb64 * M + k)[:, None] * H + rh[None, :], rows, mask=rmask[:, None] & hmask[None, :])
+        else:
+            tl.atomic_add(dcb_ptr + rows[:, :, None] * DC + rc[None, None, :], wk[:, None, None] * g, mask=gmask,
+                          sem="relaxed")
+        wcw = tl.reshape(wk[:, None, None] * cw, (BB, BH * BDC))
+        dwr = tl.dot(tl.trans(G).to(wr.dtype), wcw.to(wr.dtype), dwr, input_precision=PRECISION)
+    tl.store(dwr_ptr + pid.to(tl.int64) * (D * HD) + rd[:, None] * HD + col[None, :], dwr,
+             mask=dmask[:, None] & colm[None, :])
 
 
 @triton.jit
-def _hcnet_codebook_grad_kernel(perm_ptr, start_ptr, count_ptr, row_ptr, w_ptr, dp_ptr, pi_ptr, pj_ptr, dcb_ptr,
-                                S, M, H, DC, BDC: tl.constexpr):
-    """One distinct codebook row: the sum of its contributions in sorted (b, k, h) order."""
-    u = tl.program_id(0)
-    start = tl.load(start_ptr + u)
-    count = tl.load(count_ptr + u)
-    row = tl.load(row_ptr + u)
+def _hcnet_codebook_grad_kernel(perm_ptr, start_ptr, end_ptr, w_ptr, gu_ptr, wr_ptr, pi_ptr, pj_ptr, dcb_ptr,
+                                S, M, D, H, DC, BDC: tl.constexpr, BD: tl.constexpr):
+    """One codebook row: the sum of its contributions in sorted (b, k, h) order."""
+    r = tl.program_id(0).to(tl.int64)
+    start = tl.load(start_ptr + r)
+    end = tl.load(end_ptr + r)
     rc = tl.arange(0, BDC)
+    rd = tl.arange(0, BD)
     cmask = rc < DC
+    dmask = rd < D
     HD = H * DC
     acc = tl.zeros((BDC,), dtype=tl.float32)
-    for n in range(0, count):
-        idx = tl.load(perm_ptr + start + n)  # flat (b * M + k) * H + h
+    for n in range(start, end):
+        idx = tl.load(perm_ptr + n)  # flat (b * M + k) * H + h
         h = idx % H
         bk = idx // H
         kk = bk % M
         b = bk // M
         i = tl.load(pi_ptr + kk)
         j = tl.load(pj_ptr + kk)
-        wv = tl.load(w_ptr + bk).to(tl.float32)
-        g = tl.load(dp_ptr + (b * S + i) * HD + h * DC + rc, mask=cmask, other=0.0) + \
-            tl.load(dp_ptr + (b * S + j) * HD + h * DC + rc, mask=cmask, other=0.0)
-        acc += wv * g
-    tl.store(dcb_ptr + row * DC + rc, acc, mask=cmask)
+        G = tl.load(gu_ptr + (b * S + i) * D + rd, mask=dmask, other=0.0).to(tl.float32) + \
+            tl.load(gu_ptr + (b * S + j) * D + rd, mask=dmask, other=0.0).to(tl.float32)
+        wr_h = tl.load(wr_ptr + rd[:, None] * HD + h * DC + rc[None, :], mask=dmask[:, None] & cmask[None, :],
+                       other=0.0).to(tl.float32)
+        acc += tl.load(w_ptr + bk).to(tl.float32) * tl.sum(G[:, None] * wr_h, axis=0)
+    tl.store(dcb_ptr + r * DC + rc, acc, mask=cmask)
 
 
-def _blocks(B, H, DC, D):
+def _blocks(H, DC, D, tensor_cores: bool = True):
+    """(BB, BH, BDC, BD, warps): BH * BDC >= 16 and BD >= 16 (tl.dot's minimum). 64 rows per program
+    feed wgmma's 64-row tiles; IEEE fp32 (FMA dots) takes 32, which keeps the backward's registers
+    without spills."""
     bh = pow2(H, 1)
-    bdc = max(pow2(DC, 1), 16 // bh)  # the restore tl.dot needs K = BH * BDC >= 16
+    bdc = max(pow2(DC, 1), 16 // bh)
+    bd = pow2(D)
     if INTERPRET:
-        return 16, bh, bdc, min(32, pow2(D)), 1
-    return min(64, pow2(B)), bh, bdc, min(64, pow2(D)), 4
+        return 16, bh, bdc, bd, 1
+    return (64 if tensor_cores else 32), bh, bdc, bd, 4
 
 
 def _check(ids, salts, seeds, codebook, restore_weight, attn):
@@ -180,65 +205,75 @@ def _check(ids, salts, seeds, codebook, restore_weight, attn):
     return B, S, H, books, N, DC
 
 
-def _run_fwd(ids, salts, seeds, codebook, restore_weight, attn, store_p, restore, allow_tf32):
-    B, S, H, books, N, DC = _check(ids, salts, seeds, codebook, restore_weight, attn)
-    D = restore_weight.shape[0]
-    M = S * (S - 1) // 2
-    dev = codebook.device
-    u = torch.empty((B, S, D), device=dev, dtype=codebook.dtype) if restore else None
-    p = torch.empty((B, S, H * DC), device=dev, dtype=torch.float32) if store_p else None
-    if B == 0:
-        return u, p
-    BB, BH, BDC, BD, warps = _blocks(B, H, DC, D)
-    if S < 2:  # no crosses: U = 0 (the kernel's loop would be empty anyway; skip the launch)
-        return (u.zero_() if u is not None else None), (p.zero_() if p is not None else None)
-    _hcnet_fwd_kernel[(triton.cdiv(B, BB), S)](
-        ids, salts, seeds, codebook, restore_weight, attn, u if u is not None else codebook,
-        p if p is not None else codebook, B, S, M, N, D, H, DC,
-        SHARED=books == 1, STORE_P=store_p, RESTORE=restore, PRECISION=precision(allow_tf32),
-        BB=BB, BH=BH, BDC=BDC, BD=BD, num_warps=warps)
-    return u, p
-
-
 def _prep(ids, salts, seeds, codebook, restore_weight, attn):
     return (ids.contiguous(), salts.to(torch.int64).contiguous(), seeds.to(torch.int64).contiguous(),
             codebook.contiguous(), restore_weight.contiguous(), attn.contiguous())
 
 
-def hcnet_forward(ids, salts, seeds, codebook, restore_weight, attn, allow_tf32: bool = False) -> torch.Tensor:
+def hcnet_forward(ids, salts, seeds, codebook, restore_weight, attn, allow_tf32=None) -> torch.Tensor:
     """U [B, S, d] from ids [B, S] (the subset fields), salts [S], seeds [H], codebook [books, N, d_c],
     restore weight [d, H*d_c] and attention weights attn [B, M]."""
-    args = _prep(ids, salts, seeds, codebook, restore_weight, attn)
-    return _run_fwd(*args, store_p=False, restore=True, allow_tf32=allow_tf32)[0]
+    ids, salts, seeds, codebook, restore_weight, attn = _prep(ids, salts, seeds, codebook, restore_weight, attn)
+    B, S, H, books, N, DC = _check(ids, salts, seeds, codebook, restore_weight, attn)
+    D = restore_weight.shape[0]
+    u = torch.empty((B, S, D), device=codebook.device, dtype=codebook.dtype)
+    if B == 0 or D == 0:
+        return u
+    if S < 2:  # no crosses: U = 0
+        return u.zero_()
+    tf32 = resolve_tf32(allow_tf32)
+    BB, BH, BDC, BD, warps = _blocks(H, DC, D, tensor_cores(codebook.dtype, tf32))
+    launch(_hcnet_fwd_kernel, (triton.cdiv(B, BB), S),
+           ids, salts, seeds, codebook, restore_weight, attn, u, B, S, S * (S - 1) // 2, N, D, H, DC,
+           SHARED=books == 1, PRECISION=precision(tf32), BB=BB, BH=BH, BDC=BDC,
+           BD=min(BD, 64), num_warps=warps, dot_m=BB)
+    return u
+
+
+def _crosses_per_program(nblk: int, M: int, device) -> int:
+    """Crosses per backward program: about 8 programs per SM (fewer partial dW_o tiles to sum)."""
+    if INTERPRET:
+        return 2
+    want = max(1, (nblk * M) // (8 * num_sms(device)))
+    return min(64, triton.next_power_of_2(want))
 
 
 def hcnet_backward(grad_u, ids, salts, seeds, codebook, restore_weight, attn, deterministic: bool = False,
-                   allow_tf32: bool = False):
+                   allow_tf32=None):
     """Returns (d codebook, d restore weight, d attn)."""
     ids, salts, seeds, codebook, restore_weight, attn = _prep(ids, salts, seeds, codebook, restore_weight, attn)
     B, S, H, books, N, DC = _check(ids, salts, seeds, codebook, restore_weight, attn)
     D = restore_weight.shape[0]
     M = S * (S - 1) // 2
     dev = codebook.device
-    _, p = _run_fwd(ids, salts, seeds, codebook, restore_weight, attn, True, False, allow_tf32)
-    gu = grad_u.contiguous().reshape(B * S, D).to(torch.float32)
-    dWr = gemm(gu.t(), p.view(B * S, H * DC), out_dtype=restore_weight.dtype, allow_tf32=allow_tf32)
-    dp = gemm(gu, restore_weight.to(torch.float32), out_dtype=torch.float32, allow_tf32=allow_tf32)
     dw = torch.empty((B, M), device=dev, dtype=torch.float32)
-    dcb = torch.zeros((books * N, DC), device=dev, dtype=torch.float32)
-    if B == 0 or M == 0:
-        return dcb.view(books, N, DC).to(codebook.dtype), dWr, dw.to(attn.dtype)
+    if B == 0 or M == 0 or D == 0:
+        return torch.zeros_like(codebook), torch.zeros_like(restore_weight), dw.zero_().to(attn.dtype)
+    gu = grad_u.contiguous().to(codebook.dtype)
+    tf32 = resolve_tf32(allow_tf32)
+    BB, BH, BDC, BD, warps = _blocks(H, DC, D, tensor_cores(codebook.dtype, tf32))
+    nblk = triton.cdiv(B, BB)
+    kper = _crosses_per_program(nblk, M, dev)
+    programs = nblk * triton.cdiv(M, kper)
     pairs = torch.triu_indices(S, S, 1, device=dev).to(torch.int32)
     pi, pj = pairs[0].contiguous(), pairs[1].contiguous()
+    dwr_part = torch.empty((programs, D, H * DC), device=dev, dtype=torch.float32)
+    dcb = torch.empty((books * N, DC), device=dev, dtype=torch.float32) if deterministic else \
+        torch.zeros((books * N, DC), device=dev, dtype=torch.float32)
     keys = torch.empty((B, M, H), device=dev, dtype=torch.int64) if deterministic else dw
-    BB, BH, BDC, _, warps = _blocks(B, H, DC, D)
-    _hcnet_bwd_kernel[(triton.cdiv(B, BB), M)](
-        ids, salts, seeds, codebook, attn, dp, pi, pj, dw, dcb, keys, B, S, M, N, H, DC,
-        SHARED=books == 1, DETERMINISTIC=deterministic, BB=BB, BH=BH, BDC=BDC, num_warps=warps)
+    prec = precision(tf32)
+    launch(_hcnet_bwd_kernel, grid_1d(programs),
+           ids, salts, seeds, codebook, restore_weight, attn, gu, pi, pj, dw, dcb, keys, dwr_part,
+           B, S, M, N, D, H, DC, nblk, kper,
+           SHARED=books == 1, DETERMINISTIC=deterministic, PRECISION=prec, BB=BB, BH=BH, BDC=BDC, BD=BD,
+           num_warps=warps, dot_m=BB)
     if deterministic:
         sorted_rows, perm = torch.sort(keys.view(-1), stable=True)
-        rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
-        starts = torch.cumsum(counts, 0) - counts
-        _hcnet_codebook_grad_kernel[(rows.numel(),)](
-            perm, starts, counts, rows, attn, dp, pi, pj, dcb, S, M, H, DC, BDC=BDC, num_warps=1)
-    return dcb.view(books, N, DC).to(codebook.dtype), dWr, dw.to(attn.dtype)
+        bounds = torch.arange(books * N, device=dev, dtype=torch.int64)
+        starts = torch.searchsorted(sorted_rows, bounds)
+        ends = torch.searchsorted(sorted_rows, bounds, right=True)
+        launch(_hcnet_codebook_grad_kernel, grid_1d(books * N),
+               perm, starts, ends, attn, gu, restore_weight, pi, pj, dcb, S, M, D, H, DC, BDC=BDC, BD=BD,
+               num_warps=1)
+    dwr = dwr_part.sum(0)  # fixed order: deterministic
+    return dcb.view(books, N, DC).to(codebook.dtype), dwr.to(restore_weight.dtype), dw.to(attn.dtype)

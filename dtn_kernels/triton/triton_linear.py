@@ -1,136 +1,131 @@
-"""A general Triton GEMM with the epilogues and prologues the fused ops share.
+"""The GEMM with a fused prologue or epilogue that the MaskNet kernels share.
 
-C[M, N] = (A [* A2])[M, K] @ (B [* B2])[K, N]   (any strides: transposes are free)
-epilogue: + bias[N], ReLU, + aux, * (aux > 0), or the split product (C = acc*aux, C2 = acc*aux2);
-optionally the row sums of A (a bias gradient when A = dY^T).
+    C[M, N] = (A [* A2])[M, K] @ B[K, N]        (any strides: transposes are free)
+    epilogue: + bias[N] [then ReLU] | * (aux > 0) | split: C = acc * aux, C2 = acc * aux2, C3 = aux * aux2
 
-Accumulation is fp32 whatever the input dtype. Used by the backward passes of every op
-and by the MaskNet forward.
+Accumulation is fp32 whatever the input dtype. :func:`gemm` runs it in Triton when tensor cores
+apply (bf16/fp16, or fp32 under a TF32 policy) and as cuBLAS + torch element-wise ops otherwise
+(``_dispatch.fused_gemm_in_triton``); plain GEMMs never come here (the ops call ``torch.mm``).
+Tiles: ``_launch.gemm_tiles``; 1-D grid in groups of ``GROUP_M`` row tiles, so consecutive
+programs reuse the same B columns from L2.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._dispatch import fused_gemm_in_triton
+from ._launch import gemm_tiles, grid_1d, launch
 
-EPI_NONE, EPI_ADD, EPI_RELU_GRAD, EPI_SPLIT_MUL = 0, 1, 2, 3
-
-
-def precision(allow_tf32: bool) -> str:
-    """tl.dot input precision for fp32 operands: IEEE unless TF32 is allowed (GPU only)."""
-    return "tf32" if (allow_tf32 and not INTERPRET) else "ieee"
-
-
-def pow2(n: int, lo: int = 16) -> int:
-    """Next power of two >= max(n, lo); tl.dot needs every block dimension >= 16."""
-    return max(lo, triton.next_power_of_2(max(int(n), 1)))
-
-
-def gemm_blocks(M: int, N: int, K: int) -> tuple[int, int, int, int]:
-    """Fixed (BM, BN, BK, num_warps): small under the interpreter, no autotuning anywhere."""
-    if INTERPRET:
-        return 16, min(32, pow2(N)), min(32, pow2(K)), 1
-    return min(64, pow2(M)), min(64, pow2(N)), min(32, pow2(K)), 4
+EPI_NONE, EPI_BIAS, EPI_BIAS_RELU, EPI_RELU_GRAD, EPI_SPLIT_MUL = 0, 1, 2, 3, 4
+GROUP_M = 8
 
 
 @triton.jit
-def _gemm_kernel(a_ptr, a2_ptr, b_ptr, b2_ptr, c_ptr, c2_ptr, bias_ptr, aux_ptr, aux2_ptr, rowsum_ptr,
+def _tile_of(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in a grouped ordering: GROUP row tiles share columns."""
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    per_group = GROUP * num_n
+    first_m = (pid // per_group) * GROUP
+    size = tl.minimum(num_m - first_m, GROUP)
+    pid_m = first_m + (pid % per_group) % size
+    pid_n = (pid % per_group) // size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _gemm_kernel(a_ptr, a2_ptr, b_ptr, c_ptr, c2_ptr, c3_ptr, bias_ptr, aux_ptr, aux2_ptr,
                  M, N, K,
                  s_am, s_ak, s_bk, s_bn, s_cm, s_cn, s_xm, s_xn,
-                 HAS_A2: tl.constexpr, HAS_B2: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
-                 EPI: tl.constexpr, ROWSUM: tl.constexpr, PRECISION: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+                 HAS_A2: tl.constexpr, EPI: tl.constexpr, PRECISION: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
+    pid_m, pid_n = _tile_of(tl.program_id(0), M, N, BM, BN, GROUP)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    rsum = tl.zeros((BM,), dtype=tl.float32)
     for k0 in range(0, K, BK):
         kk = (k0 + rk).to(tl.int64)
         a_off = rm64[:, None] * s_am + kk[None, :] * s_ak
         a_msk = (rm[:, None] < M) & (kk[None, :] < K)
         a = tl.load(a_ptr + a_off, mask=a_msk, other=0.0)
-        if HAS_A2:  # elementwise product fused into the operand load
+        if HAS_A2:  # element-wise product fused into the operand load: A * A2 is never written
             a = (a.to(tl.float32) * tl.load(a2_ptr + a_off, mask=a_msk, other=0.0).to(tl.float32)).to(a.dtype)
-        b_off = kk[:, None] * s_bk + rn64[None, :] * s_bn
-        b_msk = (kk[:, None] < K) & (rn[None, :] < N)
-        b = tl.load(b_ptr + b_off, mask=b_msk, other=0.0)
-        if HAS_B2:
-            b = (b.to(tl.float32) * tl.load(b2_ptr + b_off, mask=b_msk, other=0.0).to(tl.float32)).to(b.dtype)
+        b = tl.load(b_ptr + kk[:, None] * s_bk + rn64[None, :] * s_bn, mask=(kk[:, None] < K) & (rn[None, :] < N),
+                    other=0.0)
         acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
-        if ROWSUM:
-            rsum += tl.sum(a.to(tl.float32), axis=1)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
     c_msk = (rm[:, None] < M) & (rn[None, :] < N)
-    x_off = rm64[:, None] * s_xm + rn64[None, :] * s_xn
-    if EPI == 1:  # + aux (a residual)
-        acc += tl.load(aux_ptr + x_off, mask=c_msk, other=0.0).to(tl.float32)
-    if EPI == 2:  # * (aux > 0): the ReLU gradient through a stored ReLU output
-        acc = tl.where(tl.load(aux_ptr + x_off, mask=c_msk, other=0.0) > 0, acc, 0.0)
     c_off = rm64[:, None] * s_cm + rn64[None, :] * s_cn
-    if EPI == 3:  # C = acc * aux, C2 = acc * aux2 (the two gradients of a product)
+    x_off = rm64[:, None] * s_xm + rn64[None, :] * s_xn
+    if EPI == 1 or EPI == 2:  # + bias (then ReLU)
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        if EPI == 2:
+            acc = tl.maximum(acc, 0.0)
+    if EPI == 3:  # * (aux > 0): the ReLU gradient through a stored ReLU output
+        acc = tl.where(tl.load(aux_ptr + x_off, mask=c_msk, other=0.0) > 0, acc, 0.0)
+    if EPI == 4:  # the two gradients of a product, and the product itself
         x1 = tl.load(aux_ptr + x_off, mask=c_msk, other=0.0).to(tl.float32)
         x2 = tl.load(aux2_ptr + x_off, mask=c_msk, other=0.0).to(tl.float32)
         tl.store(c2_ptr + c_off, (acc * x2).to(c2_ptr.dtype.element_ty), mask=c_msk)
+        tl.store(c3_ptr + c_off, (x1 * x2).to(c3_ptr.dtype.element_ty), mask=c_msk)
         acc = acc * x1
     tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=c_msk)
-    if ROWSUM:
-        if pid_n == 0:
-            tl.store(rowsum_ptr + rm, rsum, mask=rm < M)
 
 
-def gemm(a: torch.Tensor, b: torch.Tensor, *, a2=None, b2=None, bias=None, relu=False, aux=None, aux2=None,
-         epilogue: int = EPI_NONE, rowsum: bool = False, out_dtype=None, allow_tf32: bool = False):
-    """C = (a [* a2]) @ (b [* b2]) with the chosen epilogue; returns C, or (C, C2) / (C, rowsum).
+def precision(tf32: bool) -> str:
+    """tl.dot input precision for fp32 operands."""
+    return "tf32" if tf32 else "ieee"
 
-    ``a`` [M, K] and ``b`` [K, N] may be any strided views (a transpose costs nothing);
-    ``aux``/``aux2`` are [M, N] and must share one layout; ``a2``/``b2`` share a's/b's strides.
+
+def gemm(a: torch.Tensor, b: torch.Tensor, *, a2=None, bias=None, epilogue: int = EPI_NONE, aux=None, aux2=None,
+         tf32: bool = False):
+    """C = (a [* a2]) @ b with the chosen epilogue; returns C, or (C, C2, C3) for ``EPI_SPLIT_MUL``.
+
+    ``a`` [M, K], ``b`` [K, N] may be any strided views; ``a2`` has a's shape and strides;
+    ``aux``/``aux2`` are [M, N] with one shared layout. Output dtype = a's dtype.
     """
     M, K = a.shape
     K2, N = b.shape
-    assert K == K2, (a.shape, b.shape)
-    if a2 is not None:
-        assert a2.shape == a.shape and a2.stride() == a.stride()
-    if b2 is not None:
-        assert b2.shape == b.shape and b2.stride() == b.stride()
-    out_dtype = out_dtype or a.dtype
-    c = torch.empty((M, N), device=a.device, dtype=out_dtype)
-    c2 = torch.empty((M, N), device=a.device, dtype=out_dtype) if epilogue == EPI_SPLIT_MUL else c
-    rs = torch.empty((M,), device=a.device, dtype=torch.float32) if rowsum else c
-    if aux is not None and aux2 is not None:
-        assert aux.stride() == aux2.stride()
-    x = aux if aux is not None else c
+    if K != K2:
+        raise ValueError(f"gemm: inner dimensions differ, {tuple(a.shape)} @ {tuple(b.shape)}")
+    if not fused_gemm_in_triton(a.dtype, tf32):
+        return _gemm_torch(a, b, a2, bias, epilogue, aux, aux2)
+    if a2 is not None and (a2.shape != a.shape or a2.stride() != a.stride()):
+        raise ValueError("gemm: a2 must have a's shape and strides")
+    if aux is not None and aux2 is not None and aux.stride() != aux2.stride():
+        raise ValueError("gemm: aux and aux2 must share one layout")
+    c = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    split = epilogue == EPI_SPLIT_MUL
+    c2 = torch.empty_like(c) if split else c
+    c3 = torch.empty_like(c) if split else c
     if M == 0 or N == 0:
-        return _gemm_result(c, c2, rs, epilogue, rowsum, zero_rowsum=True)
-    if K == 0:
-        c.zero_()
-    BM, BN, BK, warps = gemm_blocks(M, N, K)
-    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
-    _gemm_kernel[grid](
-        a, a2 if a2 is not None else a, b, b2 if b2 is not None else b, c, c2,
-        bias if bias is not None else c, x, aux2 if aux2 is not None else x, rs,
-        M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        x.stride(0), x.stride(1),
-        HAS_A2=a2 is not None, HAS_B2=b2 is not None, HAS_BIAS=bias is not None, RELU=relu,
-        EPI=epilogue, ROWSUM=rowsum, PRECISION=precision(allow_tf32), BM=BM, BN=BN, BK=BK, num_warps=warps,
-    )
-    return _gemm_result(c, c2, rs, epilogue, rowsum)
+        return (c, c2, c3) if split else c
+    x = aux if aux is not None else c
+    t = gemm_tiles(M, N, K, a.dtype, a.device, max_tile=128 * 64 if split else 128 * 128)
+    grid = grid_1d(triton.cdiv(M, t.BM) * triton.cdiv(N, t.BN))
+    launch(_gemm_kernel, grid,
+           a, a2 if a2 is not None else a, b, c, c2, c3, bias if bias is not None else c, x,
+           aux2 if aux2 is not None else x,
+           M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+           x.stride(0), x.stride(1),
+           HAS_A2=a2 is not None, EPI=epilogue, PRECISION=precision(tf32),
+           BM=t.BM, BN=t.BN, BK=t.BK, GROUP=GROUP_M, num_warps=t.warps, num_stages=t.stages, dot_m=t.BM)
+    return (c, c2, c3) if split else c
 
 
-def _gemm_result(c, c2, rs, epilogue, rowsum, zero_rowsum=False):
-    if rowsum and zero_rowsum:
-        rs.zero_()
+def _gemm_torch(a, b, a2, bias, epilogue, aux, aux2):
+    """The same contract on cuBLAS (or CPU BLAS) with torch element-wise ops (IEEE fp32 route)."""
+    lhs = a * a2 if a2 is not None else a
+    if epilogue in (EPI_BIAS, EPI_BIAS_RELU):
+        out = torch.addmm(bias.to(a.dtype), lhs, b.to(a.dtype))
+        return out.relu_() if epilogue == EPI_BIAS_RELU else out
+    acc = lhs @ b.to(a.dtype)
+    if epilogue == EPI_RELU_GRAD:
+        return torch.where(aux > 0, acc, acc.new_zeros(()))
     if epilogue == EPI_SPLIT_MUL:
-        return (c, c2, rs) if rowsum else (c, c2)
-    return (c, rs) if rowsum else c
+        return acc * aux, acc * aux2, aux * aux2
+    return acc

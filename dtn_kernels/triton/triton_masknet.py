@@ -1,16 +1,21 @@
 """MaskNet's MaskBlock in Triton: ReLU(LN(W3 (mask(e) * v))), mask(e) = W2 ReLU(W1 e + b1) + b2.
 
-forward, three kernels:
-  1. hid  = ReLU(e W1^T + b1)                      GEMM, bias + ReLU epilogue
-  2. mask = hid W2^T + b2                          GEMM, bias epilogue
-  3. out  = ReLU(LN(z)), z = (mask * v) W3^T       the product with v is fused into the GEMM's
-     operand load (mask * v is never written); one program owns whole rows, so the LayerNorm
-     statistics, the affine and the ReLU run in the epilogue.
-  Saved for backward: hid, mask, z, mean, rstd (the reference also keeps mask*v and LN's output).
-backward: one row kernel for ReLU + LayerNorm (dz, and per-block partial dgamma/dbeta summed
-  afterwards, deterministically), then GEMMs with fused epilogues:
-  dv, dmask = (dz W3) * mask, (dz W3) * v (one GEMM, two outputs); dW3 = dz^T (mask * v) (product
-  fused again); dhid = (dmask W2) * (hid > 0); dW2, db2 = dmask^T hid; de = dhid W1; dW1, db1 = dhid^T e.
+forward:
+  1. hid  = ReLU(e W1^T + b1)       GEMM with a bias + ReLU epilogue
+  2. mask = hid W2^T + b2           plain GEMM: cuBLAS addmm
+  3. z    = (mask * v) W3^T         GEMM with the product fused into the operand load (mask * v
+                                    is never written); output tiles of any width
+  4. out  = ReLU(LN(z))             row kernel: per block of rows, one pass over the width in
+                                    chunks for the statistics (chunk means and M2 merged with
+                                    Chan's formula), one pass to normalise -- any width, bounded
+                                    registers and no shared-memory tile of the whole row
+  Saved for backward: hid, mask, z, mean, rstd.
+backward: a row kernel for ReLU + LayerNorm (dz, and per-block partial dgamma/dbeta summed
+  afterwards in a fixed order); dv, dmask = (dz W3) * mask, (dz W3) * v with y = mask * v written
+  by the same epilogue; dhid = (dmask W2) * (hid > 0); the plain GEMMs (dW3 = dz^T y, dW2 = dmask^T
+  hid, dW1 = dhid^T e, de = dhid W1) and the bias sums go to cuBLAS / torch.
+GEMMs 1, 3 and the two epilogue GEMMs of the backward run in Triton with tensor cores, or on
+cuBLAS + torch element-wise ops in IEEE fp32 (``triton_linear.gemm``).
 """
 from __future__ import annotations
 
@@ -18,46 +23,55 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_linear import EPI_RELU_GRAD, EPI_SPLIT_MUL, INTERPRET, gemm, pow2, precision
+from ._dispatch import INTERPRET, resolve_tf32
+from ._launch import grid_1d, launch, pow2, row_block
+from .triton_linear import EPI_BIAS_RELU, EPI_NONE, EPI_RELU_GRAD, EPI_SPLIT_MUL, gemm
 
 
-def _row_blocks(N: int, K: int):
-    bn = pow2(N)
-    if INTERPRET:
-        return 16, bn, min(32, pow2(K)), 1
-    return (16 if bn >= 512 else 32), bn, min(32, pow2(K)), (8 if bn >= 512 else 4)
+def _row_chunk(DO: int, bm: int) -> int:
+    """Columns per chunk of the row kernels: [bm, chunk] tiles of at most 4096 elements (32 fp32
+    registers per thread and tensor at 4 warps), whatever the width; fewer under the interpreter,
+    so the tests cover the chunk loop."""
+    return min(16 if INTERPRET else max(16, 4096 // bm), pow2(DO))
 
 
 @triton.jit
-def _masked_linear_ln_relu_fwd_kernel(m_ptr, v_ptr, w_ptr, g_ptr, bt_ptr, z_ptr, mean_ptr, rstd_ptr, out_ptr,
-                                      B, DV, DO, eps, PRECISION: tl.constexpr,
-                                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _ln_relu_fwd_kernel(z_ptr, g_ptr, bt_ptr, out_ptr, mean_ptr, rstd_ptr, B, DO, eps,
+                        BM: tl.constexpr, BN: tl.constexpr):
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rn = tl.arange(0, BN)
     rm64 = rm.to(tl.int64)
     rmask = rm < B
-    nmask = rn < DO
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, DV, BK):
-        kk = k0 + tl.arange(0, BK)
-        a_off = rm64[:, None] * DV + kk[None, :]
-        a_msk = rmask[:, None] & (kk[None, :] < DV)
-        m = tl.load(m_ptr + a_off, mask=a_msk, other=0.0)
-        a = (m.to(tl.float32) * tl.load(v_ptr + a_off, mask=a_msk, other=0.0).to(tl.float32)).to(m.dtype)
-        wt = tl.load(w_ptr + rn[None, :] * DV + kk[:, None], mask=nmask[None, :] & (kk[:, None] < DV), other=0.0)
-        acc = tl.dot(a, wt.to(a.dtype), acc, input_precision=PRECISION)
-    mean = tl.sum(acc, axis=1) / DO
-    diff = tl.where(nmask[None, :], acc - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt((tl.sum(diff * diff, axis=1) / DO + eps).to(tl.float32))  # eps may arrive as fp64
-    gamma = tl.load(g_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-    beta = tl.load(bt_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-    out = tl.maximum(diff * rstd[:, None] * gamma[None, :] + beta[None, :], 0.0)
-    off = rm64[:, None] * DO + rn[None, :]
-    msk = rmask[:, None] & nmask[None, :]
-    tl.store(z_ptr + off, acc.to(z_ptr.dtype.element_ty), mask=msk)
-    tl.store(out_ptr + off, out.to(out_ptr.dtype.element_ty), mask=msk)
+    # pass 1: per-chunk mean and M2, merged into the running ones (Chan et al.): no cancellation
+    n = tl.zeros((BM,), dtype=tl.float32)
+    mean = tl.zeros((BM,), dtype=tl.float32)
+    m2 = tl.zeros((BM,), dtype=tl.float32)
+    for n0 in range(0, DO, BN):
+        rn = n0 + tl.arange(0, BN)
+        msk = rmask[:, None] & (rn[None, :] < DO)
+        z = tl.load(z_ptr + rm64[:, None] * DO + rn[None, :], mask=msk, other=0.0).to(tl.float32)
+        cnt = tl.minimum(DO - n0, BN).to(tl.float32)
+        cmean = tl.sum(z, axis=1) / cnt
+        d = tl.where(msk, z - cmean[:, None], 0.0)
+        cm2 = tl.sum(d * d, axis=1)
+        tot = n + cnt
+        delta = cmean - mean
+        mean = mean + delta * (cnt / tot)
+        m2 = m2 + cm2 + delta * delta * (n * cnt / tot)
+        n = tot
+    rstd = 1.0 / tl.sqrt((m2 / DO + eps).to(tl.float32))  # eps may arrive as fp64 under torch.compile
     tl.store(mean_ptr + rm, mean, mask=rmask)
     tl.store(rstd_ptr + rm, rstd, mask=rmask)
+    # pass 2: normalise, affine, ReLU (the rows are still in L1/L2)
+    for n0 in range(0, DO, BN):
+        rn = n0 + tl.arange(0, BN)
+        nmask = rn < DO
+        msk = rmask[:, None] & nmask[None, :]
+        off = rm64[:, None] * DO + rn[None, :]
+        z = tl.load(z_ptr + off, mask=msk, other=0.0).to(tl.float32)
+        gamma = tl.load(g_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        beta = tl.load(bt_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        out = tl.maximum((z - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :], 0.0)
+        tl.store(out_ptr + off, out.to(out_ptr.dtype.element_ty), mask=msk)
 
 
 @triton.jit
@@ -65,68 +79,86 @@ def _ln_relu_bwd_kernel(go_ptr, z_ptr, mean_ptr, rstd_ptr, g_ptr, bt_ptr, dz_ptr
                         BM: tl.constexpr, BN: tl.constexpr):
     pid = tl.program_id(0)
     rm = pid * BM + tl.arange(0, BM)
-    rn = tl.arange(0, BN)
     rm64 = rm.to(tl.int64)
     rmask = rm < B
-    nmask = rn < DO
-    msk = rmask[:, None] & nmask[None, :]
-    off = rm64[:, None] * DO + rn[None, :]
-    z = tl.load(z_ptr + off, mask=msk, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + rm, mask=rmask, other=0.0)
     rstd = tl.load(rstd_ptr + rm, mask=rmask, other=0.0)
-    gamma = tl.load(g_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-    beta = tl.load(bt_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-    zhat = tl.where(msk, (z - mean[:, None]) * rstd[:, None], 0.0)
-    o = zhat * gamma[None, :] + beta[None, :]
-    go = tl.load(go_ptr + off, mask=msk, other=0.0).to(tl.float32)
-    gr = tl.where(msk & (o > 0), go, 0.0)  # ReLU backward
-    tl.store(dg_ptr + pid * DO + rn, tl.sum(gr * zhat, axis=0), mask=nmask)
-    tl.store(db_ptr + pid * DO + rn, tl.sum(gr, axis=0), mask=nmask)
-    dzhat = gr * gamma[None, :]
-    c1 = tl.sum(dzhat * zhat, axis=1) / DO
-    c2 = tl.sum(dzhat, axis=1) / DO
-    dz = rstd[:, None] * (dzhat - c2[:, None] - zhat * c1[:, None])
-    tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=msk)
+    c1 = tl.zeros((BM,), dtype=tl.float32)
+    c2 = tl.zeros((BM,), dtype=tl.float32)
+    # pass 1: the row sums of the LayerNorm backward, and this block's dgamma / dbeta partials
+    for n0 in range(0, DO, BN):
+        rn = n0 + tl.arange(0, BN)
+        nmask = rn < DO
+        msk = rmask[:, None] & nmask[None, :]
+        off = rm64[:, None] * DO + rn[None, :]
+        zhat = tl.where(msk, (tl.load(z_ptr + off, mask=msk, other=0.0).to(tl.float32) - mean[:, None])
+                        * rstd[:, None], 0.0)
+        gamma = tl.load(g_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        beta = tl.load(bt_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        go = tl.load(go_ptr + off, mask=msk, other=0.0).to(tl.float32)
+        gr = tl.where(msk & (zhat * gamma[None, :] + beta[None, :] > 0), go, 0.0)  # ReLU backward
+        tl.store(dg_ptr + pid * DO + rn, tl.sum(gr * zhat, axis=0), mask=nmask)
+        tl.store(db_ptr + pid * DO + rn, tl.sum(gr, axis=0), mask=nmask)
+        dzhat = gr * gamma[None, :]
+        c1 += tl.sum(dzhat * zhat, axis=1)
+        c2 += tl.sum(dzhat, axis=1)
+    c1 = c1 / DO
+    c2 = c2 / DO
+    # pass 2: dz = rstd * (dzhat - mean(dzhat) - zhat * mean(dzhat * zhat))
+    for n0 in range(0, DO, BN):
+        rn = n0 + tl.arange(0, BN)
+        nmask = rn < DO
+        msk = rmask[:, None] & nmask[None, :]
+        off = rm64[:, None] * DO + rn[None, :]
+        zhat = tl.where(msk, (tl.load(z_ptr + off, mask=msk, other=0.0).to(tl.float32) - mean[:, None])
+                        * rstd[:, None], 0.0)
+        gamma = tl.load(g_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        beta = tl.load(bt_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        go = tl.load(go_ptr + off, mask=msk, other=0.0).to(tl.float32)
+        gr = tl.where(msk & (zhat * gamma[None, :] + beta[None, :] > 0), go, 0.0)
+        dz = rstd[:, None] * (gr * gamma[None, :] - c2[:, None] - zhat * c1[:, None])
+        tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=msk)
 
 
-def mask_block_forward(e, v, w1, b1, w2, b2, w3, gamma, beta, eps: float = 1e-5, allow_tf32: bool = False):
+def mask_block_forward(e, v, w1, b1, w2, b2, w3, gamma, beta, eps: float = 1e-5, allow_tf32=None):
     """Returns (out, hid, mask, z, mean, rstd); all but ``out`` are saved for the backward."""
     e, v = e.contiguous(), v.contiguous()
+    tf32 = resolve_tf32(allow_tf32)
     B, DV = v.shape
     DO = w3.shape[0]
-    hid = gemm(e, w1.t(), bias=b1, relu=True, allow_tf32=allow_tf32)
-    mask = gemm(hid, w2.t(), bias=b2, allow_tf32=allow_tf32)
-    z = torch.empty((B, DO), device=v.device, dtype=v.dtype)
+    hid = gemm(e, w1.t(), bias=b1, epilogue=EPI_BIAS_RELU, tf32=tf32)
+    mask = torch.addmm(b2.to(hid.dtype), hid, w2.t().to(hid.dtype))  # plain GEMM: cuBLAS
+    z = gemm(mask, w3.t(), a2=v, epilogue=EPI_NONE, tf32=tf32)
     out = torch.empty_like(z)
     mean = torch.empty((B,), device=v.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    if B > 0:
-        BM, BN, BK, warps = _row_blocks(DO, DV)
-        _masked_linear_ln_relu_fwd_kernel[(triton.cdiv(B, BM),)](
-            mask, v, w3.contiguous(), gamma.contiguous(), beta.contiguous(), z, mean, rstd, out, B, DV, DO,
-            float(eps), PRECISION=precision(allow_tf32), BM=BM, BN=BN, BK=BK, num_warps=warps)
+    if B > 0 and DO > 0:
+        bm = row_block(B, v.device)
+        launch(_ln_relu_fwd_kernel, grid_1d(triton.cdiv(B, bm)), z, gamma.contiguous(), beta.contiguous(), out,
+               mean, rstd, B, DO, float(eps), BM=bm, BN=_row_chunk(DO, bm), num_warps=4)
     return out, hid, mask, z, mean, rstd
 
 
-def mask_block_backward(grad_out, e, v, w1, w2, w3, gamma, beta, hid, mask, z, mean, rstd,
-                        allow_tf32: bool = False):
+def mask_block_backward(grad_out, e, v, w1, w2, w3, gamma, beta, hid, mask, z, mean, rstd, allow_tf32=None):
     """Returns (de, dv, dW1, db1, dW2, db2, dW3, dgamma, dbeta)."""
     e, v, mask, hid, z = e.contiguous(), v.contiguous(), mask.contiguous(), hid.contiguous(), z.contiguous()
+    tf32 = resolve_tf32(allow_tf32)
     B, DO = z.shape
-    BM, BN, _, warps = _row_blocks(DO, 16)
-    nblk = triton.cdiv(B, BM)
+    bm = row_block(B, z.device)
+    nblk = triton.cdiv(B, bm)
     dz = torch.empty_like(z)
     dg = torch.zeros((max(nblk, 1), DO), device=z.device, dtype=torch.float32)
     db = torch.zeros_like(dg)
-    if B > 0:
-        _ln_relu_bwd_kernel[(nblk,)](grad_out.contiguous(), z, mean, rstd, gamma.contiguous(), beta.contiguous(),
-                                     dz, dg, db, B, DO, BM=BM, BN=BN, num_warps=warps)
+    if B > 0 and DO > 0:
+        launch(_ln_relu_bwd_kernel, grid_1d(nblk), grad_out.contiguous(), z, mean, rstd, gamma.contiguous(),
+               beta.contiguous(), dz, dg, db, B, DO, BM=bm, BN=_row_chunk(DO, bm), num_warps=4)
     dgamma, dbeta = dg.sum(0).to(gamma.dtype), db.sum(0).to(beta.dtype)
     w3 = w3.contiguous()
-    dv, dmask = gemm(dz, w3, aux=mask, aux2=v, epilogue=EPI_SPLIT_MUL, allow_tf32=allow_tf32)
-    dW3 = gemm(dz.t(), mask, b2=v, out_dtype=w3.dtype, allow_tf32=allow_tf32)
-    dhid = gemm(dmask, w2.contiguous(), aux=hid, epilogue=EPI_RELU_GRAD, allow_tf32=allow_tf32)
-    dW2, db2 = gemm(dmask.t(), hid, rowsum=True, out_dtype=w2.dtype, allow_tf32=allow_tf32)
-    de = gemm(dhid, w1.contiguous(), allow_tf32=allow_tf32)
-    dW1, db1 = gemm(dhid.t(), e, rowsum=True, out_dtype=w1.dtype, allow_tf32=allow_tf32)
-    return de, dv, dW1, db1.to(w1.dtype), dW2, db2.to(w2.dtype), dW3, dgamma, dbeta
+    dv, dmask, y = gemm(dz, w3, aux=mask, aux2=v, epilogue=EPI_SPLIT_MUL, tf32=tf32)
+    dhid = gemm(dmask, w2.contiguous(), aux=hid, epilogue=EPI_RELU_GRAD, tf32=tf32)
+    # plain GEMMs and bias sums: cuBLAS / torch
+    dW3 = dz.t().mm(y).to(w3.dtype)
+    dW2 = dmask.t().mm(hid).to(w2.dtype)
+    de = dhid.mm(w1.to(dhid.dtype))
+    dW1 = dhid.t().mm(e).to(w1.dtype)
+    return de, dv, dW1, dhid.sum(0).to(w1.dtype), dW2, dmask.sum(0).to(w2.dtype), dW3, dgamma, dbeta

@@ -1,10 +1,15 @@
 """Softmax gating in Triton: logits = x W^T + b, optional expert mask, softmax over the K
 experts, and the weighted sum of the expert outputs, in one kernel per block of rows.
 
+The op is bound by memory traffic (it reads the [B, K, h] expert outputs once) and the gate has
+few experts (K = 4-6 in DTN): the logits are K dot products per row, done with FMAs over chunks
+of the input (a tensor-core tile would be padded to 16 experts and needs 16+ rows per program).
+A few rows per program keep the grid larger than the card's SM count at the paper's batch sizes.
+
 forward writes only ``out`` [B, h] and ``weights`` [B, K].
-backward: one kernel per block of rows computes d experts = w * d out, the weight
-gradient (the incoming one plus <d out, expert_k>), the softmax backward to d logits, and
-d x = d logits @ W; a GEMM then gives dW = d logits^T x with db as its row sums.
+backward: one kernel per block of rows computes d experts = w * d out, the weight gradient (the
+incoming one plus <d out, expert_k>), the softmax backward to d logits (kept in fp32), and
+d x = d logits @ W; cuBLAS then gives dW = d logits^T x and torch db as its column sums.
 """
 from __future__ import annotations
 
@@ -12,19 +17,25 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_linear import INTERPRET, gemm, pow2, precision
+from ._dispatch import INTERPRET
+from ._launch import grid_1d, launch, pow2, row_block
 
 
-def _blocks(B, din, K, h):
-    bk = pow2(K)
+def _blocks(B, din, K, h, device):
+    """(BB, BK, BD, BH, warps): BB rows per program; BD input columns per logits chunk and BH output
+    columns per expert chunk so that the [BB, BK, BD] / [BB, BK, BH] tiles stay ~4096 elements (32
+    fp32 registers per thread at 4 warps)."""
+    bk = pow2(K, 1)
     if INTERPRET:
-        return 16, bk, min(32, pow2(din)), min(32, pow2(h)), 1
-    return min(32, pow2(B)), bk, min(64, pow2(din)), min(128, pow2(h)), 4
+        return 4, bk, min(16, pow2(din)), min(16, pow2(h)), 1
+    bb = row_block(B, device, cap=8)
+    per = max(16, min(128, 4096 // (bb * bk)))  # [BB, BK, BD] and [BB, BK, BH] tiles of ~4096 elements
+    return bb, bk, min(per, pow2(din)), min(per, pow2(h)), 4
 
 
 @triton.jit
 def _softmax_gate_fwd_kernel(x_ptr, w_ptr, b_ptr, m_ptr, e_ptr, out_ptr, wts_ptr, B, DIN, K, H, s_mb, s_mk,
-                             HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                             HAS_MASK: tl.constexpr,
                              BB: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr):
     rb = tl.program_id(0) * BB + tl.arange(0, BB)
     rk = tl.arange(0, BK)
@@ -33,9 +44,11 @@ def _softmax_gate_fwd_kernel(x_ptr, w_ptr, b_ptr, m_ptr, e_ptr, out_ptr, wts_ptr
     acc = tl.zeros((BB, BK), dtype=tl.float32)
     for d0 in range(0, DIN, BD):
         dd = d0 + tl.arange(0, BD)
-        x = tl.load(x_ptr + rb64[:, None] * DIN + dd[None, :], mask=bmask[:, None] & (dd[None, :] < DIN), other=0.0)
-        wt = tl.load(w_ptr + rk[None, :] * DIN + dd[:, None], mask=(rk[None, :] < K) & (dd[:, None] < DIN), other=0.0)
-        acc = tl.dot(x, wt.to(x.dtype), acc, input_precision=PRECISION)
+        x = tl.load(x_ptr + rb64[:, None] * DIN + dd[None, :], mask=bmask[:, None] & (dd[None, :] < DIN),
+                    other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rk[:, None] * DIN + dd[None, :], mask=(rk[:, None] < K) & (dd[None, :] < DIN),
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
     logits = acc + tl.load(b_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]
     valid = (rk[None, :] < K) & (rb[:, None] >= 0)  # padded rows stay finite (no nan warnings)
     if HAS_MASK:
@@ -48,20 +61,19 @@ def _softmax_gate_fwd_kernel(x_ptr, w_ptr, b_ptr, m_ptr, e_ptr, out_ptr, wts_ptr
     wts = p / tl.sum(p, axis=1)[:, None]
     kmask = bmask[:, None] & (rk[None, :] < K)
     tl.store(wts_ptr + rb64[:, None] * K + rk[None, :], wts.to(wts_ptr.dtype.element_ty), mask=kmask)
+    kmask3 = kmask[:, :, None]
     for h0 in range(0, H, BH):
         hh = h0 + tl.arange(0, BH)
-        hmask = bmask[:, None] & (hh[None, :] < H)
-        o = tl.zeros((BB, BH), dtype=tl.float32)
-        for k in range(0, K):
-            wk = tl.sum(tl.where(rk[None, :] == k, wts, 0.0), axis=1)
-            ex = tl.load(e_ptr + (rb64[:, None] * K + k) * H + hh[None, :], mask=hmask, other=0.0)
-            o += wk[:, None] * ex.to(tl.float32)
-        tl.store(out_ptr + rb64[:, None] * H + hh[None, :], o.to(out_ptr.dtype.element_ty), mask=hmask)
+        emask = kmask3 & (hh[None, None, :] < H)
+        ex = tl.load(e_ptr + (rb64[:, None, None] * K + rk[None, :, None]) * H + hh[None, None, :], mask=emask,
+                     other=0.0).to(tl.float32)  # [BB, BK, BH]: every expert's slice at once
+        o = tl.sum(wts[:, :, None] * ex, axis=1)
+        tl.store(out_ptr + rb64[:, None] * H + hh[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=bmask[:, None] & (hh[None, :] < H))
 
 
 @triton.jit
 def _softmax_gate_bwd_kernel(go_ptr, gw_ptr, wts_ptr, e_ptr, w_ptr, dexp_ptr, dl_ptr, dx_ptr, B, DIN, K, H,
-                             PRECISION: tl.constexpr,
                              BB: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr):
     rb = tl.program_id(0) * BB + tl.arange(0, BB)
     rk = tl.arange(0, BK)
@@ -74,19 +86,18 @@ def _softmax_gate_bwd_kernel(go_ptr, gw_ptr, wts_ptr, e_ptr, w_ptr, dexp_ptr, dl
         hh = h0 + tl.arange(0, BH)
         hmask = bmask[:, None] & (hh[None, :] < H)
         go = tl.load(go_ptr + rb64[:, None] * H + hh[None, :], mask=hmask, other=0.0).to(tl.float32)
-        for k in range(0, K):
-            onk = rk[None, :] == k
-            wk = tl.sum(tl.where(onk, wts, 0.0), axis=1)
-            off = (rb64[:, None] * K + k) * H + hh[None, :]
-            ex = tl.load(e_ptr + off, mask=hmask, other=0.0).to(tl.float32)
-            tl.store(dexp_ptr + off, (wk[:, None] * go).to(dexp_ptr.dtype.element_ty), mask=hmask)
-            dw += tl.where(onk, tl.sum(go * ex, axis=1)[:, None], 0.0)
+        off = (rb64[:, None, None] * K + rk[None, :, None]) * H + hh[None, None, :]
+        emask = kmask[:, :, None] & (hh[None, None, :] < H)
+        ex = tl.load(e_ptr + off, mask=emask, other=0.0).to(tl.float32)
+        tl.store(dexp_ptr + off, (wts[:, :, None] * go[:, None, :]).to(dexp_ptr.dtype.element_ty), mask=emask)
+        dw += tl.sum(go[:, None, :] * ex, axis=2)
     dl = wts * (dw - tl.sum(wts * dw, axis=1)[:, None])  # softmax backward; masked experts have w = 0
     tl.store(dl_ptr + rb64[:, None] * K + rk[None, :], dl, mask=kmask)
     for d0 in range(0, DIN, BD):
         dd = d0 + tl.arange(0, BD)
-        wt = tl.load(w_ptr + rk[:, None] * DIN + dd[None, :], mask=(rk[:, None] < K) & (dd[None, :] < DIN), other=0.0)
-        dx = tl.dot(dl.to(wt.dtype), wt, input_precision=PRECISION)
+        w = tl.load(w_ptr + rk[:, None] * DIN + dd[None, :], mask=(rk[:, None] < K) & (dd[None, :] < DIN),
+                    other=0.0).to(tl.float32)
+        dx = tl.sum(dl[:, :, None] * w[None, :, :], axis=1)  # [BB, BD]
         tl.store(dx_ptr + rb64[:, None] * DIN + dd[None, :], dx.to(dx_ptr.dtype.element_ty),
                  mask=bmask[:, None] & (dd[None, :] < DIN))
 
@@ -98,7 +109,9 @@ def _mask2d(mask, B, K):
     return m.expand(B, K) if m.dim() == 1 else m
 
 
-def softmax_gate_forward(x, experts, weight, bias, mask=None, allow_tf32: bool = False):
+def softmax_gate_forward(x, experts, weight, bias, mask=None, allow_tf32=None):
+    """(out [B, h], weights [B, K]); ``allow_tf32`` is accepted for the ops' common signature (the
+    logits are FMA dot products)."""
     B, din = x.shape
     K, h = experts.shape[1], experts.shape[2]
     x, experts, weight, bias = x.contiguous(), experts.contiguous(), weight.contiguous(), bias.contiguous()
@@ -107,15 +120,15 @@ def softmax_gate_forward(x, experts, weight, bias, mask=None, allow_tf32: bool =
     if B == 0:
         return out, wts
     m = _mask2d(mask, B, K)
-    BB, BK, BD, BH, warps = _blocks(B, din, K, h)
-    _softmax_gate_fwd_kernel[(triton.cdiv(B, BB),)](
-        x, weight, bias, m if m is not None else x, experts, out, wts, B, din, K, h,
-        m.stride(0) if m is not None else 0, m.stride(1) if m is not None else 0,
-        HAS_MASK=m is not None, PRECISION=precision(allow_tf32), BB=BB, BK=BK, BD=BD, BH=BH, num_warps=warps)
+    BB, BK, BD, BH, warps = _blocks(B, din, K, h, x.device)
+    launch(_softmax_gate_fwd_kernel, grid_1d(triton.cdiv(B, BB)),
+           x, weight, bias, m if m is not None else x, experts, out, wts, B, din, K, h,
+           m.stride(0) if m is not None else 0, m.stride(1) if m is not None else 0,
+           HAS_MASK=m is not None, BB=BB, BK=BK, BD=BD, BH=BH, num_warps=warps)
     return out, wts
 
 
-def softmax_gate_backward(grad_out, grad_weights, x, experts, weight, weights, allow_tf32: bool = False):
+def softmax_gate_backward(grad_out, grad_weights, x, experts, weight, weights, allow_tf32=None):
     """Returns (dx, d experts, dW, db)."""
     B, din = x.shape
     K, h = experts.shape[1], experts.shape[2]
@@ -126,10 +139,10 @@ def softmax_gate_backward(grad_out, grad_weights, x, experts, weight, weights, a
     dl = torch.empty((B, K), device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x)
     if B > 0:
-        BB, BK, BD, BH, warps = _blocks(B, din, K, h)
-        _softmax_gate_bwd_kernel[(triton.cdiv(B, BB),)](
-            go, gw, weights, experts, weight, dexp, dl, dx, B, din, K, h,
-            PRECISION=precision(allow_tf32), BB=BB, BK=BK, BD=BD, BH=BH, num_warps=warps)
-    dW, db = gemm(dl.t(), x.to(torch.float32) if x.dtype != torch.float32 else x, rowsum=True,
-                  out_dtype=weight.dtype, allow_tf32=allow_tf32)
-    return dx, dexp, dW, db.to(weight.dtype)
+        BB, BK, BD, BH, warps = _blocks(B, din, K, h, x.device)
+        launch(_softmax_gate_bwd_kernel, grid_1d(triton.cdiv(B, BB)),
+               go, gw, weights, experts, weight, dexp, dl, dx, B, din, K, h,
+               BB=BB, BK=BK, BD=BD, BH=BH, num_warps=warps)
+    # plain GEMM over the batch: cuBLAS (split-K is its business); db = column sums of d logits
+    dW = dl.t().to(x.dtype).mm(x).to(weight.dtype)
+    return dx, dexp, dW, dl.sum(0).to(weight.dtype)

@@ -1,0 +1,344 @@
+"""Offline sm_90 check: compile every Triton kernel variant the launchers pick, for an H100/H200,
+without a GPU, and read what it compiles to.
+
+    python -m dtn_kernels.sm90_check [--markdown FILE] [--json FILE] [--sms 132]
+
+For each op at the paper's shapes (B 2048 and 4096, D = 624, h = 512, MaskNet 624 -> 640 -> 512
+and wider blocks, HCNet over 32 fields with H = 2 and d_c = 16, gates over 4 and 6 experts) and at
+the GPU tests' shapes, in fp32 (IEEE and TF32), bf16 and fp16, the real launchers run on ``meta``
+tensors inside :func:`dtn_kernels.triton._launch.capture`: every launch compiles with Triton's own
+compiler for ``sm_90`` (the installed triton; a stand-in driver reports the target) and is
+recorded with its grid instead of running. The bundled ``ptxas -v --gpu-name=sm_90a`` then reports
+registers and spills; the PTX shows whether a ``tl.dot`` became ``wgmma`` (Hopper tensor cores),
+``mma.sync`` (Ampere-style) or FMAs.
+
+It fails (exit status 1) on: a compile error; any spill at the paper's shapes; shared memory
+above sm_90's 227 KB per block; a bf16 / fp16 / TF32 GEMM tile of 64 rows or more that does not
+lower to wgmma; a grid beyond CUDA's limits; and a kernel at the paper's shapes launched on fewer
+programs than the card has SMs (``--sms``, 132 on H100 SXM and H200).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable
+
+PRECISIONS = {  # name -> (dtype name, allow_tf32)
+    "fp32-ieee": ("float32", False),
+    "fp32-tf32": ("float32", True),
+    "bf16": ("bfloat16", None),
+    "fp16": ("float16", None),
+}
+SMEM_LIMIT = 232_448
+
+# ----------------------------------------------------------------------------- shapes
+
+# (B, D, gated)
+GATED_CROSS_PAPER = [(2048, 624, True), (4096, 624, True), (2048, 624, False)]
+# (B, din, hidden, dv, do): the paper block, the serial second block, wider blocks
+MASK_BLOCK_PAPER = [(2048, 624, 640, 624, 512), (4096, 624, 640, 624, 512), (2048, 624, 640, 512, 512),
+                    (2048, 624, 640, 624, 1024), (2048, 624, 640, 624, 2048)]
+# (B, S, H, books, N, d_c, d, deterministic)
+HCNET_PAPER = [(2048, 32, 2, 1, 100_000, 16, 16, False), (4096, 32, 2, 1, 100_000, 16, 16, False),
+               (2048, 32, 2, 1, 100_000, 16, 16, True)]
+HCNET_WIDE = [(64, 400, 2, 1, 100_000, 16, 16, False)]  # 79,800 crosses: past the 65,535 grid-y limit
+# (B, din, K, h, masked)
+GATE_PAPER = [(2048, 624, 4, 512, False), (2048, 624, 6, 512, True), (4096, 624, 6, 512, False)]
+
+# the GPU tests' shapes (tests/test_triton_*.py import these)
+GPU_TEST_SHAPES = {
+    "gated_cross": [(67, 45, True), (67, 45, False)],
+    "mask_block": [(129, 96, 80, 96, 64), (33, 40, 24, 40, 1030)],
+    "hcnet": [(300, 8, 2, 1, 1000, 16, 16, False), (300, 8, 2, 2, 1000, 16, 16, True)],
+    "softmax_gate": [(131, 47, 9, 65, True)],
+}
+
+
+@dataclass
+class Case:
+    op: str
+    shape: tuple
+    precision: str
+    paper: bool
+    run: Callable = field(repr=False)
+
+    @property
+    def label(self) -> str:
+        return f"{self.op}{self.shape} {self.precision}"
+
+
+def _t(*shape, dtype="float32"):
+    import torch
+
+    return torch.empty(shape, device="meta", dtype=getattr(torch, dtype))
+
+
+def _gated_cross(shape, dt, tf32):
+    from .triton.triton_gated_cross import gated_cross_backward, gated_cross_forward
+
+    B, D, gated = shape
+    x0, xl, w, b = _t(B, D, dtype=dt), _t(B, D, dtype=dt), _t(D, D, dtype=dt), _t(D, dtype=dt)
+    wg = _t(D, D, dtype=dt) if gated else None
+    gated_cross_forward(x0, xl, w, b, wg, tf32)
+    gated_cross_backward(_t(B, D, dtype=dt), x0, xl, w, b, wg, tf32)
+
+
+def _mask_block(shape, dt, tf32):
+    from .triton.triton_masknet import mask_block_backward, mask_block_forward
+
+    B, din, hm, dv, do = shape
+    e, v = _t(B, din, dtype=dt), _t(B, dv, dtype=dt)
+    w1, b1, w2, b2 = _t(hm, din, dtype=dt), _t(hm, dtype=dt), _t(dv, hm, dtype=dt), _t(dv, dtype=dt)
+    w3, gamma, beta = _t(do, dv, dtype=dt), _t(do, dtype=dt), _t(do, dtype=dt)
+    out, hid, mask, z, mean, rstd = mask_block_forward(e, v, w1, b1, w2, b2, w3, gamma, beta, 1e-5, tf32)
+    mask_block_backward(_t(B, do, dtype=dt), e, v, w1, w2, w3, gamma, beta, hid, mask, z, mean, rstd, tf32)
+
+
+def _hcnet(shape, dt, tf32):
+    from .triton.triton_hcnet import hcnet_backward, hcnet_forward
+
+    B, S, H, books, N, dc, d, det = shape
+    M = S * (S - 1) // 2
+    ids, salts, seeds = _t(B, S, dtype="int64"), _t(S, dtype="int64"), _t(H, dtype="int64")
+    cb, wr, attn = _t(books, N, dc, dtype=dt), _t(d, H * dc, dtype=dt), _t(B, M, dtype=dt)
+    hcnet_forward(ids, salts, seeds, cb, wr, attn, tf32)
+    hcnet_backward(_t(B, S, d, dtype=dt), ids, salts, seeds, cb, wr, attn, det, tf32)
+
+
+def _softmax_gate(shape, dt, tf32):
+    from .triton.triton_softmax_gate import softmax_gate_backward, softmax_gate_forward
+
+    B, din, K, h, masked = shape
+    x, experts, w, b = _t(B, din, dtype=dt), _t(B, K, h, dtype=dt), _t(K, din, dtype=dt), _t(K, dtype=dt)
+    mask = _t(K, dtype="bool") if masked else None
+    _, wts = softmax_gate_forward(x, experts, w, b, mask, tf32)
+    softmax_gate_backward(_t(B, h, dtype=dt), _t(B, K, dtype=dt), x, experts, w, wts, tf32)
+
+
+RUNNERS = {"gated_cross": _gated_cross, "mask_block": _mask_block, "hcnet": _hcnet, "softmax_gate": _softmax_gate}
+
+
+def cases() -> list[Case]:
+    out = []
+    paper = {"gated_cross": GATED_CROSS_PAPER, "mask_block": MASK_BLOCK_PAPER, "hcnet": HCNET_PAPER,
+             "softmax_gate": GATE_PAPER}
+    for op, shapes in paper.items():
+        for shape in shapes:
+            for prec in PRECISIONS:
+                out.append(Case(op, shape, prec, True, RUNNERS[op]))
+    for shape in HCNET_WIDE:
+        out.append(Case("hcnet", shape, "bf16", False, _hcnet))
+    for op, shapes in GPU_TEST_SHAPES.items():
+        for shape in shapes:
+            for prec in PRECISIONS:
+                out.append(Case(op, shape, prec, False, RUNNERS[op]))
+    return out
+
+
+# ----------------------------------------------------------------------------- ptxas
+
+
+def ptxas_path(arch: int = 90) -> str:
+    """The ptxas triton itself uses for ``arch`` (it bundles more than one; TRITON_PTXAS_PATH wins)."""
+    env = os.environ.get("TRITON_PTXAS_PATH")
+    if env:
+        return env
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = get_ptxas(arch)
+    return getattr(tool, "path", tool)
+
+
+_PTXAS_RE = {
+    "regs": re.compile(r"Used (\d+) registers"),
+    "spill_st": re.compile(r"(\d+) bytes spill stores"),
+    "spill_ld": re.compile(r"(\d+) bytes spill loads"),
+    "stack": re.compile(r"(\d+) bytes stack frame"),
+}
+
+
+def ptxas_stats(ptx: str, arch: str = "sm_90a") -> dict:
+    """Registers, spill bytes and stack frame of the (single) kernel in ``ptx``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as fh:
+            fh.write(ptx)
+        proc = subprocess.run([ptxas_path(), "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
+                              capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {proc.stderr[-2000:]}")
+    out = {}
+    for key, rx in _PTXAS_RE.items():
+        m = rx.search(proc.stderr)
+        out[key] = int(m.group(1)) if m else 0
+    return out
+
+
+def mma_kind(ptx: str) -> str:
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if re.search(r"\bmma\.sync", ptx):
+        return "mma.sync"
+    return "fma" if re.search(r"\bfma\.rn\.f32", ptx) else "-"
+
+
+# ----------------------------------------------------------------------------- the check
+
+
+@dataclass
+class Row:
+    case: str
+    op: str
+    precision: str
+    paper: bool
+    kernel: str
+    config: str
+    grid: tuple
+    programs: int
+    regs: int = 0
+    spill: int = 0
+    smem: int = 0
+    mma: str = "-"
+    dot_m: int | None = None
+    problems: list = field(default_factory=list)
+
+
+def _config(rec) -> str:
+    keys = ("BM", "BN", "BK", "BB", "BD", "BH", "BDC", "BK")
+    parts = [f"{k}={rec.constexprs[k]}" for k in dict.fromkeys(keys) if k in rec.constexprs]
+    flags = [k for k in ("FROM_PRE", "GATED", "HAS_A2", "SHARED", "DETERMINISTIC", "HAS_MASK")
+             if rec.constexprs.get(k) is True]
+    if "EPI" in rec.constexprs:
+        flags.append(f"EPI={rec.constexprs['EPI']}")
+    return " ".join(parts + flags + [f"w{rec.num_warps}", f"s{rec.num_stages}"])
+
+
+def run_check(num_sms: int = 132, only: str | None = None, progress=None) -> list[Row]:
+    import torch
+
+    from .triton._launch import capture
+
+    rows: list[Row] = []
+    stats_cache: dict = {}
+    for case in cases():
+        if only and case.op != only:
+            continue
+        dt, tf32 = PRECISIONS[case.precision]
+        with capture(num_sms=num_sms) as cap:
+            try:
+                case.run(case.shape, dt, tf32)
+            except Exception as exc:  # a launcher that refuses the shape (e.g. a grid limit) is a finding
+                rows.append(Row(case.label, case.op, case.precision, case.paper, "(launcher)", "", (), 0,
+                                problems=[f"{type(exc).__name__}: {exc}"]))
+                continue
+        for rec in cap.launches:
+            programs = 1
+            for g in rec.grid:
+                programs *= g
+            row = Row(case.label, case.op, case.precision, case.paper, rec.kernel, _config(rec), rec.grid, programs,
+                      dot_m=rec.dot_m)
+            if rec.error or rec.compiled is None:
+                row.problems.append(f"compile error: {rec.error}")
+                rows.append(row)
+                continue
+            ptx = rec.compiled.asm["ptx"]
+            key = (rec.kernel, hash(ptx))
+            if key not in stats_cache:
+                stats_cache[key] = ptxas_stats(ptx)
+            st = stats_cache[key]
+            row.regs, row.spill = st["regs"], st["spill_st"] + st["spill_ld"]
+            row.smem = int(rec.compiled.metadata.shared)
+            row.mma = mma_kind(ptx)
+            if case.paper and row.spill:
+                row.problems.append(f"spills {row.spill} B at the paper's shapes")
+            if row.smem > SMEM_LIMIT:
+                row.problems.append(f"shared memory {row.smem} B > {SMEM_LIMIT}")
+            tensor_core = dt in ("bfloat16", "float16") or tf32
+            if tensor_core and rec.dot_m is not None and rec.dot_m >= 64 and row.mma != "wgmma":
+                row.problems.append(f"GEMM tile BM={rec.dot_m} in {case.precision} lowered to {row.mma}, not wgmma")
+            if case.paper and programs < num_sms:
+                row.problems.append(f"{programs} programs < {num_sms} SMs at the paper's shapes")
+            rows.append(row)
+        if progress:
+            progress(case)
+    del torch
+    return rows
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def variants(rows: list[Row]) -> list[dict]:
+    """One line per compiled kernel variant (kernel, precision, configuration), with the shapes that launch it."""
+    table: dict = {}
+    for r in rows:
+        key = (r.op, r.kernel, r.precision, r.config)
+        v = table.setdefault(key, {"op": r.op, "kernel": r.kernel, "precision": r.precision, "config": r.config,
+                                   "regs": r.regs, "spill": r.spill, "smem": r.smem, "mma": r.mma,
+                                   "min_programs_paper": None, "paper": False, "problems": []})
+        if r.paper:
+            v["paper"] = True
+            mp = v["min_programs_paper"]
+            v["min_programs_paper"] = r.programs if mp is None else min(mp, r.programs)
+        v["problems"] += [f"{r.case}: {p}" for p in r.problems]
+    return list(table.values())
+
+
+def markdown(rows: list[Row], num_sms: int, header: str = "") -> str:
+    import triton
+
+    lines = [header or f"sm_90 offline check (triton {triton.__version__}, ptxas -v --gpu-name=sm_90a, {num_sms} SMs)",
+             "",
+             "| op | kernel | precision | tiles | regs | spill B | smem KB | MMA | min programs (paper) | status |",
+             "|---|---|---|---|---:|---:|---:|---|---:|---|"]
+    for v in variants(rows):
+        status = "ok" if not v["problems"] else "FAIL"
+        mp = v["min_programs_paper"] if v["min_programs_paper"] is not None else "(tests only)"
+        lines.append(f"| {v['op']} | `{v['kernel']}` | {v['precision']} | {v['config']} | {v['regs']} | {v['spill']} | "
+                     f"{v['smem'] / 1024:.1f} | {v['mma']} | {mp} | {status} |")
+    problems = [p for v in variants(rows) for p in v["problems"]]
+    lines.append("")
+    lines.append(f"{len(variants(rows))} kernel variants from {len({r.case for r in rows})} cases; "
+                 f"{len(problems)} problem(s).")
+    lines += [f"- {p}" for p in problems]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--markdown", help="write the table here too")
+    ap.add_argument("--json", help="write every launch (case, kernel, grid, registers, ...) as JSON")
+    ap.add_argument("--sms", type=int, default=132, help="SMs of the target card (H100 SXM / H200: 132)")
+    ap.add_argument("--op", choices=sorted(RUNNERS), help="check one op only")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        # the interpreter replaces triton's compiler: run again without it
+        env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DTN_TRITON_ON_CPU")}
+        return subprocess.call([sys.executable, "-m", "dtn_kernels.sm90_check", *(argv or sys.argv[1:])], env=env)
+    done = []
+
+    def progress(case):
+        done.append(case)
+        print(f"\r[{len(done)}] {case.label:<70}", end="", file=sys.stderr, flush=True)
+
+    rows = run_check(args.sms, args.op, progress)
+    print(file=sys.stderr)
+    text = markdown(rows, args.sms)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(text + "\n")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump([r.__dict__ for r in rows], fh, indent=1, default=str)
+    return 1 if any(r.problems for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

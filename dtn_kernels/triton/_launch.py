@@ -1,0 +1,193 @@
+"""Kernel launches, tile choice and the offline capture the sm_90 check uses.
+
+Every Triton launch of the package goes through :func:`launch`. Normally it is
+``kernel[grid](*args, **meta)``. Inside :func:`capture` (``dtn_kernels.sm90_check``) it compiles
+the exact specialisation the launch would run, for a GPU that need not be present, and records it
+with its grid, without launching anything.
+
+Tiles come from one heuristic table per kernel family (:func:`gemm_tiles`, :func:`row_block`),
+chosen by shape, dtype and the card's SM count: the largest tile whose grid still covers every SM
+(sm_90 wants 128x128 tiles with 8 warps for bf16, but at the paper's batch sizes that would leave
+SMs idle for some GEMMs). The interpreter gets small fixed tiles so the CPU tests stay fast.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from ._dispatch import INTERPRET
+
+SM90_SMEM_LIMIT = 232_448  # bytes of shared memory per block on sm_90 (227 KB, opt-in)
+GRID_YZ_LIMIT = 65_535
+GRID_X_LIMIT = 2 ** 31 - 1
+
+_CAPTURE: Optional["Capture"] = None
+_SM_COUNT: dict = {}
+
+
+def pow2(n: int, lo: int = 16) -> int:
+    """Next power of two >= max(n, lo); tl.dot needs every block dimension >= 16."""
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+def num_sms(device: torch.device) -> int:
+    """SMs of ``device`` (the capture's configured count offline; 1 off CUDA)."""
+    if _CAPTURE is not None:
+        return _CAPTURE.num_sms
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+@dataclass(frozen=True)
+class Tiles:
+    BM: int
+    BN: int
+    BK: int
+    warps: int
+    stages: int
+
+
+# (BM, BN, warps, stages), largest first. 8 warps = two warpgroups for wgmma on sm_90.
+_GEMM_TABLE = ((128, 128, 8, 3), (128, 64, 8, 4), (64, 128, 4, 4), (64, 64, 4, 4), (64, 32, 4, 4))
+# the gated-cross kernel keeps two accumulators ([W; Wg] columns), so its BN counts twice
+_TWO_ACC_TABLE = ((128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 4))
+
+
+def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, two_acc: bool = False,
+               max_tile: int = 128 * 128) -> Tiles:
+    """Tiles for a Triton GEMM of [M, K] x [K, N]: the first of the table whose grid covers every
+    SM (the smallest otherwise); BK 64 for 16-bit operands, 32 for fp32 (TF32) so a stage's tiles
+    take the same bytes. ``max_tile`` caps BM * BN for epilogues that hold several fp32 tiles at
+    once (the split-product epilogue spills at 128x128)."""
+    if INTERPRET:
+        return Tiles(16, min(32, pow2(N)), min(32, pow2(K)), 1, 1)
+    bk = 32 if dtype == torch.float32 else 64
+    sms = num_sms(device)
+    table = [t for t in (_TWO_ACC_TABLE if two_acc else _GEMM_TABLE) if t[0] * t[1] <= max_tile]
+    choice = table[-1]
+    for cand in table:
+        if triton.cdiv(M, cand[0]) * triton.cdiv(N, cand[1]) >= sms:
+            choice = cand
+            break
+    bm, bn, warps, stages = choice
+    # small problems: shrink to the problem (tl.dot needs >= 16; wgmma wants BM >= 64)
+    bm = min(bm, pow2(M))
+    bn = min(bn, pow2(N))
+    bk = min(bk, pow2(K))
+    if bm < 64:
+        warps = 4
+    return Tiles(bm, bn, bk, warps, stages)
+
+
+def row_block(rows: int, device: torch.device, cap: int = 16) -> int:
+    """Rows per program for the row-wise kernels (LayerNorm, gating): a power of two <= ``cap``,
+    small enough that the grid covers every SM."""
+    if INTERPRET:
+        return 4
+    sms = num_sms(device)
+    bm = cap
+    while bm > 1 and triton.cdiv(rows, bm) < sms:
+        bm //= 2
+    return bm
+
+
+def grid_1d(n: int) -> tuple[int]:
+    if n > GRID_X_LIMIT:
+        raise ValueError(f"grid of {n} programs exceeds CUDA's limit {GRID_X_LIMIT}")
+    return (n,)
+
+
+# ----------------------------------------------------------------------------- launch / capture
+
+
+@dataclass
+class Launch:
+    """One captured launch: the kernel, its grid, its compile-time configuration."""
+
+    kernel: str
+    grid: tuple
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    dtypes: tuple
+    dot_m: Optional[int]
+    compiled: object = None
+    error: Optional[str] = None
+
+
+class Capture:
+    """Compile instead of launch, for ``target`` (default sm_90), recording every launch."""
+
+    def __init__(self, num_sms: int = 132, arch: int = 90):
+        self.num_sms = num_sms
+        self.arch = arch
+        self.launches: list[Launch] = []
+
+
+def _dtypes(args) -> tuple:
+    return tuple(str(a.dtype).replace("torch.", "") for a in args if isinstance(a, torch.Tensor))
+
+
+def launch(kernel, grid, *args, dot_m: Optional[int] = None, **meta):
+    """``kernel[grid](*args, **meta)``; ``dot_m`` (the M tile of the kernel's tensor-core GEMM, if
+    any) is only recorded, for the sm_90 check's wgmma rule."""
+    grid = tuple(int(g) for g in grid)
+    if len(grid) > 1 and max(grid[1:]) > GRID_YZ_LIMIT:
+        raise ValueError(f"{kernel.__name__}: grid {grid} exceeds CUDA's y/z limit {GRID_YZ_LIMIT}")
+    if _CAPTURE is None:
+        return kernel[grid](*args, **meta)
+    rec = Launch(kernel.__name__, grid, {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")},
+                 meta.get("num_warps", 4), meta.get("num_stages", 3), _dtypes(args), dot_m)
+    try:
+        rec.compiled = kernel.warmup(*args, grid=grid, **meta)
+    except Exception as exc:  # a compile error is a finding of the check, not a crash of it
+        rec.error = f"{type(exc).__name__}: {exc}"
+    _CAPTURE.launches.append(rec)
+    return rec.compiled
+
+
+@contextlib.contextmanager
+def capture(num_sms: int = 132, arch: int = 90):
+    """Inside this context, launches compile for ``sm_<arch>`` and are recorded, not run.
+
+    Needs triton's JIT (``TRITON_INTERPRET`` unset). Installs a stand-in driver that reports the
+    target, so no GPU or CUDA driver is needed; call the launchers with ``meta`` tensors."""
+    global _CAPTURE
+    if INTERPRET:
+        raise RuntimeError("capture() compiles for a GPU: run it without TRITON_INTERPRET=1")
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    class _OfflineDriver:
+        def __init__(self):
+            self.target = GPUTarget("cuda", arch, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return self.target
+
+        def get_active_torch_device(self):
+            return torch.device("meta")
+
+    cap = Capture(num_sms, arch)
+    previous = driver._active  # None unless something set it
+    driver.set_active(_OfflineDriver())
+    _CAPTURE = cap
+    try:
+        yield cap
+    finally:
+        _CAPTURE = None
+        driver._active = previous
