@@ -4,6 +4,14 @@ import random
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
+
+# Hypothesis runs derandomized by default (the "ci" profile: the same examples every run, so a CI
+# failure is reproducible and never random); HYPOTHESIS_PROFILE=explore searches new examples
+# locally. A case found that way is kept as an explicit @example on its test.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 CENSUS_DIR = os.environ.get("DTN_CENSUS_DIR") or os.path.join(SHARED, "data", "census-income")

@@ -1,10 +1,13 @@
 """torch.ops.dtn.gated_cross: Triton kernels (interpreter) vs the PyTorch twin, opcheck, gradcheck."""
 import triton_env  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
-from triton_env import assert_close, compare_fwd_bwd, interpreter, needs_cuda, needs_interpreter, requires_cuda
+from triton_env import (LOW_PRECISION, assert_close, compare_fwd_bwd, interpreter, needs_cuda, needs_interpreter,
+                        requires_cuda)
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+
+from dtn_kernels.sm90_check import GPU_TEST_SHAPES
 
 import dtn_kernels  # noqa: F401  (registers the ops)
 from dtn_kernels.ops.gated_cross import gated_cross
@@ -29,9 +32,13 @@ def op(x0, xl, w, b, wg):
 
 @interpreter
 @needs_interpreter
+@pytest.mark.parametrize("route", ["triton", "torch"])
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("B,D,noncontig", [(1, 1, False), (1, 7, False), (19, 23, False), (5, 33, True)])
-def test_matches_twin(B, D, gated, noncontig):
+def test_matches_twin(B, D, gated, noncontig, route, monkeypatch):
+    """Both GEMM routes: the fused tensor-core kernel (route triton) and cuBLAS pre-activations with
+    the element-wise kernel (route torch, what IEEE fp32 runs on a GPU)."""
+    monkeypatch.setenv("DTN_FUSED_GEMM", route)
     args = make_args(B, D, gated, noncontig=noncontig)
     diff = [0, 1, 2, 3] + ([4] if gated else [])
     compare_fwd_bwd(op, pt_gated_cross, args, diff, names=NAMES)
@@ -92,12 +99,9 @@ def test_autocast_wrapper_casts():
 
 @requires_cuda
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("gated", [True, False])
-def test_cuda_dtypes(dtype, gated):
-    args = make_args(67, 45, gated, dtype=dtype, device="cuda")
-    ref_args = [a.float() if a is not None else None for a in args]
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
-    out = op(*args)
-    assert_close(out.float(), pt_gated_cross(*ref_args), "out", **tol)
-    compare_fwd_bwd(op, pt_gated_cross, ref_args, [0, 1, 2, 3] + ([4] if gated else []), names=NAMES)
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("B,D,gated", GPU_TEST_SHAPES["gated_cross"])
+def test_cuda_dtypes(B, D, gated, dtype):
+    """Forward and every gradient computed in ``dtype`` on the GPU, against the twin in higher precision."""
+    args = make_args(B, D, gated, device="cuda")
+    compare_fwd_bwd(op, pt_gated_cross, args, [0, 1, 2, 3] + ([4] if gated else []), names=NAMES, dtype=dtype)

@@ -1,10 +1,13 @@
 """torch.ops.dtn.softmax_gate: Triton kernels (interpreter) vs the PyTorch twin, opcheck, gradcheck."""
 import triton_env  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
-from triton_env import assert_close, compare_fwd_bwd, interpreter, needs_cuda, needs_interpreter, requires_cuda
+from triton_env import (LOW_PRECISION, assert_close, compare_fwd_bwd, interpreter, needs_cuda, needs_interpreter,
+                        requires_cuda)
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+
+from dtn_kernels.sm90_check import GPU_TEST_SHAPES
 
 import dtn_kernels  # noqa: F401
 from dtn_kernels.reference.pt_softmax_gate import pt_softmax_gate
@@ -87,13 +90,10 @@ def test_opcheck_and_gradcheck_twin(mask_kind):
 
 @requires_cuda
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_dtypes(dtype):
-    args = make_args(131, 47, 9, 65, "1d", dtype=dtype, device="cuda")
-    ref = [a.float() if a.is_floating_point() else a for a in args[:4]] + [args[4]]
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
-    out, w = op(*args)
-    r_out, r_w = pt_softmax_gate(*ref)
-    assert_close(out.float(), r_out, "out", **tol)
-    assert_close(w.float(), r_w, "weights", **tol)
-    compare_fwd_bwd(op, pt_softmax_gate, ref, [0, 1, 2, 3], n_outputs=2, names=NAMES)
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("B,din,K,h,masked", GPU_TEST_SHAPES["softmax_gate"])
+def test_cuda_dtypes(B, din, K, h, masked, dtype):
+    """Forward (both outputs) and every gradient computed in ``dtype`` on the GPU, against the twin in
+    higher precision."""
+    args = make_args(B, din, K, h, "1d" if masked else None, device="cuda")
+    compare_fwd_bwd(op, pt_softmax_gate, args, [0, 1, 2, 3], n_outputs=2, names=NAMES, dtype=dtype)

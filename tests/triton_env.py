@@ -3,6 +3,16 @@
 Sets TRITON_INTERPRET=1 (unless the caller set it, e.g. TRITON_INTERPRET=0 on a GPU machine)
 and DTN_TRITON_ON_CPU=1 so that the ops run their Triton kernels on CPU tensors through the
 interpreter. Independent of tests/conftest.py.
+
+How results are judged (``check_tensor``): against a reference computed in higher precision
+(fp64 for fp32 kernels, fp32 for bf16 / fp16 kernels), element-wise
+``|a - e| <= atol * scale + rtol * |e|`` with ``scale = max(1, max|e|)`` and (atol, rtol) from
+:data:`TOLERANCES` by dtype; the NaN / +inf / -inf pattern must match exactly. A tensor that
+misses the element-wise bound still passes when its largest error is within twice eager
+PyTorch's own error in the same dtype (flash-attention's rule): an op is never held to more
+than PyTorch itself achieves there. (The reference used to be the fp32 twin: a MaskNet case
+with a LayerNorm over 2 columns then failed because the *twin* was 20x less accurate than the
+kernel against fp64 -- the kernel was right, the oracle was not.)
 """
 from __future__ import annotations
 
@@ -27,41 +37,91 @@ needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTER
 requires_cuda = pytest.mark.requires_cuda
 needs_cuda = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA device and TRITON_INTERPRET=0")
 
+# (atol, rtol) per kernel dtype, against the higher-precision reference
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-4),
+    torch.bfloat16: (1e-2, 2e-2),
+    torch.float16: (2e-3, 4e-3),
+}
+LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)  # the GPU tests' dtypes
 
-def assert_close(actual, expected, name="", rtol=1e-4, atol=1e-5):
-    """allclose scaled to the reference's magnitude, reporting NaN/inf and the worst element."""
+
+def reference_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float32 else torch.float32
+
+
+def _pattern(t: torch.Tensor):
+    return torch.isnan(t), torch.isposinf(t), torch.isneginf(t)
+
+
+def check_tensor(name: str, actual, expected, atol: float, rtol: float, baseline=None) -> None:
+    """``actual`` against the higher-precision ``expected`` (see the module docstring); ``baseline``
+    is eager PyTorch's result in ``actual``'s dtype, for the 2x rule."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert torch.isfinite(a).all() == torch.isfinite(e).all(), f"{name}: NaN/inf pattern differs"
-    scale = max(1.0, float(e.abs().max())) if e.numel() else 1.0
-    err = (a - e).abs()
-    worst = float(err.max()) if err.numel() else 0.0
-    assert worst <= atol * scale + rtol * scale, f"{name}: max abs err {worst:.3e} (scale {scale:.3g})"
+    for kind, pa, pe in zip(("NaN", "+inf", "-inf"), _pattern(a), _pattern(e)):
+        if not torch.equal(pa, pe):
+            where = (pa != pe).nonzero()[0].tolist()
+            raise AssertionError(f"{name}: {kind} pattern differs (first at index {where}: actual {a[tuple(where)]}, "
+                                 f"expected {e[tuple(where)]})")
+    fin = torch.isfinite(e)
+    if not fin.any():
+        return
+    err = torch.where(fin, (a - e).abs(), torch.zeros_like(a))
+    scale = max(1.0, float(e[fin].abs().max()))
+    bound = atol * scale + rtol * e.abs()
+    bad = fin & (err > bound)
+    if not bad.any():
+        return
+    worst = float(err.max())
+    base = None
+    if baseline is not None:
+        b = baseline.detach().double().cpu()
+        base = float(torch.where(fin, (b - e).abs(), torch.zeros_like(b)).max())
+        if worst <= 2 * base:
+            return
+    idx = tuple((err == err.max()).nonzero()[0].tolist())
+    raise AssertionError(
+        f"{name}: {int(bad.sum())} of {a.numel()} elements outside |a-e| <= {atol:g}*{scale:.3g} + {rtol:g}*|e|; "
+        f"worst at index {list(idx)}: actual {float(a[idx]):.6g}, expected {float(e[idx]):.6g} (error {worst:.3e})"
+        + (f"; eager PyTorch's own error in this dtype {base:.3e}" if base is not None else ""))
 
 
-def compare_fwd_bwd(op, twin, args, diff_idx, n_outputs=1, seed=0, names=None, n_grad=None, **tol):
-    """Run ``op`` and ``twin`` on the same args, compare outputs (the first ``n_outputs``) and the
-    gradients of every arg in ``diff_idx`` under one shared random upstream gradient for each of the
-    first ``n_grad`` outputs (default: all compared outputs)."""
-    def run(fn):
-        xs = [a.detach().clone().requires_grad_(i in diff_idx) if torch.is_tensor(a) else a
-              for i, a in enumerate(args)]
-        outs = fn(*xs)
-        outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
-        return xs, outs[:n_outputs]
+def assert_close(actual, expected, name="", rtol=None, atol=None):
+    """Element-wise closeness with the tolerances of ``actual``'s dtype (or the given ones)."""
+    d_atol, d_rtol = TOLERANCES.get(actual.dtype, TOLERANCES[torch.float32])
+    check_tensor(name, actual, expected, d_atol if atol is None else atol, d_rtol if rtol is None else rtol)
 
-    xs1, o1 = run(op)
-    xs2, o2 = run(twin)
+
+def _run(fn, args, diff_idx, dtype, n_outputs, n_grad, seed):
+    """Outputs (first ``n_outputs``) and the gradients of ``diff_idx`` under one fixed random upstream
+    gradient per differentiable output, with the floating args cast to ``dtype``."""
+    xs = [(a.detach().to(dtype) if a.is_floating_point() else a.detach()).clone().requires_grad_(i in diff_idx)
+          if torch.is_tensor(a) else a for i, a in enumerate(args)]
+    outs = fn(*xs)
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    outs = outs[:n_outputs]
     g = torch.Generator().manual_seed(seed)
-    for k, (a, b) in enumerate(zip(o1, o2)):
-        assert_close(a, b, f"output {k}", **tol)
+    ups = [torch.randn(o.shape, generator=g, dtype=torch.float32).to(device=o.device, dtype=o.dtype)
+           for o in outs[:n_grad]]
+    grads = torch.autograd.grad(outs[:n_grad], [xs[i] for i in diff_idx], ups, allow_unused=True)
+    return [o.detach() for o in outs], list(grads)
+
+
+def compare_fwd_bwd(op, twin, args, diff_idx, n_outputs=1, seed=0, names=None, n_grad=None, dtype=None):
+    """Run ``op`` in ``dtype`` (default: the args' floating dtype) and compare its outputs and the
+    gradients of every arg in ``diff_idx`` with the ``twin`` run in higher precision, eager PyTorch
+    (the twin in ``dtype``) as the baseline of the 2x rule; one shared upstream gradient."""
+    dtype = dtype or next(a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point())
     n_grad = n_outputs if n_grad is None else n_grad
-    o1, o2 = o1[:n_grad], o2[:n_grad]
-    ups = [torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device) for o in o2]
-    diff = [i for i in diff_idx]
-    g1 = torch.autograd.grad(o1, [xs1[i] for i in diff], ups, allow_unused=True)
-    g2 = torch.autograd.grad(o2, [xs2[i] for i in diff], ups, allow_unused=True)
-    for i, a, b in zip(diff, g1, g2):
+    atol, rtol = TOLERANCES[dtype]
+    ko, kg = _run(op, args, diff_idx, dtype, n_outputs, n_grad, seed)
+    bo, bg = _run(twin, args, diff_idx, dtype, n_outputs, n_grad, seed)
+    eo, eg = _run(twin, args, diff_idx, reference_dtype(dtype), n_outputs, n_grad, seed)
+    for k, (a, b, e) in enumerate(zip(ko, bo, eo)):
+        check_tensor(f"output {k} ({dtype})", a, e, atol, rtol, baseline=b)
+    for i, a, b, e in zip(diff_idx, kg, bg, eg):
         label = names[i] if names else f"arg {i}"
-        assert a is not None and b is not None, f"grad of {label} missing"
-        assert_close(a, b, f"grad {label}", **tol)
+        assert a is not None and e is not None, f"grad of {label} missing"
+        assert a.dtype == dtype, f"grad {label} is {a.dtype}, expected {dtype} (computed in the test's dtype)"
+        check_tensor(f"grad {label} ({dtype})", a, e, atol, rtol, baseline=b)

@@ -29,7 +29,12 @@ import torch
 from .. import HAS_TRITON
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1: kernels run on the CPU through Triton's interpreter. Read at call time:
+    the test modules set it after ``dtn_kernels`` may already have been imported."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_on_cpu() -> bool:
@@ -64,7 +69,7 @@ def tf32_enabled() -> bool:
 def resolve_tf32(allow_tf32: Optional[bool]) -> bool:
     """An op's ``allow_tf32`` argument: a bool wins; None follows torch's policy (never under the
     interpreter, which computes IEEE fp32 only)."""
-    if INTERPRET:
+    if interpreting():
         return False
     return tf32_enabled() if allow_tf32 is None else bool(allow_tf32)
 
@@ -83,7 +88,7 @@ def fused_gemm_in_triton(dtype: torch.dtype, tf32: bool) -> bool:
         return forced == "triton"
     if forced:
         raise ValueError(f"DTN_FUSED_GEMM must be 'triton' or 'torch', got {forced!r}")
-    return INTERPRET or tensor_cores(dtype, tf32)
+    return interpreting() or tensor_cores(dtype, tf32)
 
 
 def autocast_dtype(t: torch.Tensor):

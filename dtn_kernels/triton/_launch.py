@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import triton
 
-from ._dispatch import INTERPRET
+from ._dispatch import interpreting
 
 SM90_SMEM_LIMIT = 232_448  # bytes of shared memory per block on sm_90 (227 KB, opt-in)
 GRID_YZ_LIMIT = 65_535
@@ -67,7 +67,7 @@ def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
     SM (the smallest otherwise); BK 64 for 16-bit operands, 32 for fp32 (TF32) so a stage's tiles
     take the same bytes. ``max_tile`` caps BM * BN for epilogues that hold several fp32 tiles at
     once (the split-product epilogue spills at 128x128)."""
-    if INTERPRET:
+    if interpreting():
         return Tiles(16, min(32, pow2(N)), min(32, pow2(K)), 1, 1)
     bk = 32 if dtype == torch.float32 else 64
     sms = num_sms(device)
@@ -90,7 +90,7 @@ def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
 def row_block(rows: int, device: torch.device, cap: int = 16) -> int:
     """Rows per program for the row-wise kernels (LayerNorm, gating): a power of two <= ``cap``,
     small enough that the grid covers every SM."""
-    if INTERPRET:
+    if interpreting():
         return 4
     sms = num_sms(device)
     bm = cap
@@ -161,7 +161,7 @@ def capture(num_sms: int = 132, arch: int = 90):
     Needs triton's JIT (``TRITON_INTERPRET`` unset). Installs a stand-in driver that reports the
     target, so no GPU or CUDA driver is needed; call the launchers with ``meta`` tensors."""
     global _CAPTURE
-    if INTERPRET:
+    if interpreting():
         raise RuntimeError("capture() compiles for a GPU: run it without TRITON_INTERPRET=1")
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver

@@ -17,9 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import fused_gemm_in_triton, resolve_tf32
+from ._dispatch import fused_gemm_in_triton, interpreting, resolve_tf32
 from ._launch import Tiles, gemm_tiles, grid_1d, launch, pow2
-from ._dispatch import INTERPRET
 from .triton_linear import GROUP_M, _tile_of, precision
 
 
@@ -110,7 +109,7 @@ def _plan(xl, weight, bias, gate_weight, allow_tf32):
         pre = torch.addmm(torch.cat([bias, bias.new_zeros(D)]), xl, torch.cat([weight, gate_weight]).t())
     else:
         pre = torch.addmm(bias, xl, weight.t())
-    if INTERPRET:
+    if interpreting():
         return Tiles(16, min(32, pow2(D)), 16, 1, 1), "ieee", pre
     return Tiles(64, min(64, pow2(D)), 16, 4, 1), "ieee", pre
 

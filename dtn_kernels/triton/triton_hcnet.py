@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import INTERPRET, resolve_tf32, tensor_cores
+from ._dispatch import interpreting, resolve_tf32, tensor_cores
 from ._launch import grid_1d, launch, num_sms, pow2
 from .triton_linear import precision
 
@@ -187,7 +187,7 @@ def _blocks(H, DC, D, tensor_cores: bool = True):
     bh = pow2(H, 1)
     bdc = max(pow2(DC, 1), 16 // bh)
     bd = pow2(D)
-    if INTERPRET:
+    if interpreting():
         return 16, bh, bdc, bd, 1
     return (64 if tensor_cores else 32), bh, bdc, bd, 4
 
@@ -232,7 +232,7 @@ def hcnet_forward(ids, salts, seeds, codebook, restore_weight, attn, allow_tf32=
 
 def _crosses_per_program(nblk: int, M: int, device) -> int:
     """Crosses per backward program: about 8 programs per SM (fewer partial dW_o tiles to sum)."""
-    if INTERPRET:
+    if interpreting():
         return 2
     want = max(1, (nblk * M) // (8 * num_sms(device)))
     return min(64, triton.next_power_of_2(want))

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import INTERPRET, resolve_tf32
+from ._dispatch import interpreting, resolve_tf32
 from ._launch import grid_1d, launch, pow2, row_block
 from .triton_linear import EPI_BIAS_RELU, EPI_NONE, EPI_RELU_GRAD, EPI_SPLIT_MUL, gemm
 
@@ -32,7 +32,7 @@ def _row_chunk(DO: int, bm: int) -> int:
     """Columns per chunk of the row kernels: [bm, chunk] tiles of at most 4096 elements (32 fp32
     registers per thread and tensor at 4 warps), whatever the width; fewer under the interpreter,
     so the tests cover the chunk loop."""
-    return min(16 if INTERPRET else max(16, 4096 // bm), pow2(DO))
+    return min(16 if interpreting() else max(16, 4096 // bm), pow2(DO))
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import INTERPRET
+from ._dispatch import interpreting
 from ._launch import grid_1d, launch, pow2, row_block
 
 
@@ -26,7 +26,7 @@ def _blocks(B, din, K, h, device):
     columns per expert chunk so that the [BB, BK, BD] / [BB, BK, BH] tiles stay ~4096 elements (32
     fp32 registers per thread at 4 warps)."""
     bk = pow2(K, 1)
-    if INTERPRET:
+    if interpreting():
         return 4, bk, min(16, pow2(din)), min(16, pow2(h)), 1
     bb = row_block(B, device, cap=8)
     per = max(16, min(128, 4096 // (bb * bk)))  # [BB, BK, BD] and [BB, BK, BH] tiles of ~4096 elements
