@@ -13,7 +13,7 @@ registers and spills; the PTX shows whether a ``tl.dot`` became ``wgmma`` (Hoppe
 ``mma.sync`` (Ampere-style) or FMAs.
 
 It fails (exit status 1) on: a compile error; any spill at the paper's shapes; shared memory
-above sm_90's 227 KB per block; a bf16 / fp16 / TF32 GEMM tile of 64 rows or more that does not
+above sm_90's 227 KB per block; atomics that are not relaxed; a bf16 / fp16 / TF32 GEMM tile of 64 rows or more that does not
 lower to wgmma; a grid beyond CUDA's limits; and a kernel at the paper's shapes launched on fewer
 programs than the card has SMs (``--sms``, 132 on H100 SXM and H200).
 """
@@ -180,6 +180,14 @@ def ptxas_stats(ptx: str, arch: str = "sm_90a") -> dict:
     return out
 
 
+def atomics(ptx: str) -> str:
+    """The memory semantics of the kernel's atomics ("-" when it has none), e.g. "relaxed.v4"."""
+    found = sorted({m.group(1) + (".v4" if m.group(2) else "")
+                    for m in re.finditer(r"\b(?:red|atom)\.global\.(?:gpu\.|sys\.)?(relaxed|acq_rel|acquire|release)?"
+                                         r"[\w.]*?(\.v4)?\.", ptx)})
+    return ",".join(f or "default" for f in found) if found else "-"
+
+
 def mma_kind(ptx: str) -> str:
     if "wgmma.mma_async" in ptx:
         return "wgmma"
@@ -205,6 +213,7 @@ class Row:
     spill: int = 0
     smem: int = 0
     mma: str = "-"
+    atomics: str = "-"
     dot_m: int | None = None
     problems: list = field(default_factory=list)
 
@@ -255,6 +264,9 @@ def run_check(num_sms: int = 132, only: str | None = None, progress=None) -> lis
             row.regs, row.spill = st["regs"], st["spill_st"] + st["spill_ld"]
             row.smem = int(rec.compiled.metadata.shared)
             row.mma = mma_kind(ptx)
+            row.atomics = atomics(ptx)
+            if row.atomics not in ("-",) and any(a != "relaxed" and a != "relaxed.v4" for a in row.atomics.split(",")):
+                row.problems.append(f"atomics with {row.atomics} semantics (want relaxed)")
             if case.paper and row.spill:
                 row.problems.append(f"spills {row.spill} B at the paper's shapes")
             if row.smem > SMEM_LIMIT:
@@ -281,6 +293,7 @@ def variants(rows: list[Row]) -> list[dict]:
         key = (r.op, r.kernel, r.precision, r.config)
         v = table.setdefault(key, {"op": r.op, "kernel": r.kernel, "precision": r.precision, "config": r.config,
                                    "regs": r.regs, "spill": r.spill, "smem": r.smem, "mma": r.mma,
+                                   "atomics": r.atomics,
                                    "min_programs_paper": None, "paper": False, "problems": []})
         if r.paper:
             v["paper"] = True
@@ -295,13 +308,13 @@ def markdown(rows: list[Row], num_sms: int, header: str = "") -> str:
 
     lines = [header or f"sm_90 offline check (triton {triton.__version__}, ptxas -v --gpu-name=sm_90a, {num_sms} SMs)",
              "",
-             "| op | kernel | precision | tiles | regs | spill B | smem KB | MMA | min programs (paper) | status |",
-             "|---|---|---|---|---:|---:|---:|---|---:|---|"]
+             "| op | kernel | precision | tiles | regs | spill B | smem KB | MMA | atomics | min programs (paper) | status |",
+             "|---|---|---|---|---:|---:|---:|---|---|---:|---|"]
     for v in variants(rows):
         status = "ok" if not v["problems"] else "FAIL"
         mp = v["min_programs_paper"] if v["min_programs_paper"] is not None else "(tests only)"
         lines.append(f"| {v['op']} | `{v['kernel']}` | {v['precision']} | {v['config']} | {v['regs']} | {v['spill']} | "
-                     f"{v['smem'] / 1024:.1f} | {v['mma']} | {mp} | {status} |")
+                     f"{v['smem'] / 1024:.1f} | {v['mma']} | {v['atomics']} | {mp} | {status} |")
     problems = [p for v in variants(rows) for p in v["problems"]]
     lines.append("")
     lines.append(f"{len(variants(rows))} kernel variants from {len({r.case for r in rows})} cases; "
