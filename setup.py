@@ -17,6 +17,21 @@ def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _write_build_info(here, torch, with_cuda):
+    """dtn_kernels/_build_info.py: the torch the extension is compiled against. dtn_kernels checks it at
+    import and refuses to load _C under another torch (a warning and the PyTorch twins, instead of an
+    undefined-symbol crash). Packaged into wheels with the extension."""
+    path = os.path.join(here, "dtn_kernels", "_build_info.py")
+    text = ('"""Written by setup.py when dtn_kernels._C was built; do not edit."""\n'
+            f"TORCH_VERSION = {torch.__version__!r}\n"
+            f"CUDA_VERSION = {(torch.version.cuda if with_cuda else None)!r}\n"
+            f"WITH_CUDA = {bool(with_cuda)!r}\n")
+    old = open(path).read() if os.path.exists(path) else None
+    if old != text:  # unchanged file: no rebuild of anything that depends on its timestamp
+        with open(path, "w") as fh:
+            fh.write(text)
+
+
 def _extensions():
     if _flag("DTN_NO_EXT"):
         return [], {}
@@ -31,6 +46,7 @@ def _extensions():
     use_cuda = bool(cu) and not _flag("DTN_SKIP_CUDA") and CUDA_HOME is not None and (
         _flag("DTN_FORCE_CUDA") or torch.cuda.is_available()
     )
+    _write_build_info(here, torch, use_cuda)
     cxx = ["-O3", "-std=c++17"]
     extra = {"cxx": cxx}
     if use_cuda:

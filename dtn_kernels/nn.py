@@ -1,4 +1,4 @@
-"""Drop-in fused twins of the reference layers in ``dtn.layers``.
+"""Drop-in fused twins of the reference layers in ``dtn_kernels.modules``.
 
 Each subclasses its reference layer (same parameters, buffers and state_dict) and only
 overrides ``forward`` to call one ``torch.ops.dtn.*`` op. :func:`dtn_kernels.set_kernels`
@@ -10,7 +10,7 @@ run their closed-form PyTorch twins, which recompute parts of the forward in the
 and measured 1.3–1.5x slower than the reference layers on CPU (B = 2048, paper shapes),
 though lighter on memory. ``REFERENCE_WITHOUT_TRITON = False`` makes them call the ops anyway.
 
-    >>> from dtn.layers import GatedCrossLayer
+    >>> from dtn_kernels.modules import GatedCrossLayer
     >>> layer = GatedCrossLayer(24)
     >>> dtn_kernels.set_kernels(layer, "fused")   # layer is now a FusedGatedCrossLayer
 """
@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from dtn.layers.gating import SoftmaxGate
-from dtn.layers.gdcn import CrossNetwork, GatedCrossLayer
-from dtn.layers.masknet import MaskBlock
-from dtn.layers.memonet import HCNet
+from .modules import CrossNetwork, GatedCrossLayer, HCNet, MaskBlock, SoftmaxGate
 
 from .ops.gated_cross import cross_network, gated_cross
 from .ops.hcnet import hcnet

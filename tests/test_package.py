@@ -28,3 +28,30 @@ def test_import_without_torch_first():
 def test_python_dash_m_dtn_help():
     out = subprocess.run([sys.executable, "-m", "dtn", "--help"], capture_output=True, text=True, check=True).stdout
     assert "compare" in out and "evaluate" in out and "train" in out
+
+
+def test_kernel_package_stands_alone():
+    """Importing dtn_kernels and every submodule a user needs never imports the model zoo."""
+    code = ("import sys, dtn_kernels, dtn_kernels.nn, dtn_kernels.modules, dtn_kernels.ops, dtn_kernels.reference, "
+            "dtn_kernels.hashing, dtn_kernels.env, dtn_kernels.switch\n"
+            "print(sorted(m for m in sys.modules if m == 'dtn' or m.startswith('dtn.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_model_zoo_builds_on_the_kernel_package():
+    """dtn.layers re-exports the reference layers of dtn_kernels: one class each, so set_kernels
+    switches the zoo's layers and isinstance checks agree."""
+    import dtn.layers as L
+    import dtn_kernels.modules as K
+
+    for name in ("GatedCrossLayer", "CrossNetwork", "InstanceMask", "MaskBlock", "HCNet", "SoftmaxGate"):
+        assert getattr(L, name) is getattr(K, name)
+
+
+def test_python_dash_m_dtn_kernels_reports_the_installation():
+    out = subprocess.run([sys.executable, "-m", "dtn_kernels"], capture_output=True, text=True, check=True).stdout
+    assert f"torch           {__import__('torch').__version__}" in out
+    assert "embedding_bag" in out and "gated_cross" in out
+    ext_line = next(line for line in out.splitlines() if line.startswith("extension _C"))
+    assert ("not built" not in ext_line) == dtn_kernels.HAS_C_EXT, ext_line

@@ -1,6 +1,6 @@
 """torch.ops.dtn.gated_cross: Triton kernels (interpreter) vs the PyTorch twin, opcheck, gradcheck."""
 import triton_env  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
-from triton_env import (LOW_PRECISION, assert_close, compare_fwd_bwd, interpreter, needs_cuda, needs_interpreter,
+from triton_env import (LOW_PRECISION, compare_fwd_bwd, interpreter, needs_cuda, needs_interpreter,
                         requires_cuda)
 
 import pytest

@@ -1,47 +1,16 @@
 """GDCN gated cross network (Wang et al., CIKM 2023) and DCN-v2 as its ungated variant.
 
 c_0 = e;  c_{l+1} = c_0 * (W_l c_l + b_l) * sigmoid(W_{g,l} c_l) + c_l
+
+The cross layers live in ``dtn_kernels.modules`` (the fused ops twin them); this module adds the
+FIM wrappers.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-
-class GatedCrossLayer(nn.Module):
-    """One cross layer. Parameters: ``weight`` [D, D], ``bias`` [D], ``gate_weight`` [D, D] (gated only)."""
-
-    def __init__(self, dim: int, gated: bool = True, device=None):
-        super().__init__()
-        self.dim = dim
-        self.gated = gated
-        bound = dim ** -0.5
-        self.weight = nn.Parameter(torch.empty(dim, dim, device=device).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.zeros(dim, device=device))
-        if gated:
-            self.gate_weight = nn.Parameter(torch.empty(dim, dim, device=device).uniform_(-bound, bound))
-        else:
-            self.register_parameter("gate_weight", None)
-
-    def forward(self, x0: torch.Tensor, xl: torch.Tensor) -> torch.Tensor:
-        h = torch.nn.functional.linear(xl, self.weight, self.bias)
-        if self.gated:
-            h = h * torch.sigmoid(torch.nn.functional.linear(xl, self.gate_weight))
-        return x0 * h + xl
-
-
-class CrossNetwork(nn.Module):
-    """L stacked cross layers on e [B, D] -> c_L [B, D]."""
-
-    def __init__(self, dim: int, num_layers: int = 2, gated: bool = True, device=None):
-        super().__init__()
-        self.layers = nn.ModuleList(GatedCrossLayer(dim, gated, device=device) for _ in range(num_layers))
-
-    def forward(self, e: torch.Tensor) -> torch.Tensor:
-        x = e
-        for layer in self.layers:
-            x = layer(e, x)
-        return x
+from dtn_kernels.modules import CrossNetwork, GatedCrossLayer  # noqa: F401  (re-exported)
 
 
 class GDCN(nn.Module):

@@ -8,30 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-class InstanceMask(nn.Module):
-    """e [B, D_in] -> mask [B, D_out] through a hidden layer of ``hidden`` units."""
-
-    def __init__(self, input_dim: int, hidden: int, output_dim: int, device=None):
-        super().__init__()
-        self.fc1 = nn.Linear(input_dim, hidden, device=device)
-        self.fc2 = nn.Linear(hidden, output_dim, device=device)
-
-    def forward(self, e: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(e)))
-
-
-class MaskBlock(nn.Module):
-    """ReLU(LayerNorm(W_3 (mask(e) * v))): v [B, D_v] -> [B, output_dim]."""
-
-    def __init__(self, input_dim: int, value_dim: int, mask_hidden: int, output_dim: int, device=None):
-        super().__init__()
-        self.mask = InstanceMask(input_dim, mask_hidden, value_dim, device=device)
-        self.hidden = nn.Linear(value_dim, output_dim, bias=False, device=device)
-        self.norm = nn.LayerNorm(output_dim, device=device)
-
-    def forward(self, e: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.norm(self.hidden(self.mask(e) * v)))
+from dtn_kernels.modules import InstanceMask, MaskBlock  # noqa: F401  (re-exported)
 
 
 class MaskNet(nn.Module):

@@ -1,6 +1,6 @@
 """Pure-PyTorch twin of ``torch.ops.dtn.hcnet``: the CPU path and the test oracle.
 
-It computes exactly what ``dtn.layers.memonet.HCNet.forward`` does after the SENet, with the
+It computes exactly what ``dtn_kernels.modules.HCNet.forward`` does after the SENet, with the
 same hash (``cross_hash``), including the [B, M, H, d_c] codeword tensor the kernel avoids.
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dtn.layers.memonet import cross_hash
+from ..hashing import cross_hash
 
 
 def pt_hcnet_buckets(ids: torch.Tensor, salts: torch.Tensor, seeds: torch.Tensor, num_buckets: int) -> torch.Tensor:

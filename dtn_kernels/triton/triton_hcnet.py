@@ -5,7 +5,7 @@ Because restoring is linear and shared by all crosses, shrinking can come first:
     U[b, s] = sum_{k ∋ s} w[b, k] * W_o [cw_{k,1} | ... | cw_{k,H}] = W_o P[b, s],
     P[b, s] = sum_{k ∋ s} w[b, k] * [cw_{k,1} | ... | cw_{k,H}]          ([H * d_c] per field)
 forward: one program per (block of rows, field s) walks the S-1 crosses that contain s,
-  hashes them (bit-identical to ``dtn.layers.memonet.cross_hash``: uint32 arithmetic wraps
+  hashes them (bit-identical to ``dtn_kernels.hashing.cross_hash``: uint32 arithmetic wraps
   like the reference's masked int64 products), gathers the H codewords, accumulates
   w * codeword into a [rows, H, d_c] register tile (P), then multiplies by W_o^T into U.
 backward: one program per (block of rows, chunk of crosses); for cross k = (i, j) it hashes and
