@@ -27,7 +27,7 @@ from .ops.softmax_gate import softmax_gate
 from .triton._dispatch import use_triton
 
 __all__ = ["FusedGatedCrossLayer", "FusedCrossNetwork", "FusedMaskBlock", "FusedHCNet", "FusedSoftmaxGate",
-           "FUSED_TWINS"]
+           "FUSED_TWINS", "grouping_here"]
 
 # TF32 for the fp32 GEMMs inside the kernels: None follows torch's float32 matmul policy
 # (torch.set_float32_matmul_precision / torch.backends.cuda.matmul), like the eager layers do;
@@ -39,6 +39,12 @@ REFERENCE_WITHOUT_TRITON = True
 
 def _reference_here(t: torch.Tensor) -> bool:
     return REFERENCE_WITHOUT_TRITON and not use_triton(t)
+
+
+def grouping_here(t: torch.Tensor) -> bool:
+    """Whether models in "grouped" mode run their modules of one kind as one group on ``t``'s device:
+    where the ops run their Triton kernels (elsewhere the grouped twins would only loop)."""
+    return not _reference_here(t)
 
 
 class FusedGatedCrossLayer(GatedCrossLayer):

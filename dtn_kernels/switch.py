@@ -6,12 +6,17 @@ from torch import nn
 from .nn import FUSED_TWINS
 
 _REFERENCE_OF = {fused: ref for ref, fused in FUSED_TWINS.items()}
-MODES = ("fused", "reference")
+MODES = ("fused", "grouped", "reference")
 
 
 def set_kernels(model: nn.Module, mode: str) -> int:
     """Swap, in place, the class of every known layer in ``model`` (itself included) to its
-    fused twin (``mode="fused"``) or back to the reference (``"reference"``).
+    fused twin (``mode="fused"`` or ``"grouped"``) or back to the reference (``"reference"``).
+
+    ``"grouped"`` also sets ``group_kernels = True`` on every module that has that attribute (the
+    model zoo's multi-task models and their expert levels): they then run their modules of one
+    kind -- DTN's T + 1 FIMs of each kind, MMoE/PLE's experts and gates -- as one group through the
+    grouped ops (see ``dtn.models.grouped``). The other modes set it back to False.
 
     Input layers with an ``embedding_kernel`` attribute (dtn's InputLayer) switch too: the
     compiled embedding-bag op for ``"fused"``, its pure-PyTorch twin for ``"reference"`` (not
@@ -24,11 +29,13 @@ def set_kernels(model: nn.Module, mode: str) -> int:
     """
     if mode not in MODES:
         raise ValueError(f"kernels must be one of {MODES}, got {mode!r}")
-    table = FUSED_TWINS if mode == "fused" else _REFERENCE_OF
+    table = _REFERENCE_OF if mode == "reference" else FUSED_TWINS
     changed = 0
     for module in model.modules():
         if hasattr(module, "embedding_kernel"):  # dtn's InputLayer: compiled embedding bag or its twin
-            module.embedding_kernel = "auto" if mode == "fused" else "reference"
+            module.embedding_kernel = "reference" if mode == "reference" else "auto"
+        if hasattr(module, "group_kernels"):  # the zoo's models: run modules of one kind as one group
+            module.group_kernels = mode == "grouped"
         target = table.get(type(module))
         if target is not None:
             module.__class__ = target
@@ -37,11 +44,12 @@ def set_kernels(model: nn.Module, mode: str) -> int:
 
 
 def kernels_of(model: nn.Module) -> str:
-    """'fused', 'reference', 'mixed', or 'none' (no known layer) for ``model``."""
+    """'fused', 'grouped', 'reference', 'mixed', or 'none' (no known layer) for ``model``."""
     kinds = set()
+    grouped = any(getattr(m, "group_kernels", False) for m in model.modules())
     for module in model.modules():
         if type(module) in FUSED_TWINS:
             kinds.add("reference")
         elif type(module) in _REFERENCE_OF:
-            kinds.add("fused")
+            kinds.add("grouped" if grouped else "fused")
     return kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "none")

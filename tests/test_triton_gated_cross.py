@@ -105,3 +105,39 @@ def test_cuda_dtypes(B, D, gated, dtype):
     """Forward and every gradient computed in ``dtype`` on the GPU, against the twin in higher precision."""
     args = make_args(B, D, gated, device="cuda")
     compare_fwd_bwd(op, pt_gated_cross, args, [0, 1, 2, 3] + ([4] if gated else []), names=NAMES, dtype=dtype)
+
+
+def _members(G, x0, xl, w, b, wg):
+    """G separate single-layer twins: member g of the parameters, of x0 / xl unless shared ([B, D])."""
+    pick = lambda t, g: t if t.dim() == 2 else t[g]  # noqa: E731
+    return torch.stack([pt_gated_cross(pick(x0, g), pick(xl, g), w[g], b[g], wg[g] if wg is not None else None)
+                        for g in range(G)])
+
+
+@interpreter
+@needs_interpreter
+@pytest.mark.parametrize("route", ["triton", "torch"])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("G,shared", [(1, True), (2, False), (3, True)])
+def test_group_matches_members(G, shared, gated, route, monkeypatch):
+    """G cross layers in one launch equal G separate layers, forward and every gradient; a shared
+    input (x0 = xl = e, DTN's first layer) gets the sum of the members' gradients."""
+    monkeypatch.setenv("DTN_FUSED_GEMM", route)
+    B, D = 7, 13
+    members = [make_args(B, D, gated, seed=s) for s in range(G)]
+    x0, xl = members[0][0], members[0][1]
+    if not shared:
+        x0, xl = torch.stack([m[0] for m in members]), torch.stack([m[1] for m in members])
+    params = [torch.stack([m[i] for m in members]) for i in (2, 3)]
+    wg = torch.stack([m[4] for m in members]) if gated else None
+    diff = [0, 1, 2, 3] + ([4] if gated else [])
+    compare_fwd_bwd(op, lambda *a: _members(G, *a), [x0, xl, *params, wg], diff, names=NAMES)
+
+
+@interpreter
+@needs_interpreter
+def test_group_opcheck():
+    members = [make_args(3, 9, True, seed=s) for s in range(2)]
+    args = [members[0][0], torch.stack([m[1] for m in members])] + [torch.stack([m[i] for m in members])
+                                                                    for i in (2, 3, 4)]
+    torch.library.opcheck(torch.ops.dtn.gated_cross.default, (*[a.requires_grad_() for a in args], None))

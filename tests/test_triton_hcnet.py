@@ -153,3 +153,31 @@ def test_cuda_deterministic_is_bitwise_reproducible():
         u.backward(torch.ones_like(u))
         grads.append(cb.grad)
     assert torch.equal(grads[0], grads[1])
+
+
+@interpreter
+@needs_interpreter
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("G,books", [(1, 1), (2, 2), (3, 1)])
+def test_group_matches_members(G, books, deterministic):
+    """G HCNets over the same fields in one launch equal G separate ones, forward and every gradient
+    (the deterministic mode sorts the whole group's codebook rows at once)."""
+    members = [make_args(11, 4, 2, books, 13, 5, 6, seed=s) for s in range(G)]
+    ids, salts = members[0][0], members[0][1]
+    seeds = torch.stack([m[2] for m in members])
+    cb, wr, attn = (torch.stack([m[i] for m in members]) for i in (3, 4, 5))
+
+    def twin(ids, salts, seeds, cb, wr, attn):
+        return torch.stack([pt_hcnet(ids, salts, seeds[g], cb[g], wr[g], attn[g]) for g in range(G)])
+
+    compare_fwd_bwd(lambda *a: op(*a, deterministic), twin, [ids, salts, seeds, cb, wr, attn], DIFF, names=NAMES)
+
+
+@interpreter
+@needs_interpreter
+def test_group_opcheck():
+    members = [make_args(3, 3, 2, 1, 7, 4, 5, seed=s) for s in range(2)]
+    args = [members[0][0], members[0][1]] + [torch.stack([m[i] for m in members]) for i in (2, 3, 4, 5)]
+    for i in DIFF:
+        args[i].requires_grad_()
+    torch.library.opcheck(torch.ops.dtn.hcnet.default, (*args, False, None))

@@ -101,3 +101,32 @@ def test_opcheck_and_gradcheck_twin():
 def test_cuda_dtypes(B, din, hm, dv, do, dtype):
     """Forward and every gradient computed in ``dtype`` on the GPU, against the twin in higher precision."""
     compare_fwd_bwd(op, pt_mask_block, make_args(B, din, dv, hm, do, device="cuda"), DIFF, names=NAMES, dtype=dtype)
+
+
+@interpreter
+@needs_interpreter
+@pytest.mark.parametrize("route", ["triton", "torch"])
+@pytest.mark.parametrize("G,shared_v", [(1, False), (2, True), (3, False)])
+def test_group_matches_members(G, shared_v, route, monkeypatch):
+    """G mask blocks in one launch (the shared input e, per-member or shared v) equal G separate blocks,
+    forward and every gradient."""
+    monkeypatch.setenv("DTN_FUSED_GEMM", route)
+    members = [make_args(5, 9, 7, 6, 11, seed=s) for s in range(G)]
+    e = members[0][0]
+    v = members[0][1] if shared_v else torch.stack([m[1] for m in members])
+    params = [torch.stack([m[i] for m in members]) for i in range(2, 9)]
+
+    def twin(e, v, *p):
+        return pt_mask_block(e, v, *p)[0] if p[0].dim() == 2 else \
+            torch.stack([pt_mask_block(e, v if v.dim() == 2 else v[g], *[t[g] for t in p])[0] for g in range(G)])
+
+    compare_fwd_bwd(lambda *a: op(*a)[0], twin, [e, v, *params], DIFF, names=NAMES)
+
+
+@interpreter
+@needs_interpreter
+def test_group_opcheck():
+    members = [make_args(3, 5, 4, 6, 7, seed=s) for s in range(2)]
+    args = [members[0][0], torch.stack([m[1] for m in members])] + [torch.stack([m[i] for m in members])
+                                                                    for i in range(2, 9)]
+    torch.library.opcheck(torch.ops.dtn.mask_block.default, (*[a.requires_grad_() for a in args], 1e-5, None))

@@ -97,3 +97,35 @@ def test_cuda_dtypes(B, din, K, h, masked, dtype):
     higher precision."""
     args = make_args(B, din, K, h, "1d" if masked else None, device="cuda")
     compare_fwd_bwd(op, pt_softmax_gate, args, [0, 1, 2, 3], n_outputs=2, names=NAMES, dtype=dtype)
+
+
+def mix(logits, experts, mask):
+    return torch.ops.dtn.softmax_mix(logits, experts, mask)
+
+
+@interpreter
+@needs_interpreter
+@pytest.mark.parametrize("B,K,h,mask_kind", [(1, 1, 1, None), (7, 6, 13, "1d"), (19, 9, 37, "2d")])
+def test_mix_matches_twin(B, K, h, mask_kind):
+    """softmax_mix (logits given, e.g. a column slice of every task's logits from one GEMM)."""
+    from dtn_kernels.reference.pt_softmax_gate import pt_softmax_mix
+
+    x, experts, _, _, mask = make_args(B, 3, K, h, mask_kind)
+    logits = torch.randn(B, K + 5)[:, 2:2 + K]  # a column slice: row stride K + 5
+    compare_fwd_bwd(mix, pt_softmax_mix, [logits, experts, mask], [0, 1], n_outputs=2,
+                    names=["logits", "experts"])
+
+
+@interpreter
+@needs_interpreter
+def test_mix_opcheck():
+    _, experts, _, _, mask = make_args(3, 3, 4, 6, "1d")
+    logits = torch.randn(3, 4, requires_grad=True)
+    torch.library.opcheck(torch.ops.dtn.softmax_mix.default, (logits, experts.requires_grad_(), mask))
+
+
+def test_mix_twin_gradcheck():
+    _, experts, _, _, mask = make_args(3, 3, 4, 5, "2d", dtype=torch.float64)
+    logits = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.dtn.softmax_mix.default, (logits, experts.requires_grad_(), mask))
+    assert torch.autograd.gradcheck(lambda lg, ex: mix(lg, ex, mask), (logits, experts))

@@ -25,7 +25,13 @@ class Expert(nn.Module):
 
 
 class MultiTaskModel(nn.Module):
-    """Base class. ``forward(batch) -> logits [B, T]``; ``predict(batch) -> probabilities``."""
+    """Base class. ``forward(batch) -> logits [B, T]``; ``predict(batch) -> probabilities``.
+
+    ``group_kernels`` (set by ``dtn_kernels.set_kernels(model, "grouped")``): run the modules of one
+    kind side by side as one group (``dtn.models.grouped``); False runs every module on its own.
+    """
+
+    group_kernels = False
 
     def __init__(self, schema: Schema, cfg: ModelConfig, device=None):
         super().__init__()

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..layers import SoftmaxGate
 from .base import MultiTaskModel
+from .grouped import gate_logits, grouped_gates_ok, grouped_mlps_ok, mix, run_fims, run_mlps
 
 
 class RemovedFIM(nn.Module):
@@ -81,20 +82,39 @@ class DTN(MultiTaskModel):
         E = self.embed(batch)
         ids = batch.categorical
         e = E.flatten(1)
-        own = [torch.stack([fim(E, ids) for fim in mfi], dim=1) for mfi in self.task_mfi]  # T x [B, K, h]
-        shared = torch.stack([fim(E, ids) for fim in self.shared_mfi], dim=1)  # [B, K, h]
+        T, K = self.num_tasks, self.K
+        if self.group_kernels:  # each FIM kind once for all T + 1 MFI modules
+            outs = run_fims([fim for mfi in self.task_mfi for fim in mfi] + list(self.shared_mfi), E, ids)
+            own = [torch.stack(outs[t * K:(t + 1) * K], dim=1) for t in range(T)]
+            shared = torch.stack(outs[T * K:], dim=1)
+        else:
+            own = [torch.stack([fim(E, ids) for fim in mfi], dim=1) for mfi in self.task_mfi]  # T x [B, K, h]
+            shared = torch.stack([fim(E, ids) for fim in self.shared_mfi], dim=1)  # [B, K, h]
+        grouped_gates = self.group_kernels and self.cfg.gate_mode == "paper" and grouped_gates_ok(self.gates, e)
+        gate_logit = gate_logits(self.gates, e) if grouped_gates else None  # every task's logits: one GEMM
+        tsn = any(p is not None for p in self.predecessor.values())
+        grouped_towers = self.group_kernels and not tsn and grouped_mlps_ok(self.towers, e)
         logits = [None] * self.num_tasks
         probs = [None] * self.num_tasks
         weights = [None] * self.num_tasks
+        zs = [None] * self.num_tasks
         for t in self.order:
             parts = [own[t], shared]
             p = self.predecessor[t]
             if p is not None:
                 pp = probs[p].detach() if self.cfg.tsn_stop_gradient else probs[p]
                 parts.append(own[p] * pp[:, :, None])  # pp is [B, 1]
-            z, weights[t] = self._gate(t, e, torch.cat(parts, dim=1))
-            logits[t] = self.towers[t](z)
-            probs[t] = torch.sigmoid(logits[t])
+            cand = torch.cat(parts, dim=1)
+            if gate_logit is not None:
+                zs[t], weights[t] = mix(gate_logit[t], cand, self.active[t, :self.num_candidates[t]])
+            else:
+                zs[t], weights[t] = self._gate(t, e, cand)
+            if not grouped_towers:  # with the TSN a tower needs its predecessor's probability first
+                logits[t] = self.towers[t](zs[t])
+                probs[t] = torch.sigmoid(logits[t])
+        if grouped_towers:
+            out = run_mlps(list(self.towers), torch.stack(zs))  # [T, B, 1]
+            logits = list(out.unbind(0))
         return {"logits": torch.cat(logits, dim=1), "gate_weights": weights,
                 "representations": {"own": own, "shared": shared}}
 

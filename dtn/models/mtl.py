@@ -8,6 +8,7 @@ from torch import nn
 
 from ..layers import MLP, SoftmaxGate
 from .base import Expert, MultiTaskModel
+from .grouped import gate_logits, grouped_gates_ok, grouped_mlps_ok, mix, run_fims, run_mlps
 
 
 class SharedBottom(MultiTaskModel):
@@ -30,7 +31,12 @@ class CGCLevel(nn.Module):
     ``forward(inputs, gate_inputs, cat_ids)``: ``inputs`` has T+1 entries (the last is the
     shared path), each handed to that path's experts; ``gate_inputs`` likewise [B, D_g].
     Returns T (+1 unless last) outputs and the gate weights.
+
+    ``group_kernels``: the experts run as one group (one batched MLP, or the grouped FIM ops for
+    TFI's FIM experts) and, when every gate reads the same input, all gate logits come from one GEMM.
     """
+
+    group_kernels = False
 
     def __init__(self, num_tasks: int, num_specific: int, num_shared: int, make_expert: Callable[[], nn.Module],
                  gate_input_dim: int, last: bool):
@@ -41,17 +47,39 @@ class CGCLevel(nn.Module):
         self.gates = nn.ModuleList(SoftmaxGate(gate_input_dim, num_specific + num_shared) for _ in range(num_tasks))
         self.shared_gate = None if last else SoftmaxGate(gate_input_dim, num_tasks * num_specific + num_shared)
 
+    def _experts(self, inputs, cat_ids):
+        """(specific [T][n], shared [n]) expert outputs."""
+        experts = [ex for group in self.specific for ex in group] + list(self.shared)
+        paths = [t for t, group in enumerate(self.specific) for _ in group] + [len(inputs) - 1] * len(self.shared)
+        same_input = all(inputs[p] is inputs[paths[0]] for p in paths) if paths else False
+        outs = None
+        if self.group_kernels and same_input:
+            x = inputs[paths[0]]
+            mlps = [ex.mlp for ex in experts if isinstance(ex, Expert)]
+            if len(mlps) == len(experts) and grouped_mlps_ok(mlps, x):
+                outs = list(run_mlps(mlps, x.flatten(1) if x.dim() == 3 else x).unbind(0))
+            elif x.dim() == 3 and not mlps:  # FIM experts (TFI) on E
+                outs = run_fims(experts, x, cat_ids)
+        if outs is None:
+            outs = [ex(inputs[p], cat_ids) for ex, p in zip(experts, paths)]
+        n = self.num_specific
+        specific = [outs[t * n:(t + 1) * n] for t in range(self.num_tasks)]
+        return specific, outs[self.num_tasks * n:]
+
     def forward(self, inputs, gate_inputs, cat_ids=None):
-        shared = [ex(inputs[-1], cat_ids) for ex in self.shared]
-        specific = [[ex(inputs[t], cat_ids) for ex in experts] for t, experts in enumerate(self.specific)]
+        specific, shared = self._experts(inputs, cat_ids)
+        gates = list(self.gates) + ([self.shared_gate] if self.shared_gate is not None else [])
+        g_in = list(gate_inputs[:len(gates) - 1]) + [gate_inputs[-1]] if self.shared_gate is not None \
+            else list(gate_inputs[:len(gates)])
+        logits = None
+        if self.group_kernels and all(x is g_in[0] for x in g_in) and grouped_gates_ok(gates, g_in[0]):
+            logits = gate_logits(gates, g_in[0])  # every gate's logits: one GEMM on the shared input
         outs, weights = [], []
-        for t, gate in enumerate(self.gates):
-            o, w = gate(gate_inputs[t], torch.stack(specific[t] + shared, dim=1))
-            outs.append(o)
-            weights.append(w)
+        candidates = [torch.stack(specific[t] + shared, dim=1) for t in range(self.num_tasks)]
         if self.shared_gate is not None:
-            everything = [o for group in specific for o in group] + shared
-            o, w = self.shared_gate(gate_inputs[-1], torch.stack(everything, dim=1))
+            candidates.append(torch.stack([o for group in specific for o in group] + shared, dim=1))
+        for i, (gate, cand) in enumerate(zip(gates, candidates)):
+            o, w = mix(logits[i], cand) if logits is not None else gate(g_in[i], cand)
             outs.append(o)
             weights.append(w)
         return outs, weights
@@ -98,7 +126,10 @@ class PLE(MultiTaskModel):
             inputs, w = level(inputs, gates, batch.categorical)
             gates = inputs  # deeper levels gate on the previous level's outputs
             all_weights.append(w)
-        logits = torch.cat([tower(inputs[t]) for t, tower in enumerate(self.towers)], dim=1)
+        if self.group_kernels and grouped_mlps_ok(self.towers, inputs[0]):
+            logits = run_mlps(list(self.towers), torch.stack(inputs[:self.num_tasks])).squeeze(-1).t()
+        else:
+            logits = torch.cat([tower(inputs[t]) for t, tower in enumerate(self.towers)], dim=1)
         return {"logits": logits, "gate_weights": all_weights}
 
 

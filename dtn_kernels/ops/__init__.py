@@ -3,4 +3,4 @@ from .embedding_bag import embedding_bag  # noqa: F401
 from .gated_cross import gated_cross, cross_network  # noqa: F401
 from .masknet import mask_block  # noqa: F401
 from .hcnet import hcnet  # noqa: F401
-from .softmax_gate import softmax_gate  # noqa: F401
+from .softmax_gate import softmax_gate, softmax_mix  # noqa: F401

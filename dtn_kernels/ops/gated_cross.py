@@ -1,6 +1,9 @@
-"""``torch.ops.dtn.gated_cross``: one GDCN / DCN-v2 cross layer.
+"""``torch.ops.dtn.gated_cross``: one GDCN / DCN-v2 cross layer, or a group of G in one launch.
 
     out = x0 * (xl W^T + b) * sigmoid(xl Wg^T) + xl        (gate_weight=None: no sigmoid factor)
+
+A group: ``weight`` / ``gate_weight`` [G, D, D] and ``bias`` [G, D]; ``x0`` / ``xl`` [G, B, D], or
+[B, D] when every member reads the same input (DTN's MFI modules all start from e); out [G, B, D].
 
 CUDA tensors run the Triton kernels (dtn_kernels/triton/triton_gated_cross.py); CPU tensors
 run the PyTorch twin (dtn_kernels/reference/pt_gated_cross.py) unless DTN_TRITON_ON_CPU=1.
@@ -29,6 +32,8 @@ def _gated_cross(x0: Tensor, xl: Tensor, weight: Tensor, bias: Tensor, gate_weig
 
 @_gated_cross.register_fake
 def _(x0, xl, weight, bias, gate_weight, allow_tf32=None):
+    if weight.dim() == 3:  # a group of G layers
+        return xl.new_empty((weight.shape[0], xl.shape[-2], xl.shape[-1]))
     return xl.new_empty(xl.shape)
 
 

@@ -5,7 +5,9 @@ attentive shrinking in one op (the SENet producing the attention weights stays i
 
 CUDA tensors run the Triton kernel (no [B, M, H, d_c] tensor); CPU tensors the twin unless
 DTN_TRITON_ON_CPU=1. Gradients: codebook (dense, like the reference), restore weight,
-attention weights; none for ids, salts, seeds. ``deterministic=True`` (or
+attention weights; none for ids, salts, seeds. A group of G HCNets over the same fields in one
+launch: ``seeds`` [G, H], ``codebook`` [G, books, N, d_c], ``restore_weight`` [G, d, H*d_c], ``attn``
+[G, B, M] -> [G, B, S, d] (ids and salts shared). ``deterministic=True`` (or
 ``torch.use_deterministic_algorithms(True)`` through :func:`hcnet`) makes the codebook
 gradient's summation order fixed (sort + segmented sums instead of atomics).
 """
@@ -32,7 +34,8 @@ def _hcnet(ids: Tensor, salts: Tensor, seeds: Tensor, codebook: Tensor, restore_
 
 @_hcnet.register_fake
 def _(ids, salts, seeds, codebook, restore_weight, attn, deterministic=False, allow_tf32=None):
-    return codebook.new_empty((ids.shape[0], ids.shape[1], restore_weight.shape[0]))
+    lead = (codebook.shape[0],) if codebook.dim() == 4 else ()  # a group of G HCNets
+    return codebook.new_empty((*lead, ids.shape[0], ids.shape[1], restore_weight.shape[-2]))
 
 
 @torch.library.custom_op("dtn::hcnet_backward", mutates_args=())

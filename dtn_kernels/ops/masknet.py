@@ -3,7 +3,8 @@
     out = ReLU(LayerNorm(W3 (mask * v))),   mask = W2 ReLU(W1 e + b1) + b2
 
 The op returns (out, hid, mask, z, mean, rstd): the last five are the tensors its backward
-reuses (not differentiable; use ``out``). CUDA tensors run the Triton kernels; CPU tensors
+reuses (not differentiable; use ``out``). A group of G blocks in one launch: every parameter with a
+leading G; ``e`` / ``v`` [G, B, .] or [B, .] shared by all members; every output [G, ...]. CUDA tensors run the Triton kernels; CPU tensors
 the twin unless DTN_TRITON_ON_CPU=1.
 """
 from __future__ import annotations
@@ -30,11 +31,12 @@ def _mask_block(e: Tensor, v: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Te
 
 @_mask_block.register_fake
 def _(e, v, w1, b1, w2, b2, w3, gamma, beta, eps=1e-5, allow_tf32=None):
-    B = v.shape[0]
-    DO, HM = w3.shape[0], w1.shape[0]
-    stats = v.new_empty((B,), dtype=torch.float32)
-    return (v.new_empty((B, DO)), v.new_empty((B, HM)), v.new_empty(v.shape), v.new_empty((B, DO)),
-            stats, v.new_empty((B,), dtype=torch.float32))
+    B, DV = v.shape[-2:]
+    DO, HM = w3.shape[-2], w1.shape[-2]
+    lead = (w3.shape[0],) if w3.dim() == 3 else ()  # a group of G blocks
+    return (v.new_empty((*lead, B, DO)), v.new_empty((*lead, B, HM)), v.new_empty((*lead, B, DV)),
+            v.new_empty((*lead, B, DO)), v.new_empty((*lead, B), dtype=torch.float32),
+            v.new_empty((*lead, B), dtype=torch.float32))
 
 
 @torch.library.custom_op("dtn::mask_block_backward", mutates_args=())

@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..reference.pt_softmax_gate import pt_softmax_gate, pt_softmax_gate_backward
+from ..reference.pt_softmax_gate import (pt_softmax_gate, pt_softmax_gate_backward, pt_softmax_mix,
+                                        pt_softmax_mix_backward)
 from ..triton._dispatch import cast_floats, compute_dtype, use_triton
 
 
@@ -78,3 +79,66 @@ def softmax_gate(x: Tensor, experts: Tensor, weight: Tensor, bias: Tensor, mask:
     dt = compute_dtype(x)
     x, experts, weight, bias = cast_floats(dt, x, experts, weight, bias)
     return torch.ops.dtn.softmax_gate(x, experts, weight, bias, mask, allow_tf32)
+
+
+# ----------------------------------------------------------------------------- softmax_mix: logits given
+
+
+@torch.library.custom_op("dtn::softmax_mix", mutates_args=())
+def _softmax_mix(logits: Tensor, experts: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    if use_triton(experts):
+        from ..triton.triton_softmax_gate import softmax_gate_forward
+
+        return softmax_gate_forward(logits, experts, None, None, mask)
+    out, w = pt_softmax_mix(logits, experts, mask)
+    return out.contiguous(), w.contiguous()
+
+
+@_softmax_mix.register_fake
+def _(logits, experts, mask):
+    return experts.new_empty((experts.shape[0], experts.shape[2])), logits.new_empty(logits.shape)
+
+
+@torch.library.custom_op("dtn::softmax_mix_backward", mutates_args=())
+def _softmax_mix_backward(grad_out: Tensor, grad_weights: Tensor, logits: Tensor, experts: Tensor,
+                          weights: Tensor) -> tuple[Tensor, Tensor]:
+    """(d logits, d experts)."""
+    if use_triton(experts):
+        from ..triton.triton_softmax_gate import softmax_gate_backward
+
+        dl, dexp, _, _ = softmax_gate_backward(grad_out, grad_weights, logits, experts, None, weights)
+    else:
+        dl, dexp = pt_softmax_mix_backward(grad_out, grad_weights, experts, weights)
+    return dl.to(logits.dtype).contiguous(), dexp.contiguous()
+
+
+@_softmax_mix_backward.register_fake
+def _(grad_out, grad_weights, logits, experts, weights):
+    return logits.new_empty(logits.shape), experts.new_empty(experts.shape)
+
+
+def _mix_setup_context(ctx, inputs, output):
+    logits, experts, mask = inputs
+    ctx.save_for_backward(logits, experts, output[1])
+
+
+def _mix_backward(ctx, grad_out, grad_weights):
+    logits, experts, weights = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = experts.new_zeros((experts.shape[0], experts.shape[2]))
+    if grad_weights is None:
+        grad_weights = torch.zeros_like(weights)
+    dl, dexp = torch.ops.dtn.softmax_mix_backward(grad_out, grad_weights, logits, experts, weights)
+    return dl, dexp, None
+
+
+_softmax_mix.register_autograd(_mix_backward, setup_context=_mix_setup_context)
+
+
+def softmax_mix(logits: Tensor, experts: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(out, weights) = softmax over ``logits`` [B, K] (masked experts off), weighted sum of ``experts``
+    [B, K, h]: the gate after its linear layer, for logits of several gates computed by one GEMM (the
+    logits may be a column slice). Casts to the autocast dtype (or the experts')."""
+    dt = compute_dtype(experts)
+    logits, experts = cast_floats(dt, logits, experts)
+    return torch.ops.dtn.softmax_mix(logits, experts, mask)

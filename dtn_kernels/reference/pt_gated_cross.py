@@ -6,13 +6,20 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._group import member, stack_members
+
 
 def pt_gated_cross(x0: torch.Tensor, xl: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    gate_weight: Optional[torch.Tensor] = None, allow_tf32: bool = False) -> torch.Tensor:
     """out = x0 * (xl W^T + b) * sigmoid(xl Wg^T) + xl   (no sigmoid factor when ``gate_weight`` is None).
 
-    ``allow_tf32`` is accepted for signature parity with the Triton kernel and ignored.
+    ``allow_tf32`` is accepted for signature parity with the Triton kernel and ignored. A group:
+    ``weight`` [G, D, D] (and ``bias``, ``gate_weight`` likewise), x0 / xl [G, B, D] or a shared [B, D]
+    -> [G, B, D].
     """
+    if weight.dim() == 3:
+        return torch.stack([pt_gated_cross(member(x0, g, 3), member(xl, g, 3), weight[g], bias[g],
+                                           member(gate_weight, g, 3)) for g in range(weight.shape[0])])
     h = F.linear(xl, weight, bias)
     if gate_weight is not None:
         h = h * torch.sigmoid(F.linear(xl, gate_weight))

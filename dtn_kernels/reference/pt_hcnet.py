@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._group import stack_members
+
 from ..hashing import cross_hash
 
 
@@ -27,8 +29,12 @@ def pt_hcnet(ids: torch.Tensor, salts: torch.Tensor, seeds: torch.Tensor, codebo
 
     ids [B, S] (ids of the crossed fields), salts [S], seeds [H] (int64, < 2^32), codebook
     [books, N, d_c] (books = 1 shared or H), restore_weight [d, H*d_c], attn [B, S(S-1)/2].
-    ``deterministic``/``allow_tf32`` only matter to the Triton kernel.
+    ``deterministic``/``allow_tf32`` only matter to the Triton kernel. A group (seeds [G, H], codebook
+    [G, books, N, d_c], restore_weight [G, d, H*d_c], attn [G, B, M]) gives [G, B, S, d].
     """
+    if codebook.dim() == 4:
+        return torch.stack([pt_hcnet(ids, salts, seeds[g], codebook[g], restore_weight[g], attn[g])
+                            for g in range(codebook.shape[0])])
     B, S = ids.shape
     books, N, _ = codebook.shape
     idx = pt_hcnet_buckets(ids, salts, seeds, N)  # [B, M, H]
@@ -49,6 +55,9 @@ def pt_hcnet(ids: torch.Tensor, salts: torch.Tensor, seeds: torch.Tensor, codebo
 def pt_hcnet_backward(grad_u, ids, salts, seeds, codebook, restore_weight, attn):
     """(d codebook, d restore weight, d attn) in closed form: with G[b, k] = dU[b, i_k] + dU[b, j_k],
     d attn = <G, v>, dv = attn * G, dW_o = dv^T cw, d cw = dv W_o, scattered into the codebook."""
+    if codebook.dim() == 4:
+        return stack_members([pt_hcnet_backward(grad_u[g], ids, salts, seeds[g], codebook[g], restore_weight[g],
+                                                attn[g]) for g in range(codebook.shape[0])])
     B, S = grad_u.shape[:2]
     books, N, dc = codebook.shape
     idx = pt_hcnet_buckets(ids, salts, seeds, N)  # [B, M, H]

@@ -4,13 +4,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._group import member, stack_members
+
 
 def pt_mask_block(e, v, w1, b1, w2, b2, w3, gamma, beta, eps: float = 1e-5, allow_tf32: bool = False):
     """MaskBlock: out = ReLU(LN(W3 (mask * v))), mask = W2 ReLU(W1 e + b1) + b2.
 
     Returns (out, hid, mask, z, mean, rstd) like the Triton kernel, whose backward reuses the
     last five (hid = ReLU(W1 e + b1), z = W3 (mask * v), mean/rstd = z's fp32 LayerNorm stats).
+    A group: every parameter with a leading G, e / v [G, B, .] or shared [B, .]; outputs [G, ...].
     """
+    if w3.dim() == 3:
+        return stack_members([pt_mask_block(member(e, g, 3), member(v, g, 3), w1[g], b1[g], w2[g], b2[g], w3[g],
+                                            gamma[g], beta[g], eps) for g in range(w3.shape[0])])
     hid = torch.relu(F.linear(e, w1, b1))
     mask = F.linear(hid, w2, b2)
     z = F.linear(mask * v, w3)
@@ -21,7 +27,12 @@ def pt_mask_block(e, v, w1, b1, w2, b2, w3, gamma, beta, eps: float = 1e-5, allo
 
 
 def pt_mask_block_backward(grad_out, e, v, w1, b1, w2, b2, w3, gamma, beta, eps: float = 1e-5):
-    """(de, dv, dW1, db1, dW2, db2, dW3, dgamma, dbeta) in closed form (forward recomputed)."""
+    """(de, dv, dW1, db1, dW2, db2, dW3, dgamma, dbeta) in closed form (forward recomputed); a group:
+    per member, a shared e / v's gradient summed over the members."""
+    if w3.dim() == 3:
+        res = [pt_mask_block_backward(grad_out[g], member(e, g, 3), member(v, g, 3), w1[g], b1[g], w2[g], b2[g],
+                                      w3[g], gamma[g], beta[g], eps) for g in range(w3.shape[0])]
+        return stack_members(res, {0: e.dim() == 2, 1: v.dim() == 2})
     hid = torch.relu(F.linear(e, w1, b1))
     mask = F.linear(hid, w2, b2)
     y = mask * v

@@ -62,11 +62,12 @@ _TWO_ACC_TABLE = ((128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 4))
 
 
 def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, two_acc: bool = False,
-               max_tile: int = 128 * 128) -> Tiles:
+               max_tile: int = 128 * 128, groups: int = 1) -> Tiles:
     """Tiles for a Triton GEMM of [M, K] x [K, N]: the first of the table whose grid covers every
     SM (the smallest otherwise); BK 64 for 16-bit operands, 32 for fp32 (TF32) so a stage's tiles
     take the same bytes. ``max_tile`` caps BM * BN for epilogues that hold several fp32 tiles at
-    once (the split-product epilogue spills at 128x128)."""
+    once (the split-product epilogue spills at 128x128). ``groups`` GEMMs of this shape run in one
+    launch, so the grid is ``groups`` times the tiles of one."""
     if interpreting():
         return Tiles(16, min(32, pow2(N)), min(32, pow2(K)), 1, 1)
     bk = 32 if dtype == torch.float32 else 64
@@ -74,7 +75,7 @@ def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
     table = [t for t in (_TWO_ACC_TABLE if two_acc else _GEMM_TABLE) if t[0] * t[1] <= max_tile]
     choice = table[-1]
     for cand in table:
-        if triton.cdiv(M, cand[0]) * triton.cdiv(N, cand[1]) >= sms:
+        if groups * triton.cdiv(M, cand[0]) * triton.cdiv(N, cand[1]) >= sms:
             choice = cand
             break
     bm, bn, warps, stages = choice
@@ -87,14 +88,14 @@ def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
     return Tiles(bm, bn, bk, warps, stages)
 
 
-def row_block(rows: int, device: torch.device, cap: int = 16) -> int:
+def row_block(rows: int, device: torch.device, cap: int = 16, groups: int = 1) -> int:
     """Rows per program for the row-wise kernels (LayerNorm, gating): a power of two <= ``cap``,
-    small enough that the grid covers every SM."""
+    small enough that the grid (``groups`` x row blocks) covers every SM."""
     if interpreting():
         return 4
     sms = num_sms(device)
     bm = cap
-    while bm > 1 and triton.cdiv(rows, bm) < sms:
+    while bm > 1 and groups * triton.cdiv(rows, bm) < sms:
         bm //= 2
     return bm
 

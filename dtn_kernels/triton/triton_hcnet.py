@@ -64,6 +64,12 @@ def _hcnet_fwd_kernel(ids_ptr, salts_ptr, seeds_ptr, cb_ptr, wr_ptr, w_ptr, u_pt
                       B, S, M, NBK, D, H, DC,
                       SHARED: tl.constexpr, PRECISION: tl.constexpr,
                       BB: tl.constexpr, BH: tl.constexpr, BDC: tl.constexpr, BD: tl.constexpr):
+    grp = tl.program_id(2).to(tl.int64)  # member of a group of HCNets (same fields and shapes)
+    seeds_ptr += grp * H
+    cb_ptr += grp * (NBK * (1 if SHARED else H)) * DC
+    wr_ptr += grp * D * H * DC
+    w_ptr += grp * B * M
+    u_ptr += grp * B * S * D
     s = tl.program_id(1)
     rb = tl.program_id(0) * BB + tl.arange(0, BB)
     rb64 = rb.to(tl.int64)
@@ -103,10 +109,21 @@ def _hcnet_fwd_kernel(ids_ptr, salts_ptr, seeds_ptr, cb_ptr, wr_ptr, w_ptr, u_pt
 @triton.jit
 def _hcnet_bwd_kernel(ids_ptr, salts_ptr, seeds_ptr, cb_ptr, wr_ptr, w_ptr, gu_ptr, pi_ptr, pj_ptr,
                       dw_ptr, dcb_ptr, key_ptr, dwr_ptr,
-                      B, S, M, NBK, D, H, DC, NBLK, KPER,
+                      B, S, M, NBK, D, H, DC, NBLK, KPER, PROGRAMS,
                       SHARED: tl.constexpr, DETERMINISTIC: tl.constexpr, PRECISION: tl.constexpr,
                       BB: tl.constexpr, BH: tl.constexpr, BDC: tl.constexpr, BD: tl.constexpr):
-    pid = tl.program_id(0)
+    grp = (tl.program_id(0) // PROGRAMS).to(tl.int64)  # member of a group of HCNets
+    pid = tl.program_id(0) % PROGRAMS
+    rows_per_member = NBK * (1 if SHARED else H)
+    seeds_ptr += grp * H
+    cb_ptr += grp * rows_per_member * DC
+    wr_ptr += grp * D * H * DC
+    w_ptr += grp * B * M
+    gu_ptr += grp * B * S * D
+    dw_ptr += grp * B * M
+    dcb_ptr += grp * rows_per_member * DC
+    key_ptr += grp * B * M * H
+    dwr_ptr += grp * PROGRAMS * D * H * DC
     bblk = pid % NBLK
     kc = pid // NBLK
     rb = bblk * BB + tl.arange(0, BB)
@@ -140,8 +157,9 @@ def _hcnet_bwd_kernel(ids_ptr, salts_ptr, seeds_ptr, cb_ptr, wr_ptr, w_ptr, gu_p
         g = tl.reshape(tl.dot(G.to(wr.dtype), wr, input_precision=PRECISION), (BB, BH, BDC))  # dL/dcw / w
         tl.store(dw_ptr + rb64 * M + k, tl.sum(tl.sum(cw * g, axis=2), axis=1), mask=rmask)
         wk = tl.load(w_ptr + rb64 * M + k, mask=rmask, other=0.0).to(tl.float32)
-        if DETERMINISTIC:
-            tl.store(key_ptr + (rb64 * M + k)[:, None] * H + rh[None, :], rows, mask=rmask[:, None] & hmask[None, :])
+        if DETERMINISTIC:  # rows of the whole group's flattened codebook gradient, so one sort serves all
+            tl.store(key_ptr + (rb64 * M + k)[:, None] * H + rh[None, :], rows + grp * rows_per_member,
+                     mask=rmask[:, None] & hmask[None, :])
         else:
             tl.atomic_add(dcb_ptr + rows[:, :, None] * DC + rc[None, None, :], wk[:, None, None] * g, mask=gmask,
                           sem="relaxed")
@@ -153,8 +171,9 @@ def _hcnet_bwd_kernel(ids_ptr, salts_ptr, seeds_ptr, cb_ptr, wr_ptr, w_ptr, gu_p
 
 @triton.jit
 def _hcnet_codebook_grad_kernel(perm_ptr, start_ptr, end_ptr, w_ptr, gu_ptr, wr_ptr, pi_ptr, pj_ptr, dcb_ptr,
-                                S, M, D, H, DC, BDC: tl.constexpr, BD: tl.constexpr):
-    """One codebook row: the sum of its contributions in sorted (b, k, h) order."""
+                                B, S, M, D, H, DC, BDC: tl.constexpr, BD: tl.constexpr):
+    """One codebook row (of the group's flattened codebooks): the sum of its contributions in sorted
+    (member, b, k, h) order."""
     r = tl.program_id(0).to(tl.int64)
     start = tl.load(start_ptr + r)
     end = tl.load(end_ptr + r)
@@ -165,22 +184,23 @@ def _hcnet_codebook_grad_kernel(perm_ptr, start_ptr, end_ptr, w_ptr, gu_ptr, wr_
     HD = H * DC
     acc = tl.zeros((BDC,), dtype=tl.float32)
     for n in range(start, end):
-        idx = tl.load(perm_ptr + n)  # flat (b * M + k) * H + h
+        idx = tl.load(perm_ptr + n)  # flat ((g * B + b) * M + k) * H + h
         h = idx % H
-        bk = idx // H
-        kk = bk % M
-        b = bk // M
+        gbk = idx // H  # (g * B + b) * M + k: also the offset into the group's attention weights
+        kk = gbk % M
+        gb = gbk // M  # g * B + b: the row of the group's upstream gradient
+        grp = gb // B
         i = tl.load(pi_ptr + kk)
         j = tl.load(pj_ptr + kk)
-        G = tl.load(gu_ptr + (b * S + i) * D + rd, mask=dmask, other=0.0).to(tl.float32) + \
-            tl.load(gu_ptr + (b * S + j) * D + rd, mask=dmask, other=0.0).to(tl.float32)
-        wr_h = tl.load(wr_ptr + rd[:, None] * HD + h * DC + rc[None, :], mask=dmask[:, None] & cmask[None, :],
-                       other=0.0).to(tl.float32)
-        acc += tl.load(w_ptr + bk).to(tl.float32) * tl.sum(G[:, None] * wr_h, axis=0)
+        G = tl.load(gu_ptr + (gb * S + i) * D + rd, mask=dmask, other=0.0).to(tl.float32) + \
+            tl.load(gu_ptr + (gb * S + j) * D + rd, mask=dmask, other=0.0).to(tl.float32)
+        wr_h = tl.load(wr_ptr + grp * D * HD + rd[:, None] * HD + h * DC + rc[None, :],
+                       mask=dmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        acc += tl.load(w_ptr + gbk).to(tl.float32) * tl.sum(G[:, None] * wr_h, axis=0)
     tl.store(dcb_ptr + r * DC + rc, acc, mask=cmask)
 
 
-def _blocks(H, DC, D, tensor_cores: bool = True):
+def _blocks(H, DC, D, tc: bool = True):
     """(BB, BH, BDC, BD, warps): BH * BDC >= 16 and BD >= 16 (tl.dot's minimum). 64 rows per program
     feed wgmma's 64-row tiles; IEEE fp32 (FMA dots) takes 32, which keeps the backward's registers
     without spills."""
@@ -189,45 +209,55 @@ def _blocks(H, DC, D, tensor_cores: bool = True):
     bd = pow2(D)
     if interpreting():
         return 16, bh, bdc, bd, 1
-    return (64 if tensor_cores else 32), bh, bdc, bd, 4
+    return (64 if tc else 32), bh, bdc, bd, 4
 
 
 def _check(ids, salts, seeds, codebook, restore_weight, attn):
+    """Shapes in group form: (G, B, S, H, books, N, DC)."""
     B, S = ids.shape
-    H = seeds.numel()
-    books, N, DC = codebook.shape
+    G, H = seeds.shape
+    _, books, N, DC = codebook.shape
     if books not in (1, H):
         raise ValueError(f"codebook has {books} books; expected 1 (shared) or {H} (one per hash)")
-    if restore_weight.shape[1] != H * DC:
+    if restore_weight.shape[-1] != H * DC:
         raise ValueError(f"restore weight {tuple(restore_weight.shape)} needs H*d_c = {H * DC} columns")
-    if attn.shape != (B, S * (S - 1) // 2):
-        raise ValueError(f"attention weights {tuple(attn.shape)} must be [B, S(S-1)/2] = [{B}, {S * (S - 1) // 2}]")
-    return B, S, H, books, N, DC
+    if attn.shape[-2:] != (B, S * (S - 1) // 2):
+        raise ValueError(f"attention weights {tuple(attn.shape)} must be [..., B, S(S-1)/2] = [{B}, {S * (S - 1) // 2}]")
+    if salts.shape != (S,):
+        raise ValueError(f"salts {tuple(salts.shape)} must be [S] = [{S}] (the members of a group cross the same fields)")
+    return G, B, S, H, books, N, DC
 
 
 def _prep(ids, salts, seeds, codebook, restore_weight, attn):
+    """Group form: a single HCNet (codebook [books, N, d_c]) is a group of one."""
+    grouped = codebook.dim() == 4
+    if not grouped:
+        seeds, codebook, restore_weight, attn = seeds[None], codebook[None], restore_weight[None], attn[None]
     return (ids.contiguous(), salts.to(torch.int64).contiguous(), seeds.to(torch.int64).contiguous(),
-            codebook.contiguous(), restore_weight.contiguous(), attn.contiguous())
+            codebook.contiguous(), restore_weight.contiguous(), attn.contiguous(), grouped)
 
 
 def hcnet_forward(ids, salts, seeds, codebook, restore_weight, attn, allow_tf32=None) -> torch.Tensor:
     """U [B, S, d] from ids [B, S] (the subset fields), salts [S], seeds [H], codebook [books, N, d_c],
-    restore weight [d, H*d_c] and attention weights attn [B, M]."""
-    ids, salts, seeds, codebook, restore_weight, attn = _prep(ids, salts, seeds, codebook, restore_weight, attn)
-    B, S, H, books, N, DC = _check(ids, salts, seeds, codebook, restore_weight, attn)
-    D = restore_weight.shape[0]
-    u = torch.empty((B, S, D), device=codebook.device, dtype=codebook.dtype)
-    if B == 0 or D == 0:
-        return u
-    if S < 2:  # no crosses: U = 0
-        return u.zero_()
-    tf32 = resolve_tf32(allow_tf32)
-    BB, BH, BDC, BD, warps = _blocks(H, DC, D, tensor_cores(codebook.dtype, tf32))
-    launch(_hcnet_fwd_kernel, (triton.cdiv(B, BB), S),
-           ids, salts, seeds, codebook, restore_weight, attn, u, B, S, S * (S - 1) // 2, N, D, H, DC,
-           SHARED=books == 1, PRECISION=precision(tf32), BB=BB, BH=BH, BDC=BDC,
-           BD=min(BD, 64), num_warps=warps, dot_m=BB)
-    return u
+    restore weight [d, H*d_c] and attention weights attn [B, M]; a group of G HCNets over the same
+    fields: seeds [G, H], codebook [G, books, N, d_c], restore weight [G, d, H*d_c], attn [G, B, M]
+    -> U [G, B, S, d] in one launch."""
+    ids, salts, seeds, codebook, restore_weight, attn, grouped = _prep(ids, salts, seeds, codebook, restore_weight,
+                                                                       attn)
+    G, B, S, H, books, N, DC = _check(ids, salts, seeds, codebook, restore_weight, attn)
+    D = restore_weight.shape[1]
+    u = torch.empty((G, B, S, D), device=codebook.device, dtype=codebook.dtype)
+    if B > 0 and D > 0 and G > 0:
+        if S < 2:  # no crosses: U = 0
+            u.zero_()
+        else:
+            tf32 = resolve_tf32(allow_tf32)
+            BB, BH, BDC, BD, warps = _blocks(H, DC, D, tensor_cores(codebook.dtype, tf32))
+            launch(_hcnet_fwd_kernel, (triton.cdiv(B, BB), S, G),
+                   ids, salts, seeds, codebook, restore_weight, attn, u, B, S, S * (S - 1) // 2, N, D, H, DC,
+                   SHARED=books == 1, PRECISION=precision(tf32), BB=BB, BH=BH, BDC=BDC,
+                   BD=min(BD, 64), num_warps=warps, dot_m=BB)
+    return u if grouped else u[0]
 
 
 def _crosses_per_program(nblk: int, M: int, device) -> int:
@@ -240,40 +270,43 @@ def _crosses_per_program(nblk: int, M: int, device) -> int:
 
 def hcnet_backward(grad_u, ids, salts, seeds, codebook, restore_weight, attn, deterministic: bool = False,
                    allow_tf32=None):
-    """Returns (d codebook, d restore weight, d attn)."""
-    ids, salts, seeds, codebook, restore_weight, attn = _prep(ids, salts, seeds, codebook, restore_weight, attn)
-    B, S, H, books, N, DC = _check(ids, salts, seeds, codebook, restore_weight, attn)
-    D = restore_weight.shape[0]
+    """Returns (d codebook, d restore weight, d attn), in the inputs' shapes (single or group)."""
+    ids, salts, seeds, codebook, restore_weight, attn, grouped = _prep(ids, salts, seeds, codebook, restore_weight,
+                                                                       attn)
+    G, B, S, H, books, N, DC = _check(ids, salts, seeds, codebook, restore_weight, attn)
+    D = restore_weight.shape[1]
     M = S * (S - 1) // 2
     dev = codebook.device
-    dw = torch.empty((B, M), device=dev, dtype=torch.float32)
-    if B == 0 or M == 0 or D == 0:
-        return torch.zeros_like(codebook), torch.zeros_like(restore_weight), dw.zero_().to(attn.dtype)
-    gu = grad_u.contiguous().to(codebook.dtype)
+    dw = torch.empty((G, B, M), device=dev, dtype=torch.float32)
+    if B == 0 or M == 0 or D == 0 or G == 0:
+        out = (torch.zeros_like(codebook), torch.zeros_like(restore_weight), dw.zero_().to(attn.dtype))
+        return out if grouped else tuple(t[0] for t in out)
+    gu = grad_u.to(codebook.dtype).reshape(G, B, S, D).contiguous()
     tf32 = resolve_tf32(allow_tf32)
     BB, BH, BDC, BD, warps = _blocks(H, DC, D, tensor_cores(codebook.dtype, tf32))
     nblk = triton.cdiv(B, BB)
-    kper = _crosses_per_program(nblk, M, dev)
-    programs = nblk * triton.cdiv(M, kper)
+    kper = _crosses_per_program(nblk * G, M, dev)
+    programs = nblk * triton.cdiv(M, kper)  # per member
     pairs = torch.triu_indices(S, S, 1, device=dev).to(torch.int32)
     pi, pj = pairs[0].contiguous(), pairs[1].contiguous()
-    dwr_part = torch.empty((programs, D, H * DC), device=dev, dtype=torch.float32)
-    dcb = torch.empty((books * N, DC), device=dev, dtype=torch.float32) if deterministic else \
-        torch.zeros((books * N, DC), device=dev, dtype=torch.float32)
-    keys = torch.empty((B, M, H), device=dev, dtype=torch.int64) if deterministic else dw
-    prec = precision(tf32)
-    launch(_hcnet_bwd_kernel, grid_1d(programs),
+    dwr_part = torch.empty((G, programs, D, H * DC), device=dev, dtype=torch.float32)
+    rows = books * N  # per member
+    dcb = torch.empty((G * rows, DC), device=dev, dtype=torch.float32) if deterministic else \
+        torch.zeros((G * rows, DC), device=dev, dtype=torch.float32)
+    keys = torch.empty((G, B, M, H), device=dev, dtype=torch.int64) if deterministic else dw
+    launch(_hcnet_bwd_kernel, grid_1d(G * programs),
            ids, salts, seeds, codebook, restore_weight, attn, gu, pi, pj, dw, dcb, keys, dwr_part,
-           B, S, M, N, D, H, DC, nblk, kper,
-           SHARED=books == 1, DETERMINISTIC=deterministic, PRECISION=prec, BB=BB, BH=BH, BDC=BDC, BD=BD,
+           B, S, M, N, D, H, DC, nblk, kper, programs,
+           SHARED=books == 1, DETERMINISTIC=deterministic, PRECISION=precision(tf32), BB=BB, BH=BH, BDC=BDC, BD=BD,
            num_warps=warps, dot_m=BB)
     if deterministic:
         sorted_rows, perm = torch.sort(keys.view(-1), stable=True)
-        bounds = torch.arange(books * N, device=dev, dtype=torch.int64)
+        bounds = torch.arange(G * rows, device=dev, dtype=torch.int64)
         starts = torch.searchsorted(sorted_rows, bounds)
         ends = torch.searchsorted(sorted_rows, bounds, right=True)
-        launch(_hcnet_codebook_grad_kernel, grid_1d(books * N),
-               perm, starts, ends, attn, gu, restore_weight, pi, pj, dcb, S, M, D, H, DC, BDC=BDC, BD=BD,
+        launch(_hcnet_codebook_grad_kernel, grid_1d(G * rows),
+               perm, starts, ends, attn, gu, restore_weight, pi, pj, dcb, B, S, M, D, H, DC, BDC=BDC, BD=BD,
                num_warps=1)
-    dwr = dwr_part.sum(0)  # fixed order: deterministic
-    return dcb.view(books, N, DC).to(codebook.dtype), dwr.to(restore_weight.dtype), dw.to(attn.dtype)
+    dwr = dwr_part.sum(1)  # fixed order: deterministic
+    out = (dcb.view(G, books, N, DC).to(codebook.dtype), dwr.to(restore_weight.dtype), dw.to(attn.dtype))
+    return out if grouped else tuple(t[0] for t in out)

@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from ._dispatch import interpreting, resolve_tf32
-from ._launch import grid_1d, launch, pow2, row_block
-from .triton_linear import EPI_BIAS_RELU, EPI_NONE, EPI_RELU_GRAD, EPI_SPLIT_MUL, gemm
+from ._launch import launch, pow2, row_block
+from .triton_linear import EPI_BIAS_RELU, EPI_NONE, EPI_RELU_GRAD, EPI_SPLIT_MUL, gemm, rows_contiguous
 
 
 def _row_chunk(DO: int, bm: int) -> int:
@@ -38,6 +38,14 @@ def _row_chunk(DO: int, bm: int) -> int:
 @triton.jit
 def _ln_relu_fwd_kernel(z_ptr, g_ptr, bt_ptr, out_ptr, mean_ptr, rstd_ptr, B, DO, eps,
                         BM: tl.constexpr, BN: tl.constexpr):
+    """Rows of member g = program_id(1) (z, out: [G, B, DO]; gamma, beta: [G, DO]; stats: [G, B])."""
+    grp = tl.program_id(1).to(tl.int64)
+    z_ptr += grp * B * DO
+    out_ptr += grp * B * DO
+    g_ptr += grp * DO
+    bt_ptr += grp * DO
+    mean_ptr += grp * B
+    rstd_ptr += grp * B
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rm64 = rm.to(tl.int64)
     rmask = rm < B
@@ -77,7 +85,18 @@ def _ln_relu_fwd_kernel(z_ptr, g_ptr, bt_ptr, out_ptr, mean_ptr, rstd_ptr, B, DO
 @triton.jit
 def _ln_relu_bwd_kernel(go_ptr, z_ptr, mean_ptr, rstd_ptr, g_ptr, bt_ptr, dz_ptr, dg_ptr, db_ptr, B, DO,
                         BM: tl.constexpr, BN: tl.constexpr):
+    """Rows of member g = program_id(1); dgamma / dbeta partials [G, blocks, DO]."""
+    grp = tl.program_id(1).to(tl.int64)
     pid = tl.program_id(0)
+    go_ptr += grp * B * DO
+    z_ptr += grp * B * DO
+    dz_ptr += grp * B * DO
+    g_ptr += grp * DO
+    bt_ptr += grp * DO
+    mean_ptr += grp * B
+    rstd_ptr += grp * B
+    dg_ptr += grp * tl.num_programs(0) * DO
+    db_ptr += grp * tl.num_programs(0) * DO
     rm = pid * BM + tl.arange(0, BM)
     rm64 = rm.to(tl.int64)
     rmask = rm < B
@@ -120,45 +139,72 @@ def _ln_relu_bwd_kernel(go_ptr, z_ptr, mean_ptr, rstd_ptr, g_ptr, bt_ptr, dz_ptr
         tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=msk)
 
 
+def _grouped(e, v, w1, b1, w2, b2, w3, gamma, beta):
+    """Group form: weights [G, ...]; e / v [G, B, .] (a [B, .] input is shared by every member)."""
+    grouped = w3.dim() == 3
+    if not grouped:
+        w1, b1, w2, b2, w3, gamma, beta = (t[None] for t in (w1, b1, w2, b2, w3, gamma, beta))
+    G = w3.shape[0]
+    B = v.shape[-2]
+    e = rows_contiguous(e.expand(G, B, e.shape[-1]))
+    v = rows_contiguous(v.expand(G, B, v.shape[-1]))
+    return e, v, w1, b1, w2, b2, w3, gamma.contiguous(), beta.contiguous(), grouped
+
+
 def mask_block_forward(e, v, w1, b1, w2, b2, w3, gamma, beta, eps: float = 1e-5, allow_tf32=None):
-    """Returns (out, hid, mask, z, mean, rstd); all but ``out`` are saved for the backward."""
-    e, v = e.contiguous(), v.contiguous()
+    """Returns (out, hid, mask, z, mean, rstd); all but ``out`` are saved for the backward. One block
+    (w3 [DO, DV]: out [B, DO]) or a group (w3 [G, DO, DV]: every output with a leading G)."""
+    e, v, w1, b1, w2, b2, w3, gamma, beta, grouped = _grouped(e, v, w1, b1, w2, b2, w3, gamma, beta)
     tf32 = resolve_tf32(allow_tf32)
-    B, DV = v.shape
-    DO = w3.shape[0]
-    hid = gemm(e, w1.t(), bias=b1, epilogue=EPI_BIAS_RELU, tf32=tf32)
-    mask = torch.addmm(b2.to(hid.dtype), hid, w2.t().to(hid.dtype))  # plain GEMM: cuBLAS
-    z = gemm(mask, w3.t(), a2=v, epilogue=EPI_NONE, tf32=tf32)
+    G, B, DV = v.shape
+    DO = w3.shape[1]
+    hid = gemm(e, w1.transpose(1, 2), bias=b1, epilogue=EPI_BIAS_RELU, tf32=tf32)
+    mask = torch.baddbmm(b2.to(hid.dtype)[:, None, :], hid, w2.transpose(1, 2).to(hid.dtype))  # plain GEMM: cuBLAS
+    z = gemm(mask, w3.transpose(1, 2), a2=v, epilogue=EPI_NONE, tf32=tf32)
     out = torch.empty_like(z)
-    mean = torch.empty((B,), device=v.device, dtype=torch.float32)
+    mean = torch.empty((G, B), device=v.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    if B > 0 and DO > 0:
-        bm = row_block(B, v.device)
-        launch(_ln_relu_fwd_kernel, grid_1d(triton.cdiv(B, bm)), z, gamma.contiguous(), beta.contiguous(), out,
-               mean, rstd, B, DO, float(eps), BM=bm, BN=_row_chunk(DO, bm), num_warps=4)
-    return out, hid, mask, z, mean, rstd
+    if B > 0 and DO > 0 and G > 0:
+        bm = row_block(B, v.device, groups=G)
+        launch(_ln_relu_fwd_kernel, (triton.cdiv(B, bm), G), z, gamma, beta, out, mean, rstd, B, DO, float(eps),
+               BM=bm, BN=_row_chunk(DO, bm), num_warps=4)
+    outs = (out, hid, mask, z, mean, rstd)
+    return outs if grouped else tuple(t[0] for t in outs)
 
 
 def mask_block_backward(grad_out, e, v, w1, w2, w3, gamma, beta, hid, mask, z, mean, rstd, allow_tf32=None):
-    """Returns (de, dv, dW1, db1, dW2, db2, dW3, dgamma, dbeta)."""
-    e, v, mask, hid, z = e.contiguous(), v.contiguous(), mask.contiguous(), hid.contiguous(), z.contiguous()
+    """Returns (de, dv, dW1, db1, dW2, db2, dW3, dgamma, dbeta) in the inputs' shapes (a shared e / v
+    gets the sum over the group)."""
+    e_shape, v_shape = e.shape, v.shape
+    grouped = w3.dim() == 3
+    b_dummy = gamma  # the biases are not needed by the backward
+    e, v, w1, _, w2, _, w3, gamma, beta, _ = _grouped(e, v, w1, b_dummy, w2, b_dummy, w3, gamma, beta)
+    if not grouped:
+        hid, mask, z, mean, rstd, grad_out = (t[None] for t in (hid, mask, z, mean, rstd, grad_out))
+    hid, mask, z = rows_contiguous(hid), rows_contiguous(mask), rows_contiguous(z)
     tf32 = resolve_tf32(allow_tf32)
-    B, DO = z.shape
-    bm = row_block(B, z.device)
+    G, B, DO = z.shape
+    bm = row_block(B, z.device, groups=G)
     nblk = triton.cdiv(B, bm)
     dz = torch.empty_like(z)
-    dg = torch.zeros((max(nblk, 1), DO), device=z.device, dtype=torch.float32)
+    dg = torch.zeros((G, max(nblk, 1), DO), device=z.device, dtype=torch.float32)
     db = torch.zeros_like(dg)
-    if B > 0 and DO > 0:
-        launch(_ln_relu_bwd_kernel, grid_1d(nblk), grad_out.contiguous(), z, mean, rstd, gamma.contiguous(),
-               beta.contiguous(), dz, dg, db, B, DO, BM=bm, BN=_row_chunk(DO, bm), num_warps=4)
-    dgamma, dbeta = dg.sum(0).to(gamma.dtype), db.sum(0).to(beta.dtype)
-    w3 = w3.contiguous()
+    if B > 0 and DO > 0 and G > 0:
+        launch(_ln_relu_bwd_kernel, (nblk, G), grad_out.contiguous(), z, mean.contiguous(), rstd.contiguous(), gamma,
+               beta, dz, dg, db, B, DO, BM=bm, BN=_row_chunk(DO, bm), num_warps=4)
+    dgamma, dbeta = dg.sum(1).to(gamma.dtype), db.sum(1).to(beta.dtype)
     dv, dmask, y = gemm(dz, w3, aux=mask, aux2=v, epilogue=EPI_SPLIT_MUL, tf32=tf32)
-    dhid = gemm(dmask, w2.contiguous(), aux=hid, epilogue=EPI_RELU_GRAD, tf32=tf32)
+    dhid = gemm(dmask, w2, aux=hid, epilogue=EPI_RELU_GRAD, tf32=tf32)
     # plain GEMMs and bias sums: cuBLAS / torch
-    dW3 = dz.t().mm(y).to(w3.dtype)
-    dW2 = dmask.t().mm(hid).to(w2.dtype)
-    de = dhid.mm(w1.to(dhid.dtype))
-    dW1 = dhid.t().mm(e).to(w1.dtype)
-    return de, dv, dW1, dhid.sum(0).to(w1.dtype), dW2, dmask.sum(0).to(w2.dtype), dW3, dgamma, dbeta
+    dW3 = torch.bmm(dz.transpose(1, 2), y).to(w3.dtype)
+    dW2 = torch.bmm(dmask.transpose(1, 2), hid).to(w2.dtype)
+    de = torch.bmm(dhid, w1.to(dhid.dtype))
+    dW1 = torch.bmm(dhid.transpose(1, 2), e).to(w1.dtype)
+    grads = [de, dv, dW1, dhid.sum(1).to(w1.dtype), dW2, dmask.sum(1).to(w2.dtype), dW3, dgamma, dbeta]
+    if not grouped:
+        return tuple(t[0] for t in grads)
+    if len(e_shape) == 2:
+        grads[0] = de.sum(0)
+    if len(v_shape) == 2:
+        grads[1] = dv.sum(0)
+    return tuple(grads)

@@ -35,21 +35,27 @@ def _blocks(B, din, K, h, device):
 
 @triton.jit
 def _softmax_gate_fwd_kernel(x_ptr, w_ptr, b_ptr, m_ptr, e_ptr, out_ptr, wts_ptr, B, DIN, K, H, s_mb, s_mk,
-                             HAS_MASK: tl.constexpr,
+                             s_xb, HAS_MASK: tl.constexpr, HAS_X: tl.constexpr,
                              BB: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr):
+    """HAS_X: logits = x W^T + b from x [B, DIN]; otherwise x_ptr holds the logits [B, K] (row stride
+    s_xb: a column slice of all tasks' logits computed by one GEMM)."""
     rb = tl.program_id(0) * BB + tl.arange(0, BB)
     rk = tl.arange(0, BK)
     rb64 = rb.to(tl.int64)
     bmask = rb < B
-    acc = tl.zeros((BB, BK), dtype=tl.float32)
-    for d0 in range(0, DIN, BD):
-        dd = d0 + tl.arange(0, BD)
-        x = tl.load(x_ptr + rb64[:, None] * DIN + dd[None, :], mask=bmask[:, None] & (dd[None, :] < DIN),
-                    other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rk[:, None] * DIN + dd[None, :], mask=(rk[:, None] < K) & (dd[None, :] < DIN),
-                    other=0.0).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    logits = acc + tl.load(b_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]
+    if HAS_X:
+        acc = tl.zeros((BB, BK), dtype=tl.float32)
+        for d0 in range(0, DIN, BD):
+            dd = d0 + tl.arange(0, BD)
+            x = tl.load(x_ptr + rb64[:, None] * s_xb + dd[None, :], mask=bmask[:, None] & (dd[None, :] < DIN),
+                        other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rk[:, None] * DIN + dd[None, :], mask=(rk[:, None] < K) & (dd[None, :] < DIN),
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        logits = acc + tl.load(b_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]
+    else:
+        logits = tl.load(x_ptr + rb64[:, None] * s_xb + rk[None, :], mask=bmask[:, None] & (rk[None, :] < K),
+                         other=0.0).to(tl.float32)
     valid = (rk[None, :] < K) & (rb[:, None] >= 0)  # padded rows stay finite (no nan warnings)
     if HAS_MASK:
         rbc = tl.minimum(rb64, B - 1)
@@ -92,8 +98,8 @@ def _softmax_gate_bwd_kernel(go_ptr, gw_ptr, wts_ptr, e_ptr, w_ptr, dexp_ptr, dl
         tl.store(dexp_ptr + off, (wts[:, :, None] * go[:, None, :]).to(dexp_ptr.dtype.element_ty), mask=emask)
         dw += tl.sum(go[:, None, :] * ex, axis=2)
     dl = wts * (dw - tl.sum(wts * dw, axis=1)[:, None])  # softmax backward; masked experts have w = 0
-    tl.store(dl_ptr + rb64[:, None] * K + rk[None, :], dl, mask=kmask)
-    for d0 in range(0, DIN, BD):
+    tl.store(dl_ptr + rb64[:, None] * K + rk[None, :], dl.to(dl_ptr.dtype.element_ty), mask=kmask)
+    for d0 in range(0, DIN, BD):  # DIN = 0 when the logits were an input
         dd = d0 + tl.arange(0, BD)
         w = tl.load(w_ptr + rk[:, None] * DIN + dd[None, :], mask=(rk[:, None] < K) & (dd[None, :] < DIN),
                     other=0.0).to(tl.float32)
@@ -111,10 +117,13 @@ def _mask2d(mask, B, K):
 
 def softmax_gate_forward(x, experts, weight, bias, mask=None, allow_tf32=None):
     """(out [B, h], weights [B, K]); ``allow_tf32`` is accepted for the ops' common signature (the
-    logits are FMA dot products)."""
-    B, din = x.shape
-    K, h = experts.shape[1], experts.shape[2]
-    x, experts, weight, bias = x.contiguous(), experts.contiguous(), weight.contiguous(), bias.contiguous()
+    logits are FMA dot products). ``weight=None``: ``x`` holds the logits [B, K] (softmax_mix)."""
+    B, K, h = experts.shape
+    has_x = weight is not None
+    din = x.shape[1] if has_x else 0
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    experts = experts.contiguous()
     out = torch.empty((B, h), device=x.device, dtype=experts.dtype)
     wts = torch.empty((B, K), device=x.device, dtype=x.dtype)
     if B == 0:
@@ -122,27 +131,31 @@ def softmax_gate_forward(x, experts, weight, bias, mask=None, allow_tf32=None):
     m = _mask2d(mask, B, K)
     BB, BK, BD, BH, warps = _blocks(B, din, K, h, x.device)
     launch(_softmax_gate_fwd_kernel, grid_1d(triton.cdiv(B, BB)),
-           x, weight, bias, m if m is not None else x, experts, out, wts, B, din, K, h,
-           m.stride(0) if m is not None else 0, m.stride(1) if m is not None else 0,
-           HAS_MASK=m is not None, BB=BB, BK=BK, BD=BD, BH=BH, num_warps=warps)
+           x, weight.contiguous() if has_x else x, bias.contiguous() if has_x else x, m if m is not None else x,
+           experts, out, wts, B, din, K, h,
+           m.stride(0) if m is not None else 0, m.stride(1) if m is not None else 0, x.stride(0),
+           HAS_MASK=m is not None, HAS_X=has_x, BB=BB, BK=BK, BD=BD, BH=BH, num_warps=warps)
     return out, wts
 
 
 def softmax_gate_backward(grad_out, grad_weights, x, experts, weight, weights, allow_tf32=None):
-    """Returns (dx, d experts, dW, db)."""
-    B, din = x.shape
-    K, h = experts.shape[1], experts.shape[2]
-    x, experts, weight, weights = x.contiguous(), experts.contiguous(), weight.contiguous(), weights.contiguous()
+    """Returns (dx, d experts, dW, db); ``weight=None`` (softmax_mix): (d logits, d experts, None, None)."""
+    B, K, h = experts.shape
+    has_x = weight is not None
+    din = x.shape[1] if has_x else 0
+    x, experts, weights = x.contiguous(), experts.contiguous(), weights.contiguous()
     go = grad_out.contiguous()
     gw = grad_weights.contiguous()
     dexp = torch.empty_like(experts)
-    dl = torch.empty((B, K), device=x.device, dtype=torch.float32)
-    dx = torch.empty_like(x)
+    dl = torch.empty((B, K), device=x.device, dtype=torch.float32 if has_x else x.dtype)
+    dx = torch.empty_like(x) if has_x else dl
     if B > 0:
         BB, BK, BD, BH, warps = _blocks(B, din, K, h, x.device)
         launch(_softmax_gate_bwd_kernel, grid_1d(triton.cdiv(B, BB)),
-               go, gw, weights, experts, weight, dexp, dl, dx, B, din, K, h,
+               go, gw, weights, experts, weight.contiguous() if has_x else x, dexp, dl, dx, B, din, K, h,
                BB=BB, BK=BK, BD=BD, BH=BH, num_warps=warps)
+    if not has_x:
+        return dl, dexp, None, None
     # plain GEMM over the batch: cuBLAS (split-K is its business); db = column sums of d logits
     dW = dl.t().to(x.dtype).mm(x).to(weight.dtype)
     return dx, dexp, dW, dl.sum(0).to(weight.dtype)
