@@ -24,7 +24,6 @@ measured times by.
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Optional
 
 import torch
