@@ -60,6 +60,14 @@ constexpr int kChunk = 32;      // L: sorted positions one lane group reduces pe
 constexpr int kMaxLevels = 16;  // ceil(log_32(2^63)) = 13 levels suffice for any N
 constexpr int kMaxDevices = 128;
 
+// Kernel launch plus its error check; tests/test_embedding_bag.py defines it as a loop over
+// blocks and threads to run the host-testable part on the CPU.
+#define DTN_LAUNCH(kernel, grid, block, stream, ...)           \
+  do {                                                         \
+    kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__);     \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                            \
+  } while (0)
+
 // ------------------------------------------------------------------ the device-side error flag
 
 // int64 fields: code, bag, pos, value, aux (BagError), then B, N and the op that reported.
@@ -165,6 +173,8 @@ __device__ __forceinline__ bool bag_ok(const int64_t* toff, int64_t t, int64_t k
 
 // ------------------------------------------------------------------ small helpers
 
+// host-testable: begin. tests/test_embedding_bag.py compiles the code between these marks
+// for the CPU, with a loop over blocks and threads in place of a launch, and runs it.
 template <typename scalar_t, int VEC>
 struct alignas(sizeof(scalar_t) * VEC) VecT {
   scalar_t v[VEC];
@@ -203,6 +213,24 @@ __device__ __forceinline__ int64_t bag_table(int64_t k, int64_t B) {
   return static_cast<uint32_t>(k) / static_cast<uint32_t>(B);
 }
 
+// Lanes per bag / chunk: a power of two covering d / VEC, at most a warp.
+inline int lanes_per_bag(int64_t D, int vec) {
+  int g = 1;
+  while (g < 32 && int64_t(g) * vec < D) g *= 2;
+  return g;
+}
+
+inline unsigned blocks_for(int64_t items, int per_block) {
+  return static_cast<unsigned>((items + per_block - 1) / per_block);
+}
+
+// host-testable: end
+
+template <typename scalar_t>
+bool can_vectorize(int64_t D, const void* p) {
+  return D % 4 == 0 && reinterpret_cast<uintptr_t>(p) % (4 * sizeof(scalar_t)) == 0;
+}
+
 // 1 / n for a count n >= 1 (mean pooling): the hardware approximation refined by Newton steps
 // (to the last bit or within one ulp). A division, or __frcp_rn, adds an out-of-line slow path
 // for denormal and huge inputs, which a count never is, and that call's register saves
@@ -220,21 +248,6 @@ __device__ __forceinline__ double reciprocal_of_count(double n) {
   return r;
 }
 
-// Lanes per bag / chunk: a power of two covering d / VEC, at most a warp.
-inline int lanes_per_bag(int64_t D, int vec) {
-  int g = 1;
-  while (g < 32 && int64_t(g) * vec < D) g *= 2;
-  return g;
-}
-
-inline unsigned blocks_for(int64_t items, int per_block) {
-  return static_cast<unsigned>((items + per_block - 1) / per_block);
-}
-
-template <typename scalar_t>
-bool can_vectorize(int64_t D, const void* p) {
-  return D % 4 == 0 && reinterpret_cast<uintptr_t>(p) % (4 * sizeof(scalar_t)) == 0;
-}
 
 // ------------------------------------------------------------------ forward
 
@@ -361,6 +374,7 @@ __global__ void eb_argmax_kernel(const scalar_t* __restrict__ W, const int64_t* 
 }
 
 // ------------------------------------------------------------------ backward: chunked reduction
+// host-testable: begin (see above)
 
 // What sorted position j adds to columns [c0, c0 + VEC) of its row: its id's upstream
 // gradient slice, scaled (sum / mean, per-sample weight) or masked (max: only the winner).
@@ -543,32 +557,33 @@ ReductionPlan plan_reduction(int64_t N) {
   return p;
 }
 
+// The reduction's launches, in order on one stream. `buf`: plan.rows x D partials.
 template <typename scalar_t, typename acc_t, int VEC>
 void launch_reduction(const int32_t* sorted, const EntryValues<scalar_t, acc_t, VEC>& val, const int64_t* dest_of,
-                      int64_t N, int64_t R, int64_t D, const at::Tensor& partials, const ReductionPlan& plan,
-                      scalar_t* out, cudaStream_t stream) {
+                      int64_t N, int64_t R, int64_t D, acc_t* buf, const ReductionPlan& plan, scalar_t* out,
+                      cudaStream_t stream) {
   const int group = lanes_per_bag(D, VEC);
   const int per_block = kBlock / group;
-  acc_t* buf = partials.data_ptr<acc_t>();
   const int64_t chunks0 = (N + kChunk - 1) / kChunk;
-  eb_bwd_level0_kernel<scalar_t, acc_t, VEC><<<blocks_for(chunks0, per_block), kBlock, 0, stream>>>(
-      sorted, val, dest_of, N, R, D, group, buf + plan.lv.ends[0] * D, buf + plan.tail_off[0] * D, out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto* level0 = &eb_bwd_level0_kernel<scalar_t, acc_t, VEC>;
+  DTN_LAUNCH(level0, blocks_for(chunks0, per_block), kBlock, stream, sorted, val, dest_of, N, R, D, group,
+             buf + plan.lv.ends[0] * D, buf + plan.tail_off[0] * D, out);
+  auto* level = &eb_bwd_level_kernel<acc_t, VEC>;
   int64_t stride = 1;
   for (int l = 1; l < plan.levels; ++l) {
     stride *= kChunk;
     const int64_t n = plan.n[l];
     acc_t* tail_out = l + 1 < plan.levels ? buf + plan.tail_off[l] * D : nullptr;  // only written when n >= L
-    eb_bwd_level_kernel<acc_t, VEC><<<blocks_for((n + kChunk - 1) / kChunk, per_block), kBlock, 0, stream>>>(
-        sorted, stride, n, R, D, group, buf + plan.tail_off[l - 1] * D, buf + plan.lv.ends[l] * D, tail_out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    DTN_LAUNCH(level, blocks_for((n + kChunk - 1) / kChunk, per_block), kBlock, stream, sorted, stride, n, R, D,
+               group, buf + plan.tail_off[l - 1] * D, buf + plan.lv.ends[l] * D, tail_out);
   }
   if (chunks0 > 1) {
-    eb_bwd_final_kernel<scalar_t, acc_t, VEC><<<blocks_for(chunks0, per_block), kBlock, 0, stream>>>(
-        sorted, dest_of, N, R, D, group, buf, plan.lv, out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto* final_pass = &eb_bwd_final_kernel<scalar_t, acc_t, VEC>;
+    DTN_LAUNCH(final_pass, blocks_for(chunks0, per_block), kBlock, stream, sorted, dest_of, N, R, D, group, buf,
+               plan.lv, out);
   }
 }
+// host-testable: end
 
 // d out / d w_i = scale * <grad_output slice, weight row>: one group per bag.
 template <typename scalar_t, typename index_t>
@@ -726,7 +741,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda_impl(
       }
       if (sh.N > 0 && sh.D > 0) {
         const ReductionPlan plan = plan_reduction(sh.N);
-        const at::Tensor partials = at::empty({plan.rows, sh.D}, scale_of.options());
+        at::Tensor partials = at::empty({plan.rows, sh.D}, scale_of.options());
         const int64_t* dest_p = dest_of.defined() ? dest_of.data_ptr<int64_t>() : nullptr;
         const scalar_t* psw_p = psw.defined() ? psw.data_ptr<scalar_t>() : nullptr;
         const int64_t* amax_p = amax.defined() ? amax.data_ptr<int64_t>() : nullptr;
@@ -734,14 +749,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda_impl(
           const EntryValues<scalar_t, acc_t, 4> val{G.data_ptr<scalar_t>(), perm.data_ptr<int64_t>(),
                                                     bag_of.data_ptr<int64_t>(), scale_of.data_ptr<acc_t>(),
                                                     psw_p, amax_p, sh.T, sh.B, sh.D, int(pm)};
-          launch_reduction<scalar_t, acc_t, 4>(sorted.data_ptr<int32_t>(), val, dest_p, sh.N, sh.R, sh.D, partials,
-                                               plan, grads_out.data_ptr<scalar_t>(), stream);
+          launch_reduction<scalar_t, acc_t, 4>(sorted.data_ptr<int32_t>(), val, dest_p, sh.N, sh.R, sh.D,
+                                               partials.data_ptr<acc_t>(), plan, grads_out.data_ptr<scalar_t>(),
+                                               stream);
         } else {
           const EntryValues<scalar_t, acc_t, 1> val{G.data_ptr<scalar_t>(), perm.data_ptr<int64_t>(),
                                                     bag_of.data_ptr<int64_t>(), scale_of.data_ptr<acc_t>(),
                                                     psw_p, amax_p, sh.T, sh.B, sh.D, int(pm)};
-          launch_reduction<scalar_t, acc_t, 1>(sorted.data_ptr<int32_t>(), val, dest_p, sh.N, sh.R, sh.D, partials,
-                                               plan, grads_out.data_ptr<scalar_t>(), stream);
+          launch_reduction<scalar_t, acc_t, 1>(sorted.data_ptr<int32_t>(), val, dest_p, sh.N, sh.R, sh.D,
+                                               partials.data_ptr<acc_t>(), plan, grads_out.data_ptr<scalar_t>(),
+                                               stream);
         }
       }
       if (!dense) grads_out = grads_out.slice(0, 0, keep);
