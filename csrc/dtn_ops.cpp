@@ -6,6 +6,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "embedding_bag.h"
+
 TORCH_LIBRARY(dtn, m) {
   // ---- table-batched embedding bag (csrc/embedding_bag.h documents the layout)
   m.def(
@@ -27,6 +29,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dtn-kernels compiled ops; importing this module registers torch.ops.dtn.*";
 #ifdef DTN_WITH_CUDA
   m.attr("WITH_CUDA") = true;
+  // Host utilities of the CUDA embedding bag's device-side error flag (csrc/embedding_bag.h);
+  // dtn_kernels.ops.embedding_bag wraps them (raise_pending_errors, set_check_every_call).
+  m.def("_embedding_bag_take_error", &dtn::embedding_bag_take_cuda_error, py::arg("device"),
+        "Synchronise cuda:device, read and clear its embedding-bag error flag; the error message or ''.");
+  m.def("_embedding_bag_set_check_every_call", &dtn::embedding_bag_set_check_every_call, py::arg("on"));
+  m.def("_embedding_bag_check_every_call", &dtn::embedding_bag_check_every_call);
 #else
   m.attr("WITH_CUDA") = false;
 #endif

@@ -157,4 +157,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_bag_backward_sparse_cpu
     const at::Tensor& offsets, c10::string_view mode, const std::optional<at::Tensor>& per_sample_weights,
     std::optional<int64_t> padding_idx, bool compute_psw_grad);
 
+// ---- CUDA: deferred error reporting (csrc/cuda/embedding_bag_cuda.cu) ----
+// The CUDA kernels never make the host wait on them: they write the first problem they meet
+// (BagError's fields, B, N and the op) into a small per-device flag and skip the bad entry.
+// The host reads the flag only when asked, at a point that synchronises anyway.
+//
+// embedding_bag_take_cuda_error: waits for the device, reads and clears its flag; returns the
+// same message the CPU kernel raises, or "" when nothing is pending (or the op never ran there).
+std::string embedding_bag_take_cuda_error(int64_t device);
+// Debug mode (also DTN_CHECK_EVERY_CALL=1 at load): every CUDA call synchronises and raises at
+// once, except while its stream is being captured into a CUDA graph.
+void embedding_bag_set_check_every_call(bool on);
+bool embedding_bag_check_every_call();
+
 }  // namespace dtn

@@ -6,8 +6,14 @@ reason), and the CUDA kernels when a GPU and the CUDA build are present.
 """
 from __future__ import annotations
 
+import math
+import re
+import shutil
+import subprocess
 import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -412,14 +418,128 @@ def test_cuda_backward_deterministic_and_sparse():
 
 
 @requires_cuda
-def test_cuda_bad_id_raises_flag_not_crash():
+def test_cuda_bad_id_surfaces_at_raise_pending_errors():
+    from dtn_kernels.ops.embedding_bag import raise_pending_errors, set_check_every_call
+
+    raise_pending_errors()  # nothing left over from other tests
+    Wc, Tc, Oc = W.cuda(), TOFF.cuda(), GOOD_OFFS.cuda()
     ids = torch.tensor([0, 3, 1, 7, 0, 2, 3], device="cuda")
-    with pytest.raises(RuntimeError, match=r"table 1: id 7"):
-        torch.ops.dtn.embedding_bag(W.cuda(), TOFF.cuda(), ids, GOOD_OFFS.cuda())
-    with pytest.raises(RuntimeError, match=r"runs past the end"):
-        torch.ops.dtn.embedding_bag(W.cuda(), TOFF.cuda(), ids, torch.tensor([0, 1, 2, 3, 5, 6, 90], device="cuda"))
-    torch.cuda.synchronize()  # the context is still usable
-    assert torch.ops.dtn.embedding_bag(W.cuda(), TOFF.cuda(), ids % 2, GOOD_OFFS.cuda()).shape == (2, 9)
+    out = torch.ops.dtn.embedding_bag(Wc, Tc, ids, Oc)  # no sync, so no raise here
+    # the bad id is skipped, the rest pooled (as if it were padding)
+    pad_ids = torch.tensor([0, 3, 1, -1, 0, 2, 3])
+    torch.testing.assert_close(out.cpu(), torch.ops.dtn.embedding_bag(W, TOFF, pad_ids, GOOD_OFFS, "sum", None, -1))
+    msg = r"dtn::embedding_bag: table 1: id 7 at indices\[3\] \(bag 1\) is outside the table's rows \[0, 2\)"
+    with pytest.raises(RuntimeError, match=f"^{msg}$"):
+        raise_pending_errors("cuda")
+    raise_pending_errors()  # taken: cleared
+    # offsets
+    torch.ops.dtn.embedding_bag(Wc, Tc, ids % 2, torch.tensor([0, 1, 2, 3, 5, 6, 90], device="cuda"))
+    with pytest.raises(RuntimeError, match=r"table 2: offsets\[6\]=90 \(bag 1\) runs past the end of indices \(numel 7\)"):
+        raise_pending_errors(torch.cuda.current_device())
+    # the backward reports under its own name; the first error wins until it is taken
+    torch.ops.dtn.embedding_bag_backward(torch.ones(2, 9, device="cuda"), Wc, Tc, ids, Oc, "sum", None, None, False)
+    torch.ops.dtn.embedding_bag(Wc, Tc, torch.tensor([0, 3, 1, 1, 0, 2, 9], device="cuda"), Oc)
+    with pytest.raises(RuntimeError, match=r"^dtn::embedding_bag_backward: table 1: id 7 at indices\[3\]"):
+        raise_pending_errors()
+    # debug mode: every call checks at once
+    set_check_every_call(True)
+    try:
+        with pytest.raises(RuntimeError, match=msg):
+            torch.ops.dtn.embedding_bag(Wc, Tc, ids, Oc)
+    finally:
+        set_check_every_call(False)
+    torch.cuda.synchronize()  # no illegal access: the context is still usable
+    assert torch.ops.dtn.embedding_bag(Wc, Tc, ids % 2, Oc).shape == (2, 9)
+    raise_pending_errors()
+
+
+@requires_cuda
+def test_cuda_input_layer_defers_to_the_host_check_and_the_flag():
+    from dtn.features import InputLayer
+    from dtn.train.trainer import batch_to_device
+    from dtn_kernels.ops.embedding_bag import raise_pending_errors
+
+    raise_pending_errors()
+    schema, batch = _input_layer_case(("sum",), False)
+    layer = InputLayer(schema, embed_dim=2, device="cuda")
+    batch.categorical[3, 2] = 9
+    with pytest.raises(IndexError, match=r"feature 'c2': id 9 at row 3 is outside its table \[0, 9\)"):
+        layer.check_batch(batch)  # on the host, before the copy (what the trainer does)
+    layer(batch_to_device(batch, "cuda"))  # on the device: no check, no sync
+    with pytest.raises(RuntimeError, match=r"dtn::embedding_bag: table 2: id 9 at indices\[17\] \(bag 3\)"):
+        raise_pending_errors()
+
+
+def _skewed_input(kind, B=4096, cards=(4, 3, 1000), max_len=20, seed=0, dtype=torch.float32):
+    """Census-like one-id tables plus a multi-valued one; ids Zipf-skewed or all equal."""
+    g = torch.Generator().manual_seed(seed)
+    toff = torch.tensor([0] + list(cards)).cumsum(0)
+    weight = torch.randn(int(toff[-1]), 16, generator=g, dtype=torch.float64).to(dtype)
+    lengths = torch.cat([torch.ones(B * (len(cards) - 1), dtype=torch.long),
+                         torch.randint(0, max_len + 1, (B,), generator=g)])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    ids = []
+    for t, card in enumerate(cards):
+        n = int(lengths[t * B:(t + 1) * B].sum())
+        if kind == "equal":
+            ids.append(torch.full((n,), card // 2))
+        else:  # Zipf: id r with probability ~ 1 / (r + 1)^1.2; a few ids carry most of the batch
+            p = 1.0 / torch.arange(1, card + 1, dtype=torch.float64) ** 1.2
+            ids.append(torch.multinomial(p, n, replacement=True, generator=g))
+    psw = torch.rand(int(offsets[-1]), generator=g, dtype=torch.float64).to(dtype) + 0.5
+    return weight, toff, torch.cat(ids), offsets, psw
+
+
+@requires_cuda
+@pytest.mark.parametrize("kind", ["zipf", "equal"])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_hot_rows_match_cpu(kind, mode, dtype):
+    # about 50k ids, 4 levels of the chunked reduction; the hottest row holds a third of them or all
+    weight, toff, ids, offs, psw = _skewed_input(kind, dtype=dtype)
+    use_psw = mode != "max"
+    go = torch.randn(4096, 3 * 16, dtype=torch.float64).to(dtype)
+    res = {}
+    for dev in ("cpu", "cuda"):
+        w = weight.to(dev).requires_grad_(True)
+        p = psw.to(dev).requires_grad_(True) if use_psw else None
+        out = torch.ops.dtn.embedding_bag(w, toff.to(dev), ids.to(dev), offs.to(dev), mode, p)
+        gs = torch.autograd.grad(out, [w] + ([p] if use_psw else []), go.to(dev))
+        sparse = torch.ops.dtn.embedding_bag_backward_sparse(go.to(dev), w.detach(), toff.to(dev), ids.to(dev),
+                                                             offs.to(dev), mode, None if p is None else p.detach(),
+                                                             None, False)
+        res[dev] = [out] + list(gs) + list(sparse[:2])
+    tol_ = dict(atol=1e-3, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-9, rtol=1e-9)
+    names = ["out", "grad weight"] + (["grad psw"] if use_psw else []) + ["rows", "row grads"]
+    for name, a, b in zip(names, res["cuda"], res["cpu"]):
+        torch.testing.assert_close(a.cpu(), b, **tol_, msg=lambda m: f"{name}: {m}")
+    # deterministic: the same bits twice
+    args = [t.cuda() for t in (weight, toff, ids, offs)]
+    a = torch.ops.dtn.embedding_bag_backward(go.cuda(), *args, mode, psw.cuda() if use_psw else None, None, use_psw)
+    b = torch.ops.dtn.embedding_bag_backward(go.cuda(), *args, mode, psw.cuda() if use_psw else None, None, use_psw)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@requires_cuda
+def test_cuda_op_has_no_host_sync_except_the_sparse_backward():
+    from dtn_kernels.ops.embedding_bag import raise_pending_errors
+
+    weight, toff, ids, offs, psw = _skewed_input("zipf", B=512)
+    w = weight.cuda().requires_grad_(True)
+    p = psw.cuda().requires_grad_(True)
+    args = [t.cuda() for t in (toff, ids, offs)]
+    go = torch.randn(512, 48, device="cuda")
+    torch.ops.dtn.embedding_bag(w, *args, "mean", p).backward(go)  # warm-up: allocates the error flag
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for mode, pp in (("sum", None), ("mean", p), ("max", None)):
+            torch.ops.dtn.embedding_bag(w, *args, mode, pp).backward(go)
+        with pytest.raises(RuntimeError):  # the row-sparse gradient's size depends on the ids: it syncs
+            torch.ops.dtn.embedding_bag_backward_sparse(go, w.detach(), *args, "sum", None, None, False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    raise_pending_errors()
 
 
 # ----------------------------------------------------------------------------- dtn input layer
@@ -533,3 +653,565 @@ def test_twin_traceable_path_matches_oracle(mode):
     p = psw if mode != "max" else None
     out = _pt_embedding_bag_traceable(weight, toff, ids, offs, mode, p, False)
     torch.testing.assert_close(out, oracle(weight, toff, ids, offs, mode, p))
+
+
+# ----------------------------------------------------------------------------- CUDA backward, emulated
+#
+# A line-by-line Python transcription of the CUDA backward's chunked segmented reduction
+# (csrc/cuda/embedding_bag_cuda.cu: eb_bwd_level0_kernel, eb_bwd_level_kernel,
+# eb_bwd_final_kernel, plan_reduction), so that the algorithm is tested here, where no GPU
+# runs: every lane group becomes one iteration of a loop over chunks, buffers that the kernels
+# leave unwritten start as NaN (a read of one poisons the result), and every write of an
+# output row is counted. `chunk` is the kernel's kChunk (32); small values give many levels.
+
+
+class _Partial:
+    """A value with the length of the longest chain of dependent additions that produced it."""
+
+    def __init__(self, value, depth=0):
+        self.value, self.depth = value, depth
+
+    def add(self, other: "_Partial") -> None:
+        self.value = self.value + other.value
+        self.depth = max(self.depth, other.depth) + 1
+
+
+def emulate_cuda_backward_reduction(sorted_keys, values, R, chunk=32, dest_of=None, num_out=None, zero=0.0):
+    """Gradient rows from the sorted row keys and each sorted position's contribution.
+
+    sorted_keys: N ints, non-decreasing, R = sentinel (padding); values: N tensors (or floats),
+    ``zero`` of their kind.
+    Dense (dest_of None): returns [R] rows, a row no key touches is zero (the zero fill).
+    Sparse: dest_of[j] is position j's output row (its unique-run index), num_out rows.
+    Returns (rows, writes per row, deepest chain of dependent additions).
+    """
+    keys = [int(k) for k in sorted_keys]
+    N, L = len(keys), chunk
+    nan = zero + float("nan")
+    dense = dest_of is None
+    out = [_Partial(zero) if dense else _Partial(nan) for _ in range(R if dense else num_out)]
+    writes = [0] * len(out)
+    # plan_reduction: level sizes from N alone
+    n = [N]
+    while n[-1] >= L:
+        n.append(n[-1] // L)
+    levels = len(n)
+    chunks0 = (N + L - 1) // L
+    head = [_Partial(nan) for _ in range(chunks0)]
+    tails = [[_Partial(nan) for _ in range(n[l + 1])] for l in range(levels - 1)]
+    ends = [None] + [[_Partial(nan) for _ in range(n[l])] for l in range(1, levels)]
+
+    def store(buf, i, acc, counter=None):
+        buf[i] = _Partial(acc.value, acc.depth)
+        if counter is not None:
+            counter[i] += 1
+
+    # eb_bwd_level0_kernel: one lane group per chunk c
+    for c in range(chunks0):
+        j0 = c * L
+        j1 = min(j0 + L, N)
+        first_started_before = j0 > 0 and keys[j0 - 1] == keys[j0]
+        acc = _Partial(zero)
+        started_before = first_started_before
+        for j in range(j0, j1):
+            key = keys[j]
+            if key < R:
+                acc.add(_Partial(values[j]))
+            last_in_chunk = j + 1 == j1
+            if not last_in_chunk and keys[j + 1] == key:
+                continue
+            full_chunk_end = (j + 1) % L == 0
+            ends_after = full_chunk_end and j + 1 < N and keys[j + 1] == key
+            if full_chunk_end:
+                store(tails[0], c, acc)
+            if key < R and not ends_after:
+                if not started_before:
+                    store(out, key if dense else dest_of[j], acc, writes)
+                elif not full_chunk_end:
+                    store(head, c, acc)
+            acc = _Partial(zero)
+            started_before = False
+    # eb_bwd_level_kernel, level l >= 1
+    stride = 1
+    for lvl in range(1, levels):
+        stride *= L
+        nl = n[lvl]
+        for c in range((nl + L - 1) // L):
+            j0 = c * L
+            j1 = min(j0 + L, nl)
+            acc = _Partial(zero)
+            for j in range(j0, j1):
+                key = keys[(j + 1) * stride - 1]
+                if key < R:
+                    acc.add(tails[lvl - 1][j])
+                last_in_chunk = j + 1 == j1
+                if not last_in_chunk and keys[(j + 2) * stride - 1] == key:
+                    continue
+                if (j + 1) % L == 0:
+                    store(tails[lvl], c, acc)
+                elif key < R:
+                    store(ends[lvl], j, acc)
+                acc = _Partial(zero)
+    # eb_bwd_final_kernel: one group per level-0 chunk k >= 1
+    for k in range(1, chunks0):
+        j0 = k * L
+        j1 = min(j0 + L, N)
+        key = keys[j0]
+        if key >= R or keys[j0 - 1] != key:
+            continue
+        if j1 < N and keys[j1] == key:
+            continue
+        lo, hi = j0, j1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if keys[mid] == key:
+                lo = mid + 1
+            else:
+                hi = mid
+        e = lo
+        acc = _Partial(zero)
+        if e % L != 0:
+            acc.add(head[k])
+        stride, el = 1, e
+        for lvl in range(1, levels):
+            stride *= L
+            el //= L
+            if el >= 1 and el % L != 0 and keys[el * stride - 1] == key:
+                acc.add(ends[lvl][el - 1])
+        store(out, key if dense else dest_of[j0], acc, writes)
+    depth = max((p.depth for p in out), default=0)
+    return [p.value for p in out], writes, depth
+
+
+def _sorted_case(kind, N, R, seed, sentinel_rate=0.0):
+    """N sorted row keys of a given skew (plus padding sentinels R) and one value row per key."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "uniform":
+        keys = torch.randint(0, R, (N,), generator=g)
+    elif kind == "zipf":  # a few rows carry most ids
+        p = 1.0 / torch.arange(1, R + 1, dtype=torch.float64) ** 1.3
+        keys = torch.multinomial(p, N, replacement=True, generator=g) if N else torch.zeros(0, dtype=torch.long)
+    elif kind == "equal":
+        keys = torch.full((N,), R // 2, dtype=torch.long)
+    else:  # runs of every length around the chunk size
+        keys = torch.arange(R).repeat_interleave(torch.randint(0, 12, (R,), generator=g))[:N]
+        keys = torch.cat([keys, torch.full((N - keys.numel(),), R - 1)])
+    keys = torch.where(torch.rand(N, generator=g) < sentinel_rate, torch.full_like(keys, R), keys)
+    keys = keys.sort(stable=True).values
+    vals = torch.randn(N, 3, generator=g, dtype=torch.float64)
+    return keys, vals
+
+
+@pytest.mark.parametrize("kind", ["uniform", "zipf", "equal", "runs"])
+@pytest.mark.parametrize("N", [0, 1, 3, 4, 5, 16, 17, 63, 64, 65, 257, 1000])
+@pytest.mark.parametrize("chunk", [2, 4, 32])
+def test_emulated_cuda_backward_matches_index_add(kind, N, chunk):
+    R = 7 if kind != "uniform" else 40
+    keys, vals = _sorted_case(kind, N, R, seed=N * 7 + chunk, sentinel_rate=0.1)
+    rows, writes, _ = emulate_cuda_backward_reduction(keys.tolist(), list(vals), R, chunk, zero=torch.zeros(3).double())
+    got = torch.stack(rows)
+    valid = keys < R
+    ref = torch.zeros(R, 3, dtype=torch.float64).index_add_(0, keys[valid], vals[valid])
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    touched = torch.zeros(R, dtype=torch.bool)
+    touched[keys[valid]] = True
+    # every touched row written exactly once by a kernel, the others only by the zero fill
+    assert writes == touched.long().tolist()
+
+
+@pytest.mark.parametrize("kind", ["uniform", "zipf", "equal", "runs"])
+@pytest.mark.parametrize("N", [0, 5, 64, 300])
+def test_emulated_cuda_backward_sparse(kind, N):
+    R = 9
+    keys, vals = _sorted_case(kind, N, R, seed=N + 1, sentinel_rate=0.2)
+    uniq, inverse = torch.unique_consecutive(keys, return_inverse=True)
+    keep = int(uniq.numel()) - int(bool(uniq.numel()) and int(uniq[-1]) == R)  # the sentinel's run is dropped
+    rows, writes, _ = emulate_cuda_backward_reduction(keys.tolist(), list(vals), R, chunk=4,
+                                                      dest_of=inverse.tolist(), num_out=uniq.numel(),
+                                                      zero=torch.zeros(3).double())
+    valid = keys < R
+    ref = torch.zeros(R, 3, dtype=torch.float64).index_add_(0, keys[valid], vals[valid])
+    for u in range(keep):
+        torch.testing.assert_close(rows[u], ref[int(uniq[u])], rtol=1e-12, atol=1e-12)
+    assert writes[:keep] == [1] * keep and all(w == 0 for w in writes[keep:])
+
+
+def test_emulated_cuda_backward_many_levels_and_hot_row_depth():
+    # all ids on one row: the chain of dependent additions is about chunk * levels, not N
+    for N, chunk in [(5000, 2), (5000, 3), (20_000, 32), (135_168, 32)]:
+        keys = [3] * N
+        rows, writes, depth = emulate_cuda_backward_reduction(keys, [1.0] * N, R=5, chunk=chunk)
+        levels = 1
+        while N // chunk ** levels >= 1:
+            levels += 1
+        assert rows[3] == float(N) and rows[:3] == [0.0] * 3 and writes == [0, 0, 0, 1, 0]
+        assert depth <= chunk * levels + levels, (N, chunk, depth)
+        assert depth < N / 100
+    # a Zipf-skewed Census-like batch (4 rows, B = 4096 ids each of 33 tables) at the kernel's chunk
+    keys, _ = _sorted_case("zipf", 33 * 4096, 4, seed=3)
+    _, _, depth = emulate_cuda_backward_reduction(keys.tolist(), [1.0] * keys.numel(), R=4, chunk=32)
+    assert depth <= 32 * 4 + 4
+
+
+# ----------------------------------------------------------------------------- where a bad id surfaces
+#
+# CPU: the op raises at once; the input layer checks host ids before the op. CUDA: the op records
+# a bad id on the device and raise_pending_errors raises it (the trainer calls it at its sync
+# points); the trainer checks each batch on the host before copying it. docs/embedding_bag.md.
+
+
+def test_raise_pending_errors_is_a_no_op_without_cuda_work():
+    from dtn_kernels.ops.embedding_bag import raise_pending_errors
+
+    assert raise_pending_errors() is None
+    assert raise_pending_errors("cpu") is None
+    assert raise_pending_errors(torch.device("cpu")) is None
+    # the CPU op still raises at once, whatever the debug switch says
+    with pytest.raises(RuntimeError, match=r"table 1: id 7 at indices\[3\]"):
+        embedding_bag(W, TOFF, torch.tensor([0, 3, 1, 7, 0, 2, 3]), GOOD_OFFS)
+
+
+def test_check_every_call_switch():
+    from dtn_kernels.ops.embedding_bag import check_every_call, set_check_every_call
+
+    before = check_every_call()
+    try:
+        set_check_every_call(True)
+        assert check_every_call() is True
+        set_check_every_call(False)
+        assert check_every_call() is False
+    finally:
+        set_check_every_call(before)
+
+
+def test_input_layer_check_batch_names_feature_row_and_id():
+    from dtn.features import InputLayer
+
+    schema, batch = _input_layer_case(("sum",), False)
+    layer = InputLayer(schema, embed_dim=2)
+    layer.check_batch(batch)  # a good batch passes
+    batch.categorical[5, 0] = 5
+    with pytest.raises(IndexError, match=r"feature 'c0': id 5 at row 5 is outside its table \[0, 5\)"):
+        layer.check_batch(batch)
+    schema, batch = _input_layer_case(("sum",), False)
+    batch.multi[0].offsets[0] = 1
+    with pytest.raises(ValueError, match=r"feature 'm0': offsets must start at 0"):
+        layer.check_batch(batch)
+    schema, batch = _input_layer_case(("sum",), False)
+    with pytest.raises(ValueError, match=r"numeric values must be \[B, 1\]"):
+        layer.check_batch(type(batch)(batch.categorical, batch.numeric[:, :0], batch.multi))
+
+
+def test_input_layer_checks_values_only_of_host_tensors():
+    # ids already on a device are not read (that would be a host sync every step); meta tensors
+    # stand in for GPU ones here: reading one raises, so passing proves nothing was read
+    from dtn.features import FeatureBatch, InputLayer, JaggedField
+
+    schema, batch = _input_layer_case(("sum",), False)
+    layer = InputLayer(schema, embed_dim=2)
+    meta = FeatureBatch(batch.categorical.to("meta"), batch.numeric.to("meta"),
+                        tuple(JaggedField(m.values.to("meta"), m.offsets.to("meta")) for m in batch.multi))
+    layer._check_tables(meta, force=False)  # dtypes only
+    with pytest.raises(TypeError, match="int32/int64"):
+        layer._check_tables(FeatureBatch(meta.categorical.float(), meta.numeric, meta.multi), force=False)
+    with pytest.raises(Exception):
+        layer._check_tables(meta, force=True)  # would read the values
+
+
+def _tiny_trainer(synth_data, **train):
+    from dtn.config import TrainConfig, load_config
+    from dtn.models import build_model
+    from dtn.train import Trainer
+    import dataclasses
+
+    cfg = load_config("cpu")
+    model_cfg = dataclasses.replace(cfg.model, embed_dim=4, fim_dim=8, tower_hidden=[8], bottom_hidden=[8])
+    config = dataclasses.replace(cfg, model=model_cfg, train=TrainConfig(
+        lr=1e-3, batch_size=64, eval_batch_size=256, epochs=1, progress=False, seed=1, **train))
+    torch.manual_seed(0)
+    model = build_model("shared_bottom", synth_data.schema, model_cfg)
+    return Trainer(model, config)
+
+
+@pytest.fixture(scope="module")
+def small_synth():
+    from dtn.data import make_synthetic
+
+    return make_synthetic(1000, seed=5)
+
+
+def test_trainer_checks_each_batch_on_the_host_before_the_copy(small_synth, monkeypatch):
+    trainer = _tiny_trainer(small_synth)
+    layer = trainer.model.input_layer
+    checked, stepped = [], []
+    real_check = layer.check_batch
+
+    def check(batch):
+        assert batch.categorical.device.type == "cpu"
+        checked.append(len(stepped))
+        real_check(batch)
+
+    real_step = trainer.train_step
+    monkeypatch.setattr(layer, "check_batch", check)
+    monkeypatch.setattr(trainer, "train_step", lambda *a: stepped.append(1) or real_step(*a))
+    trainer.train_epoch(small_synth.train)
+    n = small_synth.train.num_batches(64)
+    assert checked == list(range(n)) and len(stepped) == n  # every batch checked, before its step
+    # a bad id stops the epoch at its batch, named, before the model sees it
+    data = small_synth.train.take(torch.arange(len(small_synth.train)))
+    data.categorical[130, 2] = 10_000
+    stepped.clear()
+    with pytest.raises(IndexError, match=r"feature '[^']+': id 10000 at row 2 is outside its table"):
+        _tiny_trainer(small_synth, shuffle=False).train_epoch(data)
+
+
+def test_trainer_raises_a_nan_at_its_sync_point_with_the_exact_step(small_synth, monkeypatch):
+    import dtn.train.trainer as tr
+
+    monkeypatch.setattr(tr, "SYNC_EVERY", 4)
+    trainer = _tiny_trainer(small_synth)
+    real_loss, calls, steps = trainer.model.loss, [], []
+
+    def loss(logits, labels, w=None):
+        calls.append(1)
+        total, per_task = real_loss(logits, labels, w)
+        return (total * float("nan"), per_task * float("nan")) if len(calls) == 6 else (total, per_task)
+
+    real_step = trainer.train_step
+    monkeypatch.setattr(trainer.model, "loss", loss)
+    monkeypatch.setattr(trainer, "train_step", lambda *a: steps.append(1) or real_step(*a))
+    with pytest.raises(tr.TrainingDivergedError, match=r"loss became nan at epoch 1, step 6 \(per-task losses"):
+        trainer.train_epoch(small_synth.train)
+    assert len(steps) == 8  # the steps up to the sync point after step 6 ran, and no more
+
+
+def test_trainer_raises_device_errors_at_sync_points(small_synth, monkeypatch):
+    import dtn.train.trainer as tr
+
+    monkeypatch.setattr(tr, "SYNC_EVERY", 3)
+    trainer = _tiny_trainer(small_synth)
+    steps, syncs = [], []
+    real_step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda *a: steps.append(1) or real_step(*a))
+
+    def pending(device=None):  # what the CUDA op's flag would hold after a bad id on the GPU
+        syncs.append(len(steps))
+        if len(syncs) == 2:
+            raise RuntimeError("dtn::embedding_bag: table 0: id 99 at indices[4] (bag 4) is outside the table's rows [0, 5)")
+
+    monkeypatch.setattr(tr, "raise_pending_errors", pending)
+    with pytest.raises(RuntimeError, match=r"table 0: id 99 at indices\[4\]"):
+        trainer.train_epoch(small_synth.train)
+    assert syncs == [3, 6] and len(steps) == 6
+    # the end of an epoch and an evaluation are sync points too
+    syncs.clear()
+    steps.clear()
+    monkeypatch.setattr(tr, "SYNC_EVERY", 10_000)
+    monkeypatch.setattr(tr, "raise_pending_errors", lambda device=None: syncs.append(len(steps)))
+    loss = trainer.train_epoch(small_synth.train)
+    assert syncs == [small_synth.train.num_batches(64)] and math.isfinite(loss)
+    trainer.evaluate(small_synth.valid)
+    assert len(syncs) == 2
+
+
+def test_trainer_epoch_loss_is_the_row_weighted_mean_of_step_losses(small_synth, monkeypatch):
+    import dtn.train.trainer as tr
+
+    monkeypatch.setattr(tr, "SYNC_EVERY", 2)
+    trainer = _tiny_trainer(small_synth)
+    real_loss, seen = trainer.model.loss, []
+
+    def loss(logits, labels, w=None):
+        total, per_task = real_loss(logits, labels, w)
+        seen.append((float(total), labels.shape[0]))
+        return total, per_task
+
+    monkeypatch.setattr(trainer.model, "loss", loss)
+    got = trainer.train_epoch(small_synth.train)
+    want = sum(v * n for v, n in seen) / sum(n for _, n in seen)
+    assert got == want  # float64 sums in step order, as a host loop would add them
+
+
+# ----------------------------------------------------------------------------- CUDA backward, run on the CPU
+#
+# The CUDA source itself: the "host-testable" parts of csrc/cuda/embedding_bag_cuda.cu (the
+# chunked reduction's kernels, its plan and its launches) compiled with the host C++ compiler,
+# a launch being a loop over blocks and threads (the kernels share no memory and never
+# synchronise inside a launch, so any order is a valid schedule; each case runs in ascending
+# and in descending order, so a row that two groups write shows up whichever writes last).
+# fp64 values, buffers the kernels should not read filled with NaN, the chunk size (kChunk)
+# set small for many levels.
+
+CUDA_SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "embedding_bag_cuda.cu"
+HOST_CXX = shutil.which("g++") or shutil.which("c++")
+
+_HARNESS_HEAD = r"""
+#include <cassert>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__
+struct Dim3 { unsigned x = 0; };
+static Dim3 threadIdx, blockIdx, blockDim;
+static bool g_descending = false;  // the schedule of blocks and threads in a launch
+using cudaStream_t = void*;
+enum class PoolMode : int { Sum = 0, Mean = 1, Max = 2 };
+#define TORCH_INTERNAL_ASSERT(cond) assert(cond)
+constexpr int kBlock = 256;
+constexpr int kChunk = DTN_TEST_CHUNK;
+constexpr int kMaxLevels = 16;
+#define DTN_LAUNCH(kernel, grid, block, stream, ...)                                   \
+  do {                                                                                 \
+    const unsigned g_ = (grid), b_ = (block);                                          \
+    for (unsigned bo = 0; bo < g_; ++bo)                                               \
+      for (unsigned to = 0; to < b_; ++to) {                                           \
+        blockIdx.x = g_descending ? g_ - 1 - bo : bo;                                  \
+        threadIdx.x = g_descending ? b_ - 1 - to : to;                                 \
+        blockDim.x = b_;                                                               \
+        kernel(__VA_ARGS__);                                                           \
+      }                                                                                \
+  } while (0)
+namespace dtn {
+"""
+
+_HARNESS_MAIN = r"""
+}  // namespace dtn
+using namespace dtn;
+
+template <typename T> T* load(const std::string& path, int64_t n, T fill) {
+  T* p = static_cast<T*>(std::aligned_alloc(64, ((n * sizeof(T) + 63) / 64 + 1) * 64));
+  for (int64_t i = 0; i < n; ++i) p[i] = fill;
+  if (!path.empty()) {
+    FILE* f = std::fopen(path.c_str(), "rb");
+    if (!f || std::fread(p, sizeof(T), n, f) != size_t(n)) { std::fprintf(stderr, "read %s\n", path.c_str()); std::exit(2); }
+    std::fclose(f);
+  }
+  return p;
+}
+
+template <int VEC> void run(const std::string& dir, int64_t N, int64_t R, int64_t D, int64_t U) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const int32_t* sorted = load<int32_t>(dir + "/sorted.bin", N, 0);
+  const int64_t* perm = load<int64_t>(dir + "/perm.bin", N, 0);
+  const double* grad = load<double>(dir + "/grad.bin", N * D, 0.0);
+  const double* scale = load<double>(dir + "/scale.bin", N, 0.0);
+  const double* psw = load<double>(dir + "/psw.bin", N, 0.0);
+  const int64_t* dest = U >= 0 ? load<int64_t>(dir + "/dest.bin", N, 0) : nullptr;
+  int64_t* bag_of = load<int64_t>("", N, 0);
+  for (int64_t i = 0; i < N; ++i) bag_of[i] = i;  // one id per bag: T = 1, B = N
+  const int64_t rows = U >= 0 ? U : R;
+  double* out = load<double>("", rows * D, U >= 0 ? nan : 0.0);  // dense: the zero fill
+  const ReductionPlan plan = plan_reduction(N);
+  double* buf = load<double>("", plan.rows * D, nan);
+  const EntryValues<double, double, VEC> val{grad, perm, bag_of, scale, psw, nullptr, 1, N > 0 ? N : 1, D, 0};
+  if (N > 0 && D > 0) launch_reduction<double, double, VEC>(sorted, val, dest, N, R, D, buf, plan, out, nullptr);
+  FILE* f = std::fopen((dir + "/out.bin").c_str(), "wb");
+  std::fwrite(out, sizeof(double), rows * D, f);
+  std::fclose(f);
+  std::printf("%d\n", plan.levels);
+}
+
+int main(int argc, char** argv) {
+  const std::string dir = argv[1];
+  const int64_t N = std::atoll(argv[2]), R = std::atoll(argv[3]), D = std::atoll(argv[4]), U = std::atoll(argv[5]);
+  g_descending = std::atoi(argv[6]) != 0;
+  if (D % 4 == 0) run<4>(dir, N, R, D, U); else run<1>(dir, N, R, D, U);
+  return 0;
+}
+"""
+
+
+def _host_testable_source() -> str:
+    text = CUDA_SOURCE.read_text()
+    parts = re.findall(r"// host-testable: begin[^\n]*\n(.*?)// host-testable: end", text, flags=re.S)
+    assert len(parts) == 2, "csrc/cuda/embedding_bag_cuda.cu: expected two host-testable regions"
+    return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def cuda_reduction_on_host(tmp_path_factory):
+    """chunk -> path of the compiled harness (built on first use)."""
+    if HOST_CXX is None:
+        pytest.skip("no host C++ compiler (g++ / c++)")
+    root = tmp_path_factory.mktemp("cuda_on_host")
+    built = {}
+
+    def build(chunk: int) -> Path:
+        if chunk not in built:
+            src = root / f"harness_{chunk}.cpp"
+            src.write_text(_HARNESS_HEAD + _host_testable_source() + _HARNESS_MAIN)
+            exe = root / f"harness_{chunk}"
+            proc = subprocess.run([HOST_CXX, "-std=c++17", "-O1", "-Wno-unknown-pragmas", f"-DDTN_TEST_CHUNK={chunk}",
+                                   str(src), "-o", str(exe)], capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            built[chunk] = exe
+        return built[chunk]
+
+    return build
+
+
+def _run_cuda_reduction_on_host(exe, tmp, keys, grad, scale, psw, R, sparse, descending):
+    """Sorts the keys stably (as at::sort does), runs the harness; returns (rows, levels, expected)."""
+    N, D = grad.shape
+    sorted_keys, perm = keys.sort(stable=True)
+    sorted_keys.int().numpy().tofile(tmp / "sorted.bin")
+    perm.numpy().tofile(tmp / "perm.bin")
+    grad.numpy().tofile(tmp / "grad.bin")
+    scale.numpy().tofile(tmp / "scale.bin")
+    psw.numpy().tofile(tmp / "psw.bin")
+    contrib = grad * (scale * psw)[:, None]
+    valid = keys < R
+    dense_ref = torch.zeros(R, D, dtype=torch.float64).index_add_(0, keys[valid], contrib[valid])
+    U = -1
+    if sparse:
+        uniq, inverse = torch.unique_consecutive(sorted_keys, return_inverse=True)
+        inverse.numpy().tofile(tmp / "dest.bin")
+        U = uniq.numel()
+        keep = U - int(bool(U) and int(uniq[-1]) == R)
+        expected = dense_ref[uniq[:keep]]
+    else:
+        expected = dense_ref
+    proc = subprocess.run([str(exe), str(tmp), str(N), str(R), str(D), str(U), str(int(descending))],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = torch.from_numpy(np.fromfile(tmp / "out.bin", dtype=np.float64)).view(-1, D)
+    if sparse:
+        got = got[:keep]
+    return got, int(proc.stdout.strip()), expected
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 32])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_cuda_backward_reduction_source_runs_right_on_the_host(cuda_reduction_on_host, tmp_path, chunk, sparse):
+    exe = cuda_reduction_on_host(chunk)
+    g = torch.Generator().manual_seed(chunk + 10 * sparse)
+    cases = 0
+    for kind in ("uniform", "zipf", "equal", "runs"):
+        for N in (0, 1, 5, 32, 33, 100, 1025, 4100):
+            for D in (3, 8, 40):  # VEC = 1 with 4 lanes; VEC = 4 with 2 lanes; 32 lanes, two column blocks
+                R = 40 if kind == "uniform" else 6
+                keys, _ = _sorted_case(kind, N, R, seed=N + D, sentinel_rate=0.15)
+                keys = keys[torch.randperm(N, generator=g)]  # the op sorts; unsorted input as it comes
+                grad = torch.randn(N, D, generator=g, dtype=torch.float64)
+                scale = torch.rand(N, generator=g, dtype=torch.float64) + 0.5
+                psw = torch.rand(N, generator=g, dtype=torch.float64) + 0.5
+                for descending in (False, True):
+                    got, levels, want = _run_cuda_reduction_on_host(exe, tmp_path, keys, grad, scale, psw, R, sparse,
+                                                                    descending)
+                    where = f"{kind} N={N} D={D} {'descending' if descending else 'ascending'}"
+                    assert torch.isfinite(got).all(), f"{where}: a row not written, or an unwritten partial read"
+                    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=lambda m: f"{where}: {m}")
+                expected_levels = 1
+                while N // chunk ** expected_levels >= 1:
+                    expected_levels += 1
+                assert levels == expected_levels
+                cases += 1
+    assert cases == 4 * 8 * 3

@@ -5,6 +5,12 @@ offsets (the table-batched layout), so a single ``dtn_kernels.ops.embedding_bag`
 (the compiled ``torch.ops.dtn.embedding_bag`` when built) serves every field. Setting
 ``embedding_kernel = "reference"`` makes the layer call the pure-PyTorch twin instead
 (aten ops only, e.g. for ``torch.export``; ``dtn export`` does this).
+
+Id checks: ids on the CPU are checked in ``forward`` (one vectorised test per table, errors
+name the feature, the row and the id). Ids already on a GPU are not: reading the result of a
+check there would make the host wait for the GPU every step. Check the host copy of a batch
+with :meth:`InputLayer.check_batch` before moving it (``dtn.train.Trainer`` does); the CUDA
+op's device-side flag is the backstop (``dtn_kernels.ops.embedding_bag.raise_pending_errors``).
 """
 from __future__ import annotations
 
@@ -50,6 +56,7 @@ class InputLayer(nn.Module):
                 raise ValueError(f"feature {f.name!r}: cardinality must be >= 1 (fit the encoder first), got {f.cardinality}")
         cards = [f.cardinality for f in tables]
         self.cardinalities = cards
+        self._cards_host = torch.tensor(cards, dtype=torch.long)  # id checks on host batches never touch the GPU
         offsets = [0]
         for c in cards:
             offsets.append(offsets[-1] + c)
@@ -71,12 +78,14 @@ class InputLayer(nn.Module):
     def output_dim(self) -> int:
         return self.num_fields * self.embed_dim
 
-    def _check_ids(self, ids: torch.Tensor, start: int, names: Sequence[str]) -> None:
+    def _check_ids(self, ids: torch.Tensor, start: int, names: Sequence[str], values: bool = True) -> None:
         if ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"categorical ids must be int32/int64, got {ids.dtype}")
-        # one vectorised test (a single host sync per call); the column loop runs only to name an error
+        if not values:
+            return
+        # one vectorised test (on a GPU tensor, one host sync); the column loop runs only to name an error
         ids2 = ids if ids.dim() == 2 else ids[:, None]
-        cards = (self.table_offsets[start + 1:start + 1 + len(names)] - self.table_offsets[start:start + len(names)])
+        cards = self._cards_host[start:start + len(names)].to(ids2.device)
         bad = (ids2 < 0) | (ids2 >= cards)
         if not bool(bad.any()):
             return
@@ -85,9 +94,11 @@ class InputLayer(nn.Module):
         card = self.cardinalities[start + j]
         raise IndexError(f"feature {names[j]!r}: id {int(ids2[row, j])} at row {row} is outside its table [0, {card})")
 
-    def _check_jagged(self, jf, name: str) -> None:
+    def _check_jagged(self, jf, name: str, values: bool = True) -> None:
         if jf.offsets.dim() != 1 or jf.values.dim() != 1:
             raise ValueError(f"feature {name!r}: values and offsets must be 1-D")
+        if not values:
+            return
         if jf.offsets.numel() < 1 or int(jf.offsets[0]) != 0 or int(jf.offsets[-1]) != jf.values.numel():
             raise ValueError(
                 f"feature {name!r}: offsets must start at 0 and end at len(values)={jf.values.numel()}, got "
@@ -125,23 +136,54 @@ class InputLayer(nn.Module):
         psw = torch.cat(psw_parts) if need_psw else None
         return torch.cat(idx_parts), torch.cat(end_parts), mode, psw
 
-    def forward(self, batch: FeatureBatch) -> torch.Tensor:
+    def _check_shapes(self, batch: FeatureBatch) -> None:
         cat = batch.categorical
-        B = cat.shape[0]
         n_cat = len(self.cat_names)
         if cat.dim() != 2 or cat.shape[1] != n_cat:
             raise ValueError(f"categorical ids must be [B, {n_cat}] ({self.cat_names}), got {tuple(cat.shape)}")
         if len(batch.multi) != len(self.multi_names):
             raise ValueError(f"expected {len(self.multi_names)} multi-valued fields {self.multi_names}, got {len(batch.multi)}")
+
+    def _check_numeric(self, x: torch.Tensor) -> None:
+        n_num = len(self.num_names)
+        if x.dim() != 2 or x.shape[1] != n_num:
+            raise ValueError(f"numeric values must be [B, {n_num}] ({self.num_names}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"numeric values must be floating point, got {x.dtype}")
+
+    def _check_tables(self, batch: FeatureBatch, force: bool) -> None:
+        """dtypes always; values (id ranges, jagged offsets) of tensors on the CPU, or of all when ``force``."""
+        n_cat = len(self.cat_names)
+        if n_cat:
+            self._check_ids(batch.categorical, 0, self.cat_names, force or batch.categorical.device.type == "cpu")
+        for j, jf in enumerate(batch.multi):
+            on_host = jf.values.device.type == "cpu" and jf.offsets.device.type == "cpu"
+            self._check_jagged(jf, self.multi_names[j], force or on_host)
+            self._check_ids(jf.values, n_cat + j, [self.multi_names[j]], force or on_host)
+
+    def check_batch(self, batch: FeatureBatch) -> None:
+        """Validate ``batch`` as ``forward`` does on the CPU: shapes, dtypes, jagged offsets and
+        every id against its table (errors name the feature, the row and the id).
+
+        Cheap and vectorised. Meant for the host copy of a batch, before it moves to a GPU
+        (``forward`` does not check the values of GPU tensors: that would make the host wait for
+        the GPU every step); on GPU tensors it works but synchronises.
+        """
+        self._check_shapes(batch)
+        if self.num_names:
+            self._check_numeric(batch.numeric)
+        self._check_tables(batch, force=True)
+
+    def forward(self, batch: FeatureBatch) -> torch.Tensor:
+        cat = batch.categorical
+        B = cat.shape[0]
+        n_cat = len(self.cat_names)
+        self._check_shapes(batch)
         parts = []
         n_tables = n_cat + len(self.multi_names)
         if n_tables:
             if self.validate and not torch.compiler.is_compiling():
-                if n_cat:
-                    self._check_ids(cat, 0, self.cat_names)
-                for j, jf in enumerate(batch.multi):
-                    self._check_jagged(jf, self.multi_names[j])
-                    self._check_ids(jf.values, n_cat + j, [self.multi_names[j]])
+                self._check_tables(batch, force=False)  # values only where they are on the host
             indices, offsets, mode, psw = self._jagged_input(cat, batch.multi)
             # one table-batched lookup for every categorical and multi-valued field
             bag = pt_embedding_bag if self.embedding_kernel == "reference" else embedding_bag
@@ -150,10 +192,7 @@ class InputLayer(nn.Module):
         n_num = len(self.num_names)
         if n_num:
             x = batch.numeric
-            if x.dim() != 2 or x.shape[1] != n_num:
-                raise ValueError(f"numeric values must be [B, {n_num}] ({self.num_names}), got {tuple(x.shape)}")
-            if not x.is_floating_point():
-                raise TypeError(f"numeric values must be floating point, got {x.dtype}")
+            self._check_numeric(x)
             parts.append(x[:, :, None].to(self.numeric_weight.dtype) * self.numeric_weight + self.numeric_bias)
         if not parts:
             raise ValueError("the schema has no features")

@@ -9,6 +9,11 @@ global batch (gradients are averaged so that a step equals the single-process st
 whole batch), evaluation gathers every rank's predictions so that metrics cover the whole
 split, and only rank 0 writes files and logs.
 
+Host syncs: a training step never makes the host wait for the GPU. The running loss, the
+first non-finite step and the CUDA embedding bag's bad-id flag stay on the device and are read
+every ``SYNC_EVERY`` steps and at the end of the epoch; batches are validated on the host
+before they are copied (``InputLayer.check_batch``) and copied without blocking.
+
 Files in ``out_dir``:
   last.pt       the resume point (model, optimizer, RNG, history), written after every epoch
   best.pt       the best model so far by the early-stopping metric (what ``dtn evaluate`` loads)
@@ -29,9 +34,12 @@ import time
 import numpy as np
 import torch
 
+from dtn_kernels.ops.embedding_bag import raise_pending_errors
+
 from .. import distributed as D
 from ..config import Config, config_from_dict
 from ..data.encoders import TabularEncoder
+from ..features import FeatureBatch, JaggedField
 from ..models import DTN, build_model
 from .checkpoint import atomic_save, atomic_write_text, load_checkpoint
 from .metrics import mean_auc, task_metrics
@@ -42,8 +50,51 @@ except ImportError:  # pragma: no cover
     tqdm = None
 
 
+# Steps between the trainer's host syncs (reading the running loss, a divergence, a bad id the
+# GPU skipped). A divergence is still reported with its exact step; the steps queued after it
+# run on (their weights are discarded with the error), at most SYNC_EVERY - 1 of them.
+SYNC_EVERY = 50
+
+
 class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+    """The loss became NaN or infinite; the last good checkpoint is left as it was (the weights in
+    memory are not: the steps up to the next sync point ran on)."""
+
+
+def batch_to_device(batch: FeatureBatch, device) -> FeatureBatch:
+    """``batch.to(device)`` without blocking the host: from pageable memory a non-blocking copy is
+    staged before it returns (the source may be reused at once) and does not wait for the GPU."""
+    def move(t):
+        return None if t is None else t.to(device, non_blocking=True)
+
+    multi = tuple(JaggedField(move(m.values), move(m.offsets), move(m.weights)) for m in batch.multi)
+    return FeatureBatch(move(batch.categorical), move(batch.numeric), multi)
+
+
+class _EpochStats:
+    """An epoch's running loss and its first non-finite step, kept on the device (no per-step sync)."""
+
+    def __init__(self, device, num_tasks: int):
+        f64 = dict(dtype=torch.float64, device=device)
+        self.total = torch.zeros((), **f64)  # sum of loss * rows
+        self.count = torch.zeros((), **f64)  # rows
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # 0-based step, -1: none
+        self.bad_loss = torch.zeros((), **f64)
+        self.bad_per_task = torch.zeros(num_tasks, **f64)
+
+    def add(self, step: int, loss_sum, rows, finite, step_loss, per_task) -> None:
+        newly = ~finite & (self.first_bad < 0)
+        self.first_bad = torch.where(newly, step, self.first_bad)
+        self.bad_loss = torch.where(newly, step_loss.double(), self.bad_loss)
+        self.bad_per_task = torch.where(newly, per_task.detach().double(), self.bad_per_task)
+        self.total += loss_sum
+        self.count += rows
+
+    def read(self) -> tuple[float, float, int, float, list[float]]:
+        """(total, count, first bad step or -1, its loss, its per-task losses): one device-to-host copy."""
+        v = torch.cat([torch.stack([self.total, self.count, self.first_bad.double(), self.bad_loss]),
+                       self.bad_per_task]).tolist()
+        return v[0], v[1], int(v[2]), v[3], v[4:]
 
 
 def seed_everything(seed: int) -> None:
@@ -107,6 +158,9 @@ class Trainer:
         self._best_state = None  # in-memory copy of the best weights when there is no out_dir
         if self.cfg.task_weights is not None and len(self.cfg.task_weights) != model.num_tasks:
             raise ValueError(f"train.task_weights has {len(self.cfg.task_weights)} entries for {model.num_tasks} tasks")
+        # on the device once: a list would be copied host-to-device (a sync) in every step's loss
+        self.task_weights = None if self.cfg.task_weights is None else \
+            torch.tensor(self.cfg.task_weights, dtype=torch.float32, device=self.device)
 
     def _data_parallel(self, model):
         import inspect
@@ -159,52 +213,79 @@ class Trainer:
         return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr,
                     disable=not sys.stderr.isatty() and not os.environ.get("DTN_FORCE_PROGRESS"))
 
+    def check_host_batch(self, batch: FeatureBatch) -> None:
+        """Validate a batch's ids on the host, before the copy to the device (where reading a check's
+        result would be a sync): the same errors as the input layer's, naming feature, row and id."""
+        layer = getattr(self.model, "input_layer", None)
+        if layer is not None and getattr(layer, "validate", False) and hasattr(layer, "check_batch") \
+                and batch.categorical.device.type == "cpu":
+            layer.check_batch(batch)
+
+    def train_step(self, batch: FeatureBatch, labels: torch.Tensor, step: int, stats: _EpochStats) -> None:
+        """One optimiser step on a batch already on the device. No host sync: the loss and a
+        divergence are accumulated in ``stats`` on the device and read at the next sync point."""
+        logits = self.train_module(batch)
+        loss, per_task = self.model.loss(logits, labels, self.task_weights)
+        lossd = loss.detach()
+        n = labels.shape[0]
+        if self.world_size > 1:
+            # one small all-reduce per step: the global loss, the global batch size, any rank's divergence
+            stats_all = D.all_reduce_sum(torch.stack([lossd.double() * n, lossd.new_full((), n, dtype=torch.float64),
+                                                      (~torch.isfinite(lossd)).double()]), self.device)
+            loss_sum, rows, finite = stats_all[0], stats_all[1], stats_all[2] == 0
+            # DDP averages gradients over ranks; weighting by this rank's share of the global batch makes the
+            # step equal to the single-process step on the whole batch, whatever the piece sizes
+            objective = loss * ((n * self.world_size) / rows).to(loss.dtype)
+            step_loss = loss_sum / rows
+        else:
+            loss_sum, rows, finite, objective, step_loss = lossd.double() * n, n, torch.isfinite(lossd), loss, lossd
+        stats.add(step, loss_sum, rows, finite, step_loss, per_task)
+        self.optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+
+    def _sync_point(self, stats: _EpochStats, bar=None) -> float:
+        """Raise what the device recorded since the last sync (a bad id the GPU skipped, a
+        non-finite loss); returns the running mean loss."""
+        raise_pending_errors(self.device)
+        total, count, first_bad, bad_loss, bad_per_task = stats.read()
+        if first_bad >= 0:
+            if bar is not None:
+                bar.close()
+            last = self._path("last.pt")
+            kept = f"; the last good checkpoint {last} is untouched" if last and os.path.exists(last) else ""
+            per = dict(zip(self.model.tasks, bad_per_task))
+            where = f" (on one of {self.world_size} ranks; this rank's per-task losses {per})" \
+                if self.world_size > 1 else f" (per-task losses {per})"
+            raise TrainingDivergedError(
+                f"loss became {bad_loss} at epoch {self.epoch + 1}, step {first_bad + 1}"
+                f"{where}; lower the learning rate or check the inputs for extreme values{kept}")
+        mean = total / max(count, 1)
+        if bar is not None:
+            bar.set_postfix(loss=f"{mean:.4f}")
+        return mean
+
     def train_epoch(self, data) -> float:
         self.train_module.train()
         gen = epoch_generator(self.cfg.seed, self.epoch)
         bs, world = self.cfg.batch_size, self.world_size
         bar = self._progress(data.num_batches(bs, world), f"epoch {self.epoch + 1}")
-        total, count = 0.0, 0
+        stats = _EpochStats(self.device, self.model.num_tasks)
         for step, (batch, labels) in enumerate(data.batches(bs, shuffle=self.cfg.shuffle, generator=gen,
                                                              rank=self.rank, world_size=world)):
-            batch, labels = batch.to(self.device), labels.to(self.device)
-            logits = self.train_module(batch)
-            loss, per_task = self.model.loss(logits, labels, self.cfg.task_weights)
-            n = labels.shape[0]
-            if world > 1:
-                # one small all-reduce per step: the global loss, the global batch size, any rank's divergence
-                stats = D.all_reduce_sum(torch.stack([loss.detach().float() * n, torch.tensor(float(n), device=loss.device),
-                                                      (~torch.isfinite(loss.detach())).float()]), self.device)
-                finite, step_loss, n_all = bool(stats[2] == 0), float(stats[0]) / float(stats[1]), float(stats[1])
-                # DDP averages gradients over ranks; weighting by this rank's share of the global batch makes the
-                # step equal to the single-process step on the whole batch, whatever the piece sizes
-                objective = loss * (n * world / n_all)
-            else:
-                finite, step_loss, n_all, objective = bool(torch.isfinite(loss)), float(loss.detach()), n, loss
-            if not finite:
-                if bar is not None:
-                    bar.close()
-                last = self._path("last.pt")
-                kept = f"; the last good checkpoint {last} is untouched" if last and os.path.exists(last) else ""
-                per = {t: float(v) for t, v in zip(self.model.tasks, per_task.detach())}
-                where = f" (on one of {world} ranks; this rank's per-task losses {per})" if world > 1 else \
-                    f" (per-task losses {per})"
-                raise TrainingDivergedError(
-                    f"loss became {step_loss} at epoch {self.epoch + 1}, step {step + 1}"
-                    f"{where}; lower the learning rate or check the inputs for extreme values{kept}")
-            self.optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            if self.cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            self.optimizer.step()
-            total += step_loss * n_all
-            count += n_all
+            self.check_host_batch(batch)
+            batch, labels = batch_to_device(batch, self.device), labels.to(self.device, non_blocking=True)
+            self.train_step(batch, labels, step, stats)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{total / count:.4f}")
+            if (step + 1) % SYNC_EVERY == 0:
+                self._sync_point(stats, bar)
+        mean = self._sync_point(stats, bar)
         if bar is not None:
             bar.close()
-        return total / max(count, 1)
+        return mean
 
     @torch.no_grad()
     def predict_with_labels(self, data) -> tuple[np.ndarray, np.ndarray]:
@@ -214,10 +295,12 @@ class Trainer:
         local = data.shard(self.rank, self.world_size) if self.world_size > 1 else data
         probs, labels = [], []
         for b, y in local.batches(self.cfg.eval_batch_size):
-            probs.append(torch.sigmoid(self.model(b.to(self.device))).float().cpu())
+            self.check_host_batch(b)
+            probs.append(torch.sigmoid(self.model(batch_to_device(b, self.device))).float())  # stays on the device
             labels.append(y.float().cpu())
+        raise_pending_errors(self.device)
         T = self.model.num_tasks
-        p = torch.cat(probs) if probs else torch.zeros(0, T)
+        p = torch.cat(probs).cpu() if probs else torch.zeros(0, T)  # one copy (and sync) per evaluation
         y = torch.cat(labels) if labels else torch.zeros(0, T)
         if self.world_size > 1:
             p, y = D.gather_rows(p, self.device), D.gather_rows(y, self.device)

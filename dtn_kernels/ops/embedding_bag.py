@@ -4,17 +4,25 @@
 when ``dtn_kernels._C`` is built, and to the pure-PyTorch twin
 :func:`dtn_kernels.reference.pt_embedding_bag` otherwise (with a one-time warning).
 This module also registers the op's fake (meta) kernels and its autograd formula.
+
+Bad ids on CUDA: the CUDA kernels never make the host wait for them. They skip a bad entry
+and set a device-side flag; :func:`raise_pending_errors` (called at a point that synchronises
+anyway, e.g. by the trainer every few steps and at the end of an epoch) raises it with the same
+message the CPU kernel raises at once. :func:`set_check_every_call` (or
+``DTN_CHECK_EVERY_CALL=1``) makes every CUDA call check at once instead, synchronising
+(a debug mode). docs/embedding_bag.md says where each check happens.
 """
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Optional, Union
 
 import torch
 
 import dtn_kernels
 from dtn_kernels.reference.pt_embedding_bag import pt_embedding_bag
 
-__all__ = ["embedding_bag"]
+__all__ = ["embedding_bag", "raise_pending_errors", "set_check_every_call", "check_every_call"]
 
 
 def embedding_bag(
@@ -65,6 +73,8 @@ def embedding_bag(
 
     Errors (``RuntimeError``) name the table and the bad value, e.g.
     ``dtn::embedding_bag: table 1: id 7 at indices[4] (bag 1) is outside the table's rows [0, 2)``.
+    On CPU they are raised by the call; on CUDA by :func:`raise_pending_errors` (the call does
+    not synchronise), or by the call itself in the :func:`set_check_every_call` debug mode.
     """
     if dtn_kernels.HAS_C_EXT and (weight.device.type != "cuda" or dtn_kernels.HAS_CUDA_EXT):
         return torch.ops.dtn.embedding_bag(
@@ -72,6 +82,64 @@ def embedding_bag(
         )
     dtn_kernels.warn_missing_extension("embedding_bag op" if not dtn_kernels.HAS_C_EXT else "embedding_bag CUDA kernel")
     return pt_embedding_bag(weight, table_offsets, indices, offsets, mode, per_sample_weights, padding_idx, sparse)
+
+
+# ----------------------------------------------------------------------------- deferred errors (CUDA)
+
+
+def _ext_fn(name: str):
+    """A host utility of the CUDA build of ``dtn_kernels._C``, or None (CPU build, no build)."""
+    return getattr(dtn_kernels._C, name, None) if dtn_kernels.HAS_C_EXT else None
+
+
+def raise_pending_errors(device: Union[None, int, str, torch.device] = None) -> None:
+    """Raise the bad-input error the CUDA kernels flagged since the last check, if any.
+
+    On CUDA, ``embedding_bag`` and its backward skip a bad id or offset and record the first
+    one in a per-device flag instead of synchronising to raise at once. This reads that flag
+    (waiting for the device: it is a sync point), clears it and raises the ``RuntimeError``
+    the CPU kernel would have raised, e.g.
+    ``dtn::embedding_bag: table 1: id 7 at indices[3] (bag 1) is outside the table's rows [0, 2)``.
+    When several entries were bad, it names one of them (the CPU kernel names the first).
+
+    ``device``: a CUDA device (index, name or ``torch.device``); ``None``: every CUDA device the
+    op has run on. A no-op on CPU (the CPU kernels raise at once), without the CUDA build, and
+    when nothing is pending. Not callable while a CUDA graph is being captured.
+    """
+    take = _ext_fn("_embedding_bag_take_error")
+    if take is None:
+        return
+    if device is None:
+        indices = range(torch.cuda.device_count())
+    else:
+        dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        if dev.type != "cuda":
+            return
+        indices = [dev.index if dev.index is not None else torch.cuda.current_device()]
+    for index in indices:
+        message = take(index)
+        if message:
+            raise RuntimeError(message)
+
+
+_CHECK_EVERY_CALL = os.environ.get("DTN_CHECK_EVERY_CALL", "0").lower() in ("1", "true", "yes")
+
+
+def set_check_every_call(on: bool) -> None:
+    """Debug mode: every CUDA call of the op synchronises and raises a bad id at once (as the
+    CPU kernels do), except while a CUDA graph is being captured. Off by default; also switched
+    on by ``DTN_CHECK_EVERY_CALL=1`` in the environment. CPU calls always raise at once."""
+    global _CHECK_EVERY_CALL
+    _CHECK_EVERY_CALL = bool(on)
+    fn = _ext_fn("_embedding_bag_set_check_every_call")
+    if fn is not None:
+        fn(_CHECK_EVERY_CALL)
+
+
+def check_every_call() -> bool:
+    """Whether the debug mode of :func:`set_check_every_call` is on."""
+    fn = _ext_fn("_embedding_bag_check_every_call")
+    return bool(fn()) if fn is not None else _CHECK_EVERY_CALL
 
 
 # ----------------------------------------------------------------------------- registration
