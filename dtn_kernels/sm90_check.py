@@ -51,6 +51,16 @@ HCNET_WIDE = [(64, 400, 2, 1, 100_000, 16, 16, False)]  # 79,800 crosses: past t
 # (B, din, K, h, masked)
 GATE_PAPER = [(2048, 624, 4, 512, False), (2048, 624, 6, 512, True), (4096, 624, 6, 512, False)]
 
+# grouped mode at the paper's DTN configuration (two tasks: 3 MFI modules, 2 HCNets each; gates over 6
+# candidates, 9 with the TSN): (G, shape of one member)
+GROUPED_PAPER = {
+    "gated_cross": [(3, (2048, 624, True)), (3, (4096, 624, True))],
+    "mask_block": [(3, (2048, 624, 640, 624, 512)), (3, (4096, 624, 640, 624, 512))],
+    "hcnet": [(6, (2048, 32, 2, 1, 100_000, 16, 16, False)), (6, (4096, 32, 2, 1, 100_000, 16, 16, False)),
+              (6, (2048, 32, 2, 1, 100_000, 16, 16, True))],
+    "softmax_mix": [(1, (2048, 6, 512)), (1, (2048, 9, 512)), (1, (4096, 9, 512))],
+}
+
 # the GPU tests' shapes (tests/test_triton_*.py import these)
 GPU_TEST_SHAPES = {
     "gated_cross": [(67, 45, True), (67, 45, False)],
@@ -67,48 +77,60 @@ class Case:
     precision: str
     paper: bool
     run: Callable = field(repr=False)
+    group: int = 0  # > 0: a group of that many modules in one launch (grouped mode)
 
     @property
     def label(self) -> str:
-        return f"{self.op}{self.shape} {self.precision}"
+        return f"{self.op}{self.shape}{f' x{self.group} grouped' if self.group else ''} {self.precision}"
 
 
-def _t(*shape, dtype="float32"):
+def _t(*shape, dtype="float32", group: int = 0):
+    if group:
+        shape = (group, *shape)
+    return _t0(*shape, dtype=dtype)
+
+
+def _t0(*shape, dtype="float32"):
     import torch
 
     return torch.empty(shape, device="meta", dtype=getattr(torch, dtype))
 
 
-def _gated_cross(shape, dt, tf32):
+def _gated_cross(shape, dt, tf32, G=0):
+    """One layer, or (G > 0) a group's first layer (x0 = xl = e shared) and a later one."""
     from .triton.triton_gated_cross import gated_cross_backward, gated_cross_forward
 
     B, D, gated = shape
-    x0, xl, w, b = _t(B, D, dtype=dt), _t(B, D, dtype=dt), _t(D, D, dtype=dt), _t(D, dtype=dt)
-    wg = _t(D, D, dtype=dt) if gated else None
-    gated_cross_forward(x0, xl, w, b, wg, tf32)
-    gated_cross_backward(_t(B, D, dtype=dt), x0, xl, w, b, wg, tf32)
+    x0, w, b = _t(B, D, dtype=dt), _t(D, D, dtype=dt, group=G), _t(D, dtype=dt, group=G)
+    wg = _t(D, D, dtype=dt, group=G) if gated else None
+    for xl in ([x0] if not G else [x0, _t(B, D, dtype=dt, group=G)]):
+        gated_cross_forward(x0, xl, w, b, wg, tf32)
+        gated_cross_backward(_t(B, D, dtype=dt, group=G), x0, xl, w, b, wg, tf32)
 
 
-def _mask_block(shape, dt, tf32):
+def _mask_block(shape, dt, tf32, G=0):
     from .triton.triton_masknet import mask_block_backward, mask_block_forward
 
     B, din, hm, dv, do = shape
-    e, v = _t(B, din, dtype=dt), _t(B, dv, dtype=dt)
-    w1, b1, w2, b2 = _t(hm, din, dtype=dt), _t(hm, dtype=dt), _t(dv, hm, dtype=dt), _t(dv, dtype=dt)
-    w3, gamma, beta = _t(do, dv, dtype=dt), _t(do, dtype=dt), _t(do, dtype=dt)
+    e, v = _t(B, din, dtype=dt), _t(B, dv, dtype=dt, group=G)
+    w1, b1 = _t(hm, din, dtype=dt, group=G), _t(hm, dtype=dt, group=G)
+    w2, b2 = _t(dv, hm, dtype=dt, group=G), _t(dv, dtype=dt, group=G)
+    w3, gamma, beta = _t(do, dv, dtype=dt, group=G), _t(do, dtype=dt, group=G), _t(do, dtype=dt, group=G)
     out, hid, mask, z, mean, rstd = mask_block_forward(e, v, w1, b1, w2, b2, w3, gamma, beta, 1e-5, tf32)
-    mask_block_backward(_t(B, do, dtype=dt), e, v, w1, w2, w3, gamma, beta, hid, mask, z, mean, rstd, tf32)
+    mask_block_backward(_t(B, do, dtype=dt, group=G), e, v, w1, w2, w3, gamma, beta, hid, mask, z, mean, rstd,
+                        tf32)
 
 
-def _hcnet(shape, dt, tf32):
+def _hcnet(shape, dt, tf32, G=0):
     from .triton.triton_hcnet import hcnet_backward, hcnet_forward
 
     B, S, H, books, N, dc, d, det = shape
     M = S * (S - 1) // 2
-    ids, salts, seeds = _t(B, S, dtype="int64"), _t(S, dtype="int64"), _t(H, dtype="int64")
-    cb, wr, attn = _t(books, N, dc, dtype=dt), _t(d, H * dc, dtype=dt), _t(B, M, dtype=dt)
+    ids, salts, seeds = _t(B, S, dtype="int64"), _t(S, dtype="int64"), _t(H, dtype="int64", group=G)
+    cb, wr = _t(books, N, dc, dtype=dt, group=G), _t(d, H * dc, dtype=dt, group=G)
+    attn = _t(B, M, dtype=dt, group=G)
     hcnet_forward(ids, salts, seeds, cb, wr, attn, tf32)
-    hcnet_backward(_t(B, S, d, dtype=dt), ids, salts, seeds, cb, wr, attn, det, tf32)
+    hcnet_backward(_t(B, S, d, dtype=dt, group=G), ids, salts, seeds, cb, wr, attn, det, tf32)
 
 
 def _softmax_gate(shape, dt, tf32):
@@ -121,7 +143,18 @@ def _softmax_gate(shape, dt, tf32):
     softmax_gate_backward(_t(B, h, dtype=dt), _t(B, K, dtype=dt), x, experts, w, wts, tf32)
 
 
-RUNNERS = {"gated_cross": _gated_cross, "mask_block": _mask_block, "hcnet": _hcnet, "softmax_gate": _softmax_gate}
+def _softmax_mix(shape, dt, tf32, G=0):
+    """A gate from given logits: a column slice of every task's logits from one GEMM."""
+    from .triton.triton_softmax_gate import softmax_gate_backward, softmax_gate_forward
+
+    B, K, h = shape
+    logits, experts = _t(B, 2 * K, dtype=dt)[:, :K], _t(B, K, h, dtype=dt)
+    _, wts = softmax_gate_forward(logits, experts, None, None, None, tf32)
+    softmax_gate_backward(_t(B, h, dtype=dt), None, logits, experts, None, wts, tf32)
+
+
+RUNNERS = {"gated_cross": _gated_cross, "mask_block": _mask_block, "hcnet": _hcnet, "softmax_gate": _softmax_gate,
+           "softmax_mix": _softmax_mix}
 
 
 def cases() -> list[Case]:
@@ -132,6 +165,10 @@ def cases() -> list[Case]:
         for shape in shapes:
             for prec in PRECISIONS:
                 out.append(Case(op, shape, prec, True, RUNNERS[op]))
+    for op, entries in GROUPED_PAPER.items():
+        for G, shape in entries:
+            for prec in PRECISIONS:
+                out.append(Case(op, shape, prec, True, RUNNERS[op], group=G))
     for shape in HCNET_WIDE:
         out.append(Case("hcnet", shape, "bf16", False, _hcnet))
     for op, shapes in GPU_TEST_SHAPES.items():
@@ -241,7 +278,7 @@ def run_check(num_sms: int = 132, only: str | None = None, progress=None) -> lis
         dt, tf32 = PRECISIONS[case.precision]
         with capture(num_sms=num_sms) as cap:
             try:
-                case.run(case.shape, dt, tf32)
+                case.run(case.shape, dt, tf32, case.group) if case.group else case.run(case.shape, dt, tf32)
             except Exception as exc:  # a launcher that refuses the shape (e.g. a grid limit) is a finding
                 rows.append(Row(case.label, case.op, case.precision, case.paper, "(launcher)", "", (), 0,
                                 problems=[f"{type(exc).__name__}: {exc}"]))

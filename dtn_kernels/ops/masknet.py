@@ -63,10 +63,13 @@ def _setup_context(ctx, inputs, output):
     e, v, w1, b1, w2, b2, w3, gamma, beta, eps, allow_tf32 = inputs
     ctx.eps, ctx.allow_tf32 = eps, allow_tf32
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero tensors for the five saved outputs' (absent) gradients
     ctx.save_for_backward(e, v, w1, b1, w2, b2, w3, gamma, beta, *output[1:])
 
 
 def _backward(ctx, grad_out, *_aux_grads):
+    if grad_out is None:
+        return (None,) * 11
     grads = torch.ops.dtn.mask_block_backward(grad_out, *ctx.saved_tensors, ctx.eps, ctx.allow_tf32)
     return (*grads, None, None)
 

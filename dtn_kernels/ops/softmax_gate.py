@@ -34,16 +34,17 @@ def _(x, experts, weight, bias, mask, allow_tf32=None):
 
 
 @torch.library.custom_op("dtn::softmax_gate_backward", mutates_args=())
-def _softmax_gate_backward(grad_out: Tensor, grad_weights: Tensor, x: Tensor, experts: Tensor, weight: Tensor,
+def _softmax_gate_backward(grad_out: Tensor, grad_weights: Optional[Tensor], x: Tensor, experts: Tensor, weight: Tensor,
                            bias: Tensor, mask: Optional[Tensor], weights: Tensor, allow_tf32: Optional[bool] = None
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, d experts, dW, db)."""
+    """(dx, d experts, dW, db); ``grad_weights=None``: the weights were not used downstream."""
     if use_triton(x):
         from ..triton.triton_softmax_gate import softmax_gate_backward
 
         grads = softmax_gate_backward(grad_out, grad_weights, x, experts, weight, weights, allow_tf32)
     else:
-        grads = pt_softmax_gate_backward(grad_out, grad_weights, x, experts, weight, bias, mask)
+        grads = pt_softmax_gate_backward(grad_out, grad_weights if grad_weights is not None else 0.0, x, experts,
+                                         weight, bias, mask)
     return tuple(g.contiguous() for g in grads)
 
 
@@ -56,15 +57,16 @@ def _(grad_out, grad_weights, x, experts, weight, bias, mask, weights, allow_tf3
 def _setup_context(ctx, inputs, output):
     x, experts, weight, bias, mask, allow_tf32 = inputs
     ctx.allow_tf32 = allow_tf32
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero tensor
     ctx.save_for_backward(x, experts, weight, bias, mask, output[1])
 
 
 def _backward(ctx, grad_out, grad_weights):
     x, experts, weight, bias, mask, weights = ctx.saved_tensors
+    if grad_out is None and grad_weights is None:
+        return (None,) * 6
     if grad_out is None:
         grad_out = x.new_zeros((x.shape[0], experts.shape[2]))
-    if grad_weights is None:
-        grad_weights = torch.zeros_like(weights)
     dx, dexp, dW, db = torch.ops.dtn.softmax_gate_backward(grad_out, grad_weights, x, experts, weight, bias, mask,
                                                            weights, ctx.allow_tf32)
     return dx, dexp, dW, db, None, None
@@ -100,7 +102,7 @@ def _(logits, experts, mask):
 
 
 @torch.library.custom_op("dtn::softmax_mix_backward", mutates_args=())
-def _softmax_mix_backward(grad_out: Tensor, grad_weights: Tensor, logits: Tensor, experts: Tensor,
+def _softmax_mix_backward(grad_out: Tensor, grad_weights: Optional[Tensor], logits: Tensor, experts: Tensor,
                           weights: Tensor) -> tuple[Tensor, Tensor]:
     """(d logits, d experts)."""
     if use_triton(experts):
@@ -108,7 +110,8 @@ def _softmax_mix_backward(grad_out: Tensor, grad_weights: Tensor, logits: Tensor
 
         dl, dexp, _, _ = softmax_gate_backward(grad_out, grad_weights, logits, experts, None, weights)
     else:
-        dl, dexp = pt_softmax_mix_backward(grad_out, grad_weights, experts, weights)
+        dl, dexp = pt_softmax_mix_backward(grad_out, grad_weights if grad_weights is not None else 0.0, experts,
+                                           weights)
     return dl.to(logits.dtype).contiguous(), dexp.contiguous()
 
 
@@ -119,15 +122,16 @@ def _(grad_out, grad_weights, logits, experts, weights):
 
 def _mix_setup_context(ctx, inputs, output):
     logits, experts, mask = inputs
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(logits, experts, output[1])
 
 
 def _mix_backward(ctx, grad_out, grad_weights):
     logits, experts, weights = ctx.saved_tensors
+    if grad_out is None and grad_weights is None:
+        return None, None, None
     if grad_out is None:
         grad_out = experts.new_zeros((experts.shape[0], experts.shape[2]))
-    if grad_weights is None:
-        grad_weights = torch.zeros_like(weights)
     dl, dexp = torch.ops.dtn.softmax_mix_backward(grad_out, grad_weights, logits, experts, weights)
     return dl, dexp, None
 

@@ -42,12 +42,15 @@ def triton_on_cpu() -> bool:
     return os.environ.get("DTN_TRITON_ON_CPU", "0").lower() in ("1", "true", "yes", "on")
 
 
+_COUNTING = False  # set by _launch.count_launches(): CPU tensors take the GPU path, launches are only counted
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """Triton for CUDA tensors of fp32/fp16/bf16; on CPU only through the interpreter (fp32:
     the interpreter has no bf16 arithmetic). Everything else (fp64, CPU) runs the twin."""
     if not HAS_TRITON or t.dtype not in TRITON_DTYPES:
         return False
-    if t.is_cuda:
+    if t.is_cuda or _COUNTING:
         return True
     return t.device.type == "cpu" and t.dtype == torch.float32 and triton_on_cpu()
 

@@ -26,6 +26,7 @@ GRID_YZ_LIMIT = 65_535
 GRID_X_LIMIT = 2 ** 31 - 1
 
 _CAPTURE: Optional["Capture"] = None
+_COUNTED: Optional[list] = None
 _SM_COUNT: dict = {}
 
 
@@ -143,6 +144,9 @@ def launch(kernel, grid, *args, dot_m: Optional[int] = None, **meta):
     grid = tuple(int(g) for g in grid)
     if len(grid) > 1 and max(grid[1:]) > GRID_YZ_LIMIT:
         raise ValueError(f"{kernel.__name__}: grid {grid} exceeds CUDA's y/z limit {GRID_YZ_LIMIT}")
+    if _COUNTED is not None:  # count_launches(): record the kernel, run nothing (outputs stay unset)
+        _COUNTED.append(kernel.__name__)
+        return None
     if _CAPTURE is None:
         return kernel[grid](*args, **meta)
     rec = Launch(kernel.__name__, grid, {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")},
@@ -153,6 +157,24 @@ def launch(kernel, grid, *args, dot_m: Optional[int] = None, **meta):
         rec.error = f"{type(exc).__name__}: {exc}"
     _CAPTURE.launches.append(rec)
     return rec.compiled
+
+
+@contextlib.contextmanager
+def count_launches(num_sms: int = 132):
+    """Inside this context the ops take their GPU path on CPU tensors (the same launchers, tiles for a
+    ``num_sms`` card, cuBLAS calls running as CPU BLAS) but Triton launches are only recorded: the
+    yielded list gets one kernel name per launch. Outputs of Triton kernels stay uninitialised -- for
+    counting what a step issues, not for results."""
+    global _COUNTED, _CAPTURE
+    from . import _dispatch
+
+    counted: list = []
+    _COUNTED, _dispatch._COUNTING = counted, True
+    cap, _CAPTURE = _CAPTURE, Capture(num_sms)  # num_sms() reads the SM count from it
+    try:
+        yield counted
+    finally:
+        _COUNTED, _dispatch._COUNTING, _CAPTURE = None, False, cap
 
 
 @contextlib.contextmanager

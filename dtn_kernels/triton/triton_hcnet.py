@@ -209,7 +209,7 @@ def _blocks(H, DC, D, tc: bool = True):
     bd = pow2(D)
     if interpreting():
         return 16, bh, bdc, bd, 1
-    return (64 if tc else 32), bh, bdc, bd, 4
+    return (64, bh, bdc, bd, 4) if tc else (32, bh, bdc, bd, 8)
 
 
 def _check(ids, salts, seeds, codebook, restore_weight, attn):
@@ -260,6 +260,18 @@ def hcnet_forward(ids, salts, seeds, codebook, restore_weight, attn, allow_tf32=
     return u if grouped else u[0]
 
 
+_PAIRS: dict = {}
+
+
+def _pairs(S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i, j) int32 of every cross in itertools.combinations order, made once per (S, device)."""
+    key = (S, str(device))
+    if key not in _PAIRS:
+        pairs = torch.triu_indices(S, S, 1, device=device).to(torch.int32)
+        _PAIRS[key] = (pairs[0].contiguous(), pairs[1].contiguous())
+    return _PAIRS[key]
+
+
 def _crosses_per_program(nblk: int, M: int, device) -> int:
     """Crosses per backward program: about 8 programs per SM (fewer partial dW_o tiles to sum)."""
     if interpreting():
@@ -287,8 +299,7 @@ def hcnet_backward(grad_u, ids, salts, seeds, codebook, restore_weight, attn, de
     nblk = triton.cdiv(B, BB)
     kper = _crosses_per_program(nblk * G, M, dev)
     programs = nblk * triton.cdiv(M, kper)  # per member
-    pairs = torch.triu_indices(S, S, 1, device=dev).to(torch.int32)
-    pi, pj = pairs[0].contiguous(), pairs[1].contiguous()
+    pi, pj = _pairs(S, dev)
     dwr_part = torch.empty((G, programs, D, H * DC), device=dev, dtype=torch.float32)
     rows = books * N  # per member
     dcb = torch.empty((G * rows, DC), device=dev, dtype=torch.float32) if deterministic else \

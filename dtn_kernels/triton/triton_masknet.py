@@ -187,9 +187,12 @@ def mask_block_backward(grad_out, e, v, w1, w2, w3, gamma, beta, hid, mask, z, m
     bm = row_block(B, z.device, groups=G)
     nblk = triton.cdiv(B, bm)
     dz = torch.empty_like(z)
-    dg = torch.zeros((G, max(nblk, 1), DO), device=z.device, dtype=torch.float32)
-    db = torch.zeros_like(dg)
-    if B > 0 and DO > 0 and G > 0:
+    dg = torch.empty((G, max(nblk, 1), DO), device=z.device, dtype=torch.float32)  # every partial is written
+    db = torch.empty_like(dg)
+    if B == 0 or G == 0:
+        dg.zero_()
+        db.zero_()
+    elif DO > 0:
         launch(_ln_relu_bwd_kernel, (nblk, G), grad_out.contiguous(), z, mean.contiguous(), rstd.contiguous(), gamma,
                beta, dz, dg, db, B, DO, BM=bm, BN=_row_chunk(DO, bm), num_warps=4)
     dgamma, dbeta = dg.sum(1).to(gamma.dtype), db.sum(1).to(beta.dtype)

@@ -80,6 +80,7 @@ def _softmax_gate_fwd_kernel(x_ptr, w_ptr, b_ptr, m_ptr, e_ptr, out_ptr, wts_ptr
 
 @triton.jit
 def _softmax_gate_bwd_kernel(go_ptr, gw_ptr, wts_ptr, e_ptr, w_ptr, dexp_ptr, dl_ptr, dx_ptr, B, DIN, K, H,
+                             HAS_GW: tl.constexpr,
                              BB: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr):
     rb = tl.program_id(0) * BB + tl.arange(0, BB)
     rk = tl.arange(0, BK)
@@ -87,7 +88,9 @@ def _softmax_gate_bwd_kernel(go_ptr, gw_ptr, wts_ptr, e_ptr, w_ptr, dexp_ptr, dl
     bmask = rb < B
     kmask = bmask[:, None] & (rk[None, :] < K)
     wts = tl.load(wts_ptr + rb64[:, None] * K + rk[None, :], mask=kmask, other=0.0).to(tl.float32)
-    dw = tl.load(gw_ptr + rb64[:, None] * K + rk[None, :], mask=kmask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BB, BK), dtype=tl.float32)
+    if HAS_GW:  # the incoming gradient of the weights output (None when the weights were not used)
+        dw += tl.load(gw_ptr + rb64[:, None] * K + rk[None, :], mask=kmask, other=0.0).to(tl.float32)
     for h0 in range(0, H, BH):
         hh = h0 + tl.arange(0, BH)
         hmask = bmask[:, None] & (hh[None, :] < H)
@@ -111,7 +114,7 @@ def _softmax_gate_bwd_kernel(go_ptr, gw_ptr, wts_ptr, e_ptr, w_ptr, dexp_ptr, dl
 def _mask2d(mask, B, K):
     if mask is None:
         return None
-    m = mask.to(torch.int8)
+    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask  # a free reinterpretation
     return m.expand(B, K) if m.dim() == 1 else m
 
 
@@ -145,15 +148,15 @@ def softmax_gate_backward(grad_out, grad_weights, x, experts, weight, weights, a
     din = x.shape[1] if has_x else 0
     x, experts, weights = x.contiguous(), experts.contiguous(), weights.contiguous()
     go = grad_out.contiguous()
-    gw = grad_weights.contiguous()
+    gw = grad_weights.contiguous() if grad_weights is not None else None
     dexp = torch.empty_like(experts)
     dl = torch.empty((B, K), device=x.device, dtype=torch.float32 if has_x else x.dtype)
     dx = torch.empty_like(x) if has_x else dl
     if B > 0:
         BB, BK, BD, BH, warps = _blocks(B, din, K, h, x.device)
         launch(_softmax_gate_bwd_kernel, grid_1d(triton.cdiv(B, BB)),
-               go, gw, weights, experts, weight.contiguous() if has_x else x, dexp, dl, dx, B, din, K, h,
-               BB=BB, BK=BK, BD=BD, BH=BH, num_warps=warps)
+               go, gw if gw is not None else weights, weights, experts, weight.contiguous() if has_x else x, dexp, dl,
+               dx, B, din, K, h, HAS_GW=gw is not None, BB=BB, BK=BK, BD=BD, BH=BH, num_warps=warps)
     if not has_x:
         return dl, dexp, None, None
     # plain GEMM over the batch: cuBLAS (split-K is its business); db = column sums of d logits
