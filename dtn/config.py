@@ -184,25 +184,26 @@ def _range_text(tp, check: dict) -> str:
     return _describe(tp) + (" " + ", ".join(parts) if parts else "")
 
 
-def _bad(key: str, value, tp, check: dict, why: str = "") -> ConfigError:
-    shown = str(value) if isinstance(value, Text) else repr(value)
+def _bad(key: str, value, tp, check: dict, why: str = "", raw=None) -> ConfigError:
+    shown = str(raw) if raw is not None else str(value) if isinstance(value, Text) else repr(value)
     return ConfigError(f"{key} = {shown}: {why + '; ' if why else ''}allowed: {_range_text(tp, check)}")
 
 
-def _coerce(value, tp, key: str, check: dict):
-    """``value`` converted to type ``tp`` and checked against ``check``; ConfigError otherwise."""
+def _coerce(value, tp, key: str, check: dict, raw=None):
+    """``value`` converted to type ``tp`` and checked against ``check``; ConfigError otherwise (showing
+    ``raw``, the text the user gave, when there was one)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if isinstance(value, Text) and tp is not str and not (origin is typing.Union and str in args):
         try:
             parsed = yaml.safe_load(str(value)) if str(value).strip() else None
         except yaml.YAMLError as exc:
             raise _bad(key, value, tp, check, f"not valid YAML ({str(exc).splitlines()[0]})") from None
-        return _coerce(parsed, tp, key, check)
+        return _coerce(parsed, tp, key, check, raw=value)
     if origin is typing.Union:
         inner = [a for a in args if a is not type(None)][0]
         if value is None or (isinstance(value, Text) and str(value).strip().lower() in ("", "null", "none", "~")):
             return None
-        return _coerce(value, inner, key, check)
+        return _coerce(value, inner, key, check, raw)
     if tp is Any:
         if isinstance(value, Text):
             try:
@@ -215,7 +216,7 @@ def _coerce(value, tp, key: str, check: dict):
             return value
         if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "false", "no", "off"):
             return value.strip().lower() in ("true", "yes", "on")
-        raise _bad(key, value, tp, check)
+        raise _bad(key, value, tp, check, raw=raw)
     if tp is int:
         out = None
         if isinstance(value, int) and not isinstance(value, bool):
@@ -232,8 +233,8 @@ def _coerce(value, tp, key: str, check: dict):
                 except ValueError:
                     pass
         if out is None:
-            raise _bad(key, value, tp, check, "not an integer")
-        _check_range(out, key, tp, check)
+            raise _bad(key, value, tp, check, "not an integer", raw)
+        _check_range(out, key, tp, check, raw)
         return out
     if tp is float:
         out = None
@@ -245,17 +246,17 @@ def _coerce(value, tp, key: str, check: dict):
             except ValueError:
                 pass
         if out is None:
-            raise _bad(key, value, tp, check, "not a number")
+            raise _bad(key, value, tp, check, "not a number", raw)
         if not math.isfinite(out):
-            raise _bad(key, value, tp, check, "not a finite number")
-        _check_range(out, key, tp, check)
+            raise _bad(key, value, tp, check, "not a finite number", raw)
+        _check_range(out, key, tp, check, raw)
         return out
     if tp is str:
         if not isinstance(value, str):
             raise _bad(key, value, tp, check, "not a string")
         value = str(value)
         if "choices" in check and value not in check["choices"]:
-            raise _bad(key, value, tp, check)
+            raise _bad(key, value, tp, check, raw=raw)
         return value
     if origin is list:
         if isinstance(value, tuple):
@@ -279,11 +280,11 @@ def _coerce(value, tp, key: str, check: dict):
     raise ConfigError(f"{key}: unsupported field type {tp}")  # pragma: no cover -- a field the module forgot
 
 
-def _check_range(x, key, tp, check) -> None:
+def _check_range(x, key, tp, check, raw=None) -> None:
     ok = all(((k != "ge" or x >= v) and (k != "gt" or x > v) and (k != "le" or x <= v) and (k != "lt" or x < v))
              for k, v in check.items())
     if not ok or ("choices" in check and x not in check["choices"]):
-        raise _bad(key, x, tp, check)
+        raise _bad(key, x, tp, check, raw=raw)
 
 
 @functools.lru_cache(maxsize=None)

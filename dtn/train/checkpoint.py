@@ -257,7 +257,9 @@ def read_torch_file(path: str, map_location="cpu"):
         raise CheckpointError(f"{path}: an empty file (0 bytes), not a checkpoint (cut off while being written?)")
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, TypeError, KeyError,
+    except (PermissionError, IsADirectoryError, FileNotFoundError):
+        raise
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, TypeError, KeyError,
             AttributeError, ImportError, IndexError, UnicodeDecodeError) as exc:
         reason = " ".join(str(exc).split())[:120] or type(exc).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({size:,} bytes; truncated, damaged or another kind "
