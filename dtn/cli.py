@@ -542,12 +542,13 @@ EXPECTED = (ValueError, OSError, KeyError, RuntimeError, ImportError)
 
 def describe_error(exc: BaseException) -> str:
     """One line for an expected failure: its kind, then the message that names the file, key or value."""
+    from .compare import StaleRunError
     from .config import ConfigError
     from .data import DataError, SchemaError
     from .train import TrainingDivergedError
     from .train.checkpoint import CheckpointError, FileWriteError
 
-    kinds = ((TrainingDivergedError, "training diverged"), (ConfigError, "config error"),
+    kinds = ((TrainingDivergedError, "training diverged"), (ConfigError, "config error"), (StaleRunError, "stale run"),
              (SchemaError, "data schema error"), (DataError, "data error"), (CheckpointError, "checkpoint error"),
              (FileWriteError, "cannot write"), (FileNotFoundError, "not found"), (PermissionError, "permission denied"))
     kind = next((k for cls, k in kinds if isinstance(exc, cls)), type(exc).__name__)

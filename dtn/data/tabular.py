@@ -257,11 +257,11 @@ def find_table_schema(name_or_path: str) -> str:
 def load_table_schema(name_or_path: str, train=None, valid=None, test=None, chunk_rows: int | None = None) -> TableSchema:
     """Read a data schema YAML; ``train`` / ``valid`` / ``test`` (path or list) and ``chunk_rows`` override it."""
     path = find_table_schema(name_or_path)
-    with open(path) as fh:
+    with open(path, encoding="utf-8") as fh:
         try:
             raw = yaml.safe_load(fh)
-        except yaml.YAMLError as exc:
-            raise SchemaError(f"{path}: not valid YAML: {exc}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise SchemaError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     ts = table_schema_from_dict(raw, path)
     for k, v in (("train", train), ("valid", valid), ("test", test)):
         if v:

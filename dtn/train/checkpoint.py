@@ -99,8 +99,9 @@ def source_diff(old: dict | None, new: dict | None) -> list[str]:
         elif b is None:
             out.append(f"{key[0]} file {a['path']} is gone")
         elif a["sha256"] != b["sha256"]:
-            out.append(f"{key[0]} file {b['path']} differs from {a['path']} as trained on (SHA-256 {a['sha256'][:12]}.. "
-                       f"-> {b['sha256'][:12]}.., {a['bytes']:,} -> {b['bytes']:,} bytes)")
+            what = "changed since it was trained on" if a["path"] == b["path"] else f"differs from {a['path']} as trained on"
+            out.append(f"{key[0]} file {b['path']} {what} (SHA-256 {a['sha256'][:12]}.. -> {b['sha256'][:12]}.., "
+                       f"{a['bytes']:,} -> {b['bytes']:,} bytes)")
     for k in sorted(set(old.get("params", {})) | set(new.get("params", {}))):
         va, vb = old.get("params", {}).get(k), new.get("params", {}).get(k)
         if va != vb:
