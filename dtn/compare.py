@@ -19,8 +19,8 @@ import numpy as np
 
 from .models import canonical_name
 from .train import rela_imp, train_model, write_metrics
-from .train.checkpoint import (CheckpointError, check_resume, code_version, digest, encoder_fingerprint,
-                               load_checkpoint, source_diff)
+from .train.checkpoint import (CheckpointError, check_resume, code_version, data_key, digest, encoder_fingerprint,
+                               load_checkpoint, run_config, source_diff)
 from .train.checkpoint import atomic_write_text
 
 DISPLAY = {"shared_bottom": "Shared-Bottom", "mmoe": "MMoE", "ple": "PLE", "cgc": "CGC", "sfm": "SFM", "tfi": "TFI",
@@ -34,7 +34,7 @@ class StaleRunError(ValueError):
 def expected_fingerprint(name: str, config, data) -> dict:
     """The fingerprint a run of ``name`` with ``config`` on ``data`` records (see run_fingerprint)."""
     cfg = dataclasses.replace(config, model=dataclasses.replace(config.model, name=name))
-    return {"config": digest(cfg.to_dict()), "data": digest(getattr(data, "fingerprint", None)),
+    return {"config": digest(run_config(cfg.to_dict())), "data": data_key(getattr(data, "fingerprint", None)),
             "encoder": encoder_fingerprint(data.encoder), "code": code_version()}
 
 
@@ -46,7 +46,7 @@ def _why_stale(run_dir: str, have: dict | None, want: dict, ckpt: dict | None, c
         return "its metrics.json has no run fingerprint (results copied or committed, or written by an older dtn)"
     parts = []
     if have.get("config") != want["config"]:
-        diff = config_diff(ckpt["config"], config_dict) if ckpt else []
+        diff = config_diff(run_config(ckpt["config"]), run_config(config_dict)) if ckpt else []
         parts.append("other settings: " + ("; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in diff[:4]) if diff else
                                            "config differs"))
     if have.get("data") != want["data"]:
@@ -80,7 +80,7 @@ def run_status(run_dir: str, name: str, config, data) -> tuple[str, object]:
         if have == want and ckpt is not None:
             fp = ckpt.get("fingerprint") or {}
             if (ckpt.get("code_version") == want["code"] and fp.get("encoder") == want["encoder"]
-                    and digest(fp.get("data")) == want["data"] and digest(ckpt["config"]) == want["config"]):
+                    and data_key(fp.get("data")) == want["data"] and digest(run_config(ckpt["config"])) == want["config"]):
                 return "reuse", result
             return "stale", "its best.pt is not the checkpoint its metrics.json describes"
         if have == want:

@@ -288,6 +288,12 @@ def test_export_bad_checkpoint(env, capsys, tmp_path, kind):
                  protect=[tmp_path])
 
 
+def _edit_checkpoint(path, edit):
+    ck = torch.load(path, weights_only=False)
+    edit(ck)
+    torch.save(ck, path)
+
+
 def _run_copy(env, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(env["run"], run)
@@ -298,7 +304,9 @@ def _run_copy(env, tmp_path):
     (lambda run: (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:3000]), ["last.pt", "truncated"]),
     (lambda run: (run / "last.pt").write_bytes(b""), ["last.pt: an empty file"]),
     (lambda run: shutil.copy(run / "best.pt", run / "last.pt"), ["no training state"]),
-], ids=["truncated last.pt", "empty last.pt", "best.pt as last.pt"])
+    (lambda run: _edit_checkpoint(run / "last.pt", lambda ck: ck["model_state"].pop(next(iter(ck["model_state"])))),
+     ["last.pt: its training state does not fit this model", "Missing key"]),
+], ids=["truncated last.pt", "empty last.pt", "best.pt as last.pt", "other weights"])
 def test_resume_bad_last_checkpoint(env, capsys, tmp_path, edit, needles):
     run = _run_copy(env, tmp_path)
     edit(run)
@@ -466,6 +474,19 @@ def test_resume_applies_and_records_a_new_lr(env, capsys, tmp_path):
     assert last["config"]["train"]["lr"] == 0.001
     assert all(g["lr"] == 0.001 for g in last["optimizer_state"]["param_groups"])
     assert {"epoch": 2, "key": "train.lr", "old": 0.002, "new": 0.001} in last["resumed"]
+
+
+def test_moved_data_resume_and_compare_reuse(env, capsys, tmp_path):
+    """The same data under another path: a resume continues and compare reuses (the data are keyed on content)."""
+    run = _run_copy(env, tmp_path)
+    shutil.copy(env["dir"] / "t.csv", tmp_path / "moved.csv")
+    base = [a if a != str(env["dir"] / "t.csv") else str(tmp_path / "moved.csv") for a in env["base"]]
+    rc, out, err = run_cli(["train", *base, "--out", run, "--resume", "--epochs", "3"], capsys)
+    assert rc == 0 and "resumed from" in out, err
+    cmp = ["compare", "--models", "mmoe", "--epochs", "1", "--out", tmp_path / "cmp"]
+    assert run_cli([*cmp, *env["base"]], capsys)[0] == 0
+    rc, out, err = run_cli([*cmp, *base, "--threads", "2"], capsys)
+    assert rc == 0 and "reusing" in out, err
 
 
 def test_stale_temp_files_are_removed_and_modes_follow_the_umask(env, tmp_path, capsys):

@@ -78,6 +78,28 @@ def code_version() -> str:
     return f"{dtn.__version__}+{h.hexdigest()[:12]}"
 
 
+# config keys that say where the data are or how the run is shown, not what is trained: a run keyed on
+# its config (dtn compare's reuse) is the same run whatever they are (the data are keyed on their content)
+NOT_IN_RUN_KEY = ("data.path", "data.valid_path", "data.test_path", "train.progress", "train.num_threads")
+
+
+def run_config(config: dict) -> dict:
+    """``config`` (a Config.to_dict()) without the keys of :data:`NOT_IN_RUN_KEY`."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for key in NOT_IN_RUN_KEY:
+        section, name = key.split(".")
+        out.get(section, {}).pop(name, None)
+    return out
+
+
+def data_key(fingerprint: dict | None) -> str:
+    """Digest of a data source fingerprint without the file paths: the same files moved elsewhere match."""
+    if not fingerprint:
+        return digest(fingerprint)
+    files = [{k: v for k, v in f.items() if k != "path"} for f in fingerprint.get("files", [])]
+    return digest({**fingerprint, "files": files})
+
+
 def encoder_fingerprint(encoder) -> str | None:
     """Digest of a fitted encoder's state (schema, vocabularies, statistics, bucket edges)."""
     return None if encoder is None else digest(encoder.state_dict())

@@ -191,8 +191,12 @@ class Trainer:
         return payload
 
     def load_state(self, ckpt: dict) -> None:
-        self.model.load_state_dict(ckpt["model_state"])
-        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        try:
+            self.model.load_state_dict(ckpt["model_state"])
+            self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{ckpt.get('_path', 'last.pt')}: its training state does not fit this model "
+                                  f"({_state_mismatch(exc) or exc}); written by {checkpoint_origin(ckpt)}") from None
         # the optimizer state carries the old run's lr and weight decay: this run's config decides them
         for group in self.optimizer.param_groups:
             group["lr"], group["weight_decay"] = self.cfg.lr, self.cfg.weight_decay
@@ -424,9 +428,9 @@ def write_metrics(metrics: dict, path: str) -> None:
 
 def run_fingerprint(trainer) -> dict:
     """What ``dtn compare`` keys the reuse of a finished run on: its config, data, encoders and code."""
-    from .checkpoint import digest
+    from .checkpoint import data_key, digest, run_config
 
-    return {"config": digest(trainer.config.to_dict()), "data": digest(trainer.data_fingerprint),
+    return {"config": digest(run_config(trainer.config.to_dict())), "data": data_key(trainer.data_fingerprint),
             "encoder": trainer._encoder_fp, "code": code_version()}
 
 
