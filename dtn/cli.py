@@ -560,6 +560,9 @@ def describe_error(exc: BaseException) -> str:
         msg = exc.args[0]
     else:
         msg = str(exc) or type(exc).__name__
+    if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep the original error's own line
+        last = [ln for ln in msg.splitlines() if ln.strip()][-1]
+        msg = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].replace(".", "").isidentifier() else last
     if kind == "cannot write":
         kind = "write error"
     return f"{kind}: {' '.join(msg.split())}"
