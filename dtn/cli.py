@@ -16,6 +16,10 @@ Analyses (docs/analysis.md):
   dtn trim       --checkpoint runs/dtn/best.pt --threshold 0.08 --out results/trim
   dtn tsne       --checkpoint runs/dtn/best.pt --fim masknet --task income --out results/tsne
   dtn table3     --config cpu --seeds 1,2,3 --trim-threshold 0.08 --out results/table3-cpu
+
+Errors: an expected failure (bad data, schema, config value or checkpoint; a file that cannot be read
+or written) ends with one line on stderr naming the file, key or value, and exit status 2; ``--debug``
+(or DTN_DEBUG=1) shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -25,42 +29,99 @@ import os
 import sys
 import time
 
-import yaml
-
 
 def _overrides(pairs: list[str]) -> dict:
-    """``section.key=value`` pairs (value parsed as YAML) -> a nested override dict."""
+    """``section.key=value`` pairs -> a nested override dict; each value stays text (:class:`dtn.config.Text`)
+    until the config converts it to its field's type."""
+    from .config import ConfigError, Text
+
     out: dict = {}
     for pair in pairs or []:
-        if "=" not in pair:
-            raise SystemExit(f"--set expects section.key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        parts = key.split(".")
+        key, eq, value = pair.partition("=")
+        parts = key.strip().split(".")
+        if not eq or len(parts) < 2 or not all(parts):
+            raise ConfigError(f"--set {pair!r}: expected section.key=value, e.g. train.lr=0.001")
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {pair!r}: {p} is set to a value and used as a section")
+        node[parts[-1]] = Text(value)
     return out
 
 
 def _config(args):
-    from .config import config_from_dict, load_config
+    """The configuration from --config, --set and the flags; every value converted and checked (and the
+    device checked to exist) before any data is read."""
+    from .config import ConfigError, config_from_dict, load_config
 
     over = _overrides(args.set)
     if getattr(args, "data_dir", None):
         over.setdefault("data", {})["path"] = args.data_dir
     if getattr(args, "dataset", None):
         over.setdefault("data", {})["dataset"] = args.dataset
-    if getattr(args, "epochs", None):
+    if getattr(args, "epochs", None) is not None:
         over.setdefault("train", {})["epochs"] = args.epochs
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) is not None:
         over.setdefault("train", {})["num_threads"] = args.threads
     _own_data_overrides(args, over)
     cfg = load_config(args.config)
     cfg = config_from_dict(over, cfg) if over else cfg
     if getattr(args, "data", None) and cfg.data.dataset != "table":
-        raise SystemExit("--data names a table file: give its data schema with --data-schema too")
+        raise ConfigError("--data names a table file: give its data schema with --data-schema too")
+    _check_device(cfg.train.device)
     return cfg
+
+
+def _check_device(device: str) -> None:
+    from .config import ConfigError
+
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"train.device = {device!r}: this torch ({torch.__version__}) sees no CUDA device; "
+                          "allowed here: 'cpu'")
+    index = int(device[5:]) if device.startswith("cuda:") else 0
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device = {device!r}: there are {torch.cuda.device_count()} CUDA device(s); "
+                          f"allowed: 'cpu', 'cuda' or 'cuda:0'..'cuda:{torch.cuda.device_count() - 1}'")
+
+
+def _runnable(cfg):
+    """A checkpoint's config on this machine: a CUDA run evaluated where there is no GPU uses the CPU."""
+    if cfg.train.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return cfg.replace(train=dataclasses.replace(cfg.train, device="cpu"))
+    return cfg
+
+
+def _check_model_name(name: str) -> str:
+    from .models import MODEL_REGISTRY, canonical_name
+
+    key = canonical_name(name)
+    if key not in MODEL_REGISTRY:
+        from .config import ConfigError
+
+        raise ConfigError(f"unknown model {name!r}; known: {sorted(MODEL_REGISTRY)}")
+    return key
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _check_data_source(ckpt: dict, data) -> None:
+    """Warn when the data a checkpoint is applied to are not the data it was trained on."""
+    from .train.checkpoint import source_diff
+
+    diff = source_diff((ckpt.get("fingerprint") or {}).get("data"), getattr(data, "fingerprint", None))
+    if diff:
+        _warn(f"{ckpt.get('_path', 'the checkpoint')} was trained on other data: {'; '.join(diff[:3])}; "
+              "using the checkpoint's encoders")
 
 
 def _own_data_overrides(args, over: dict) -> None:
@@ -74,7 +135,7 @@ def _own_data_overrides(args, over: dict) -> None:
             data[key] = os.path.abspath(getattr(args, arg))
     if getattr(args, "stream", False):
         data["stream"] = True
-    if getattr(args, "chunk_rows", None):
+    if getattr(args, "chunk_rows", None) is not None:
         data["chunk_rows"] = args.chunk_rows
     if getattr(args, "workers", None) is not None:
         data["num_workers"] = args.workers
@@ -82,12 +143,13 @@ def _own_data_overrides(args, over: dict) -> None:
         over.setdefault("data", {}).update(data)
 
 
-def _load_data(cfg, quiet: bool = False):
-    """The configured data set, with a one-line summary."""
+def _load_data(cfg, quiet: bool = False, encoder=None):
+    """The configured data set (encoded with ``encoder`` when given, else with encoders fitted on it),
+    with a one-line summary."""
     from .data import load_dataset
 
     t0 = time.time()
-    data = load_dataset(cfg.data, progress=not quiet)
+    data = load_dataset(cfg.data, encoder=encoder, progress=not quiet)
     if not quiet:
         mode = " (streamed)" if cfg.data.dataset == "table" and cfg.data.stream else ""
         print(f"data: {len(data.train)} train / {len(data.valid)} valid / {len(data.test)} test rows{mode}, "
@@ -101,7 +163,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder with the Census-Income files (else $DTN_CENSUS_DIR, cache, download)")
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="any config override (repeatable)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="any config override (repeatable); the value is converted to the key's type and checked")
     own = p.add_argument_group("your own data (a CSV / Parquet table; docs/own-data.md)")
     own.add_argument("--data-schema", metavar="YAML", help="data schema file, or a packaged one: aliexpress, ali_ccp")
     own.add_argument("--data", metavar="FILE", help="train file (overrides the schema's train)")
@@ -112,8 +175,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     own.add_argument("--workers", type=int, help="DataLoader worker processes reading chunks when streaming [0]")
 
 
+def _num(x) -> str:
+    return "n/a" if x is None or x != x else f"{x:.4f}"  # an AUC is undefined where a split has one class
+
+
 def _table(metrics: dict) -> str:
-    return "\n".join(f"  {t:>12}: AUC {m['auc']:.4f}  LogLoss {m['logloss']:.4f}" for t, m in metrics.items())
+    return "\n".join(f"  {t:>12}: AUC {_num(m['auc'])}  LogLoss {_num(m['logloss'])}" for t, m in metrics.items())
 
 
 def cmd_train(args) -> int:
@@ -123,23 +190,47 @@ def cmd_train(args) -> int:
     from .train import train_model
 
     cfg = _config(args)
+    name = _check_model_name(args.model)
     device = D.init_from_env(cfg.train.device)
     try:
         if device != cfg.train.device:
             cfg = cfg.replace(train=dataclasses.replace(cfg.train, device=device))
         main = D.is_main()
         world = D.rank_and_world()[1]
+        if main:
+            from .train.checkpoint import ensure_writable
+
+            ensure_writable(args.out, "--out")  # before any work that a failing first write would lose
         if main and world > 1:
             print(f"distributed: {world} processes, backend {D.dist.get_backend()}, device {device} (rank 0)")
-        data = _load_data(cfg, quiet=not main)
-        trainer, result = train_model(args.model, data, cfg, out_dir=args.out, resume=args.resume)
+        resume, encoder = _resume_point(args, name, cfg) if args.resume else (False, None)
+        data = _load_data(cfg, quiet=not main, encoder=encoder)
+        trainer, result = train_model(name, data, cfg, out_dir=args.out, resume=resume)
         if main:
-            print(f"{result['model']}: {result['params']:,} parameters, best epoch {result['best_epoch']}")
+            print(f"{result['model']}: {result['params']:,} parameters, best epoch {result['best_epoch']}"
+                  + (" (selected on validation LogLoss)" if result.get("selection") == "logloss" else ""))
             print("test:\n" + _table(result["test"]))
             print(f"checkpoints and metrics in {args.out}")
     finally:
         D.cleanup()
     return 0
+
+
+def _resume_point(args, name: str, cfg):
+    """(the loaded OUT/last.pt or False, its encoders or None): the checkpoint is checked against the model
+    and the config before any data is read, and its encoders encode the data (never refitted)."""
+    from .data import TabularEncoder
+    from .train.checkpoint import check_encoder, check_resume, load_checkpoint
+
+    path = os.path.join(args.out, "last.pt")
+    if not os.path.exists(path):
+        print(f"--resume: no {path} yet; starting a new run")
+        return False, None
+    ckpt = load_checkpoint(path)
+    check_resume(ckpt, name, cfg.replace(model=dataclasses.replace(cfg.model, name=name)).to_dict())
+    check_encoder(ckpt)
+    encoder = TabularEncoder.from_state_dict(ckpt["encoder"]) if ckpt.get("encoder") else None
+    return ckpt, encoder
 
 
 def _checkpoint_data_config(cfg, args):
@@ -154,10 +245,15 @@ def _checkpoint_data_config(cfg, args):
 def cmd_evaluate(args) -> int:
     from .data import load_dataset
     from .train import Trainer, load_checkpoint, model_from_checkpoint, write_metrics
+    from .train.checkpoint import ensure_writable
 
     ckpt = load_checkpoint(args.checkpoint)
     model, encoder, cfg = model_from_checkpoint(ckpt)
+    cfg = _runnable(cfg)
+    if args.out:
+        ensure_writable(os.path.dirname(os.path.abspath(args.out)), "--out folder")
     data = load_dataset(_checkpoint_data_config(cfg, args), encoder=encoder)
+    _check_data_source(ckpt, data)
     split = getattr(data, args.split)
     metrics = Trainer(model, cfg).evaluate(split)
     print(f"{ckpt['model_name']} on {args.split} ({len(split)} rows):\n" + _table(metrics))
@@ -169,20 +265,39 @@ def cmd_evaluate(args) -> int:
 
 def cmd_compare(args) -> int:
     from .compare import compare, to_markdown
+    from .train.checkpoint import ensure_writable
 
     cfg = _config(args)
+    models = [_check_model_name(m) for m in args.models.split(",")]
+    seeds = _seeds(args.seeds) if args.seeds else [None]
+    ensure_writable(args.out, "--out")
     t0 = time.time()
     data = _load_data(cfg)
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
-    summary = compare(args.models.split(","), data, cfg, args.out, base=args.base, seeds=seeds, resume=not args.fresh)
+    summary = compare(models, data, cfg, args.out, base=args.base, seeds=seeds, resume=not args.fresh)
     print()
     print(to_markdown(summary))
     print(f"total {time.time() - t0:.0f}s; table in {os.path.join(args.out, 'compare.md')} and compare.json")
     return 0
 
 
+def _seeds(text: str) -> list[int]:
+    from .config import ConfigError
+
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: allowed: distinct comma-separated integers >= 0, e.g. 1,2,3")
+    return seeds
+
+
 def _threads(args) -> None:
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) is not None:
+        from .config import ConfigError
+
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads}: allowed: an integer >= 1")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -247,12 +362,14 @@ def cmd_tsne(args) -> int:
 
 def cmd_table3(args) -> int:
     from .analysis.table3 import TABLE3_MODELS, table3, table3_markdown
+    from .train.checkpoint import ensure_writable
 
     cfg = _config(args)
+    seeds = _seeds(args.seeds)
+    models = [_check_model_name(m) for m in args.models.split(",")] if args.models else TABLE3_MODELS
+    ensure_writable(args.out, "--out")
     t0 = time.time()
     data = _load_data(cfg)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    models = args.models.split(",") if args.models else TABLE3_MODELS
     summary = table3(data, cfg, args.out, seeds=seeds, threshold=args.trim_threshold, models=models, base=args.base,
                      resume=not args.fresh)
     print()
@@ -264,19 +381,24 @@ def cmd_table3(args) -> int:
 def cmd_export(args) -> int:
     from .serving import export_model
     from .train import load_checkpoint, model_from_checkpoint
+    from .train.checkpoint import ensure_writable
 
     _threads(args)
     ckpt = load_checkpoint(args.checkpoint)
     model, encoder, cfg = model_from_checkpoint(ckpt)
-    extra = {"checkpoint": os.path.abspath(args.checkpoint), "trim": None}
+    cfg = _runnable(cfg)
+    if args.trim_threshold is not None and not 0.0 <= args.trim_threshold < 1.0:
+        raise ValueError(f"--trim-threshold must be in [0, 1), got {args.trim_threshold}")
+    ensure_writable(args.out, "--out")
+    extra = {"checkpoint": os.path.abspath(args.checkpoint), "trim": None,
+             "fingerprint": ckpt.get("fingerprint"), "code_version": ckpt.get("code_version")}
     if args.trim_threshold is not None:
         from .analysis.gates import require_dtn
         from .data import load_dataset
 
         require_dtn(model, "dtn export --trim-threshold")
-        if not 0.0 <= args.trim_threshold < 1.0:
-            raise ValueError(f"--trim-threshold must be in [0, 1), got {args.trim_threshold}")
         data = load_dataset(_checkpoint_data_config(cfg, args), encoder=encoder)
+        _check_data_source(ckpt, data)
         model.eval()
         weights = model.mean_gate_weights(b for b, _ in data.valid.batches(cfg.train.eval_batch_size))
         info = model.trim(weights, args.trim_threshold)
@@ -313,8 +435,19 @@ def _analysis_common(p: argparse.ArgumentParser, out: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtn", description="DTN and multi-task baselines: train, evaluate, compare, export; the "
                                 "paper's analyses: importance, gates, trim, tsne, table3 (docs/analysis.md); your own "
-                                "CSV / Parquet data (docs/own-data.md).")
+                                "CSV / Parquet data (docs/own-data.md). An expected failure prints one line and exits "
+                                "with status 2 (README, Errors).")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+
+    def add_parser(*a, **kw):  # every subcommand takes --debug too (SUPPRESS: `dtn --debug train` keeps it)
+        sp = _add_parser(*a, **kw)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error instead of one line")
+        return sp
+
+    sub.add_parser = add_parser
 
     t = sub.add_parser("train", help="train one model")
     _common(t)
@@ -355,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--base", default="shared_bottom", help="RelaImp base model [shared_bottom]")
     c.add_argument("--seeds", help="comma-separated seeds (mean ± std); default: the config's seed")
     c.add_argument("--out", default="results/compare", help="output folder [results/compare]")
-    c.add_argument("--fresh", action="store_true", help="retrain even where OUT/<model>/metrics.json exists")
+    c.add_argument("--fresh", action="store_true", help="retrain every model from scratch, replacing the runs in OUT "
+                   "(without it a finished run of the same config, data and code is reused and any other run refused)")
     c.set_defaults(func=cmd_compare)
 
     i = sub.add_parser("importance", help="permutation feature importance per task (Table 1, Fig. 2)")
@@ -396,22 +530,58 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", default="1,2,3", help="comma-separated seeds [1,2,3]")
     b.add_argument("--trim-threshold", type=float, default=0.08, help="DTN-trim gate-weight threshold [0.08]")
     b.add_argument("--out", default="results/table3", help="output folder [results/table3]")
-    b.add_argument("--fresh", action="store_true", help="retrain even where finished runs exist")
+    b.add_argument("--fresh", action="store_true", help="retrain every model from scratch, replacing the runs in OUT")
     b.set_defaults(func=cmd_table3)
     return p
 
 
+# what a user can cause (bad input, config, checkpoint, files, the environment): one line, exit 2;
+# anything else is a bug in dtn and keeps its traceback
+EXPECTED = (ValueError, OSError, KeyError, RuntimeError, ImportError)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an expected failure: its kind, then the message that names the file, key or value."""
+    from .compare import StaleRunError
+    from .config import ConfigError
+    from .data import DataError, SchemaError
+    from .train import TrainingDivergedError
+    from .train.checkpoint import CheckpointError, FileWriteError
+
+    kinds = ((TrainingDivergedError, "training diverged"), (ConfigError, "config error"), (StaleRunError, "stale run"),
+             (SchemaError, "data schema error"), (DataError, "data error"), (CheckpointError, "checkpoint error"),
+             (FileWriteError, "cannot write"), (FileNotFoundError, "not found"), (PermissionError, "permission denied"))
+    kind = next((k for cls, k in kinds if isinstance(exc, cls)), type(exc).__name__)
+    if isinstance(exc, OSError) and not isinstance(exc, FileWriteError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        msg = f"{where}{exc.strerror}" + (f" -> {exc.filename2}" if exc.filename2 else "")
+        kind = "file error" if kind == type(exc).__name__ else kind
+    elif isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        msg = exc.args[0]
+    else:
+        msg = str(exc) or type(exc).__name__
+    if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep the original error's own line
+        last = [ln for ln in msg.splitlines() if ln.strip()][-1]
+        msg = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].replace(".", "").isidentifier() else last
+    if kind == "cannot write":
+        kind = "write error"
+    return f"{kind}: {' '.join(msg.split())}"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or bool(os.environ.get("DTN_DEBUG"))
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError, ImportError) as exc:
-        from .train import TrainingDivergedError
-
-        if os.environ.get("DTN_DEBUG"):
+    except KeyboardInterrupt:
+        if debug:
             raise
-        kind = "training diverged" if isinstance(exc, TrainingDivergedError) else type(exc).__name__
-        print(f"dtn {args.command}: {kind}: {exc}", file=sys.stderr)
+        print(f"dtn {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except EXPECTED as exc:
+        if debug:
+            raise
+        print(f"dtn {args.command}: {describe_error(exc)}", file=sys.stderr)
         return 2
 
 

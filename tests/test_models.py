@@ -116,7 +116,7 @@ def test_dtn_trim_removes_unused_fims(tiny_schema, tiny_batch, small_model_cfg):
 def test_unknown_model_and_fim(tiny_schema, small_model_cfg):
     with pytest.raises(ValueError, match="unknown model 'xgboost'"):
         build_model("xgboost", tiny_schema, small_model_cfg)
-    with pytest.raises(ValueError, match="unknown FIM kind 'fm'"):
+    with pytest.raises(ValueError, match=r"model.fims\[1\] = 'fm': allowed: one of 'gdcn'"):  # a ConfigError
         build_model("dtn", tiny_schema, dataclasses.replace(small_model_cfg, fims=["gdcn", "fm"]))
     with pytest.raises(ValueError, match="not a categorical feature"):
         build_model("dtn", tiny_schema, dataclasses.replace(small_model_cfg, memonet={"fields": ["a", "x"]}))

@@ -27,16 +27,19 @@ def trim_run(data, out_dir: str, seed, threshold: float, resume: bool = True, lo
 
     run_dir = _run_dir(out_dir, "dtn_trim", seed)
     done = os.path.join(run_dir, "metrics.json")
+    dtn_dir = _run_dir(out_dir, "dtn", seed)
+    with open(os.path.join(dtn_dir, "metrics.json")) as fh:
+        dtn_result = json.load(fh)
     if resume and os.path.exists(done):
         with open(done) as fh:
             result = json.load(fh)
-        if result.get("threshold") == threshold:
-            log(f"[dtn_trim{'' if seed is None else f' seed {seed}'}] reusing {done}")
+        # reused only when made from this very DTN run (its fingerprint) at this threshold
+        if result.get("threshold") == threshold and result.get("dtn_fingerprint") == dtn_result.get("fingerprint") \
+                and result.get("dtn_fingerprint"):
+            log(f"[dtn_trim{'' if seed is None else f' seed {seed}'}] reusing {done}: made from this DTN run at "
+                f"threshold {threshold}")
             return result
-    dtn_dir = _run_dir(out_dir, "dtn", seed)
     model, encoder, cfg = model_from_checkpoint(os.path.join(dtn_dir, "best.pt"))
-    with open(os.path.join(dtn_dir, "metrics.json")) as fh:
-        dtn_result = json.load(fh)
     log(f"[dtn_trim{'' if seed is None else f' seed {seed}'}] trimming {dtn_dir}/best.pt at threshold {threshold}")
     r = trim_model(model, data, threshold, eval_batch_size=cfg.train.eval_batch_size, log=log)
     write_trim(r, model, encoder, cfg, run_dir)
@@ -47,7 +50,8 @@ def trim_run(data, out_dir: str, seed, threshold: float, resume: bool = True, lo
               "latency_ms_before": r["before"]["latency"]["median_ms"],
               "latency_ms_after": r["after"]["latency"]["median_ms"],
               "latency_batch": r["before"]["latency"]["batch_size"],
-              "valid": split_metrics(model, data.valid, cfg.train.eval_batch_size), "test": r["after"]["test"]}
+              "valid": split_metrics(model, data.valid, cfg.train.eval_batch_size), "test": r["after"]["test"],
+              "dtn_fingerprint": dtn_result.get("fingerprint")}
     write_metrics(result, done)
     return result
 

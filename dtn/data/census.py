@@ -19,6 +19,7 @@ import os
 import tempfile
 import urllib.request
 import warnings
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -123,12 +124,18 @@ def download_census(folder: str, base_url: str = UCI_URL) -> dict[str, str]:
 
 
 def _read_bytes(path: str) -> bytes:
-    if path.endswith(".xz"):
-        return lzma.decompress(open(path, "rb").read())
-    if path.endswith(".gz"):
-        return gzip.decompress(open(path, "rb").read())
     with open(path, "rb") as fh:
-        return fh.read()
+        raw = fh.read()
+    try:
+        if path.endswith(".xz"):
+            return lzma.decompress(raw)
+        if path.endswith(".gz"):
+            return gzip.decompress(raw)
+    except (lzma.LZMAError, EOFError, OSError, zlib.error) as exc:
+        kind = "xz" if path.endswith(".xz") else "gzip"
+        raise DataError(f"{path}: cannot decompress this {kind} file ({exc}); it is truncated or damaged: "
+                        "download it again") from None
+    return raw
 
 
 def read_census_file(path: str, expected_sha: str | None = None) -> pd.DataFrame:
@@ -136,7 +143,8 @@ def read_census_file(path: str, expected_sha: str | None = None) -> pd.DataFrame
     raw = _read_bytes(path)
     if not raw.strip():
         raise DataError(f"{path}: the file is empty")
-    if expected_sha is not None and hashlib.sha256(raw).hexdigest() != expected_sha:
+    sha = hashlib.sha256(raw).hexdigest()
+    if expected_sha is not None and sha != expected_sha:
         warnings.warn(f"{path}: SHA-256 differs from the published UCI file; reading it anyway", RuntimeWarning, stacklevel=2)
     text = raw.decode("latin-1")
     widths = np.fromiter((line.count(",") + 1 for line in text.splitlines() if line.strip()), dtype=np.int64)
@@ -148,6 +156,7 @@ def read_census_file(path: str, expected_sha: str | None = None) -> pd.DataFrame
                         f"({bad.size} malformed row(s) in all)")
     df = pd.read_csv(io.StringIO(text), header=None, names=COLUMNS, skipinitialspace=True, dtype=str,
                      keep_default_na=False, skip_blank_lines=True)
+    df.attrs["sha256"], df.attrs["bytes"] = sha, len(raw)  # of the decompressed text (the published UCI digest)
     return df
 
 
@@ -165,8 +174,12 @@ def load_census(path: str | None = None, split_seed: int = 2024, download: bool 
                 numeric_ids: int = 0, encoder: TabularEncoder | None = None) -> CensusData:
     """Train / validation / test of the protocol; ``encoder`` (e.g. from a checkpoint) is reused, not refitted."""
     files = find_census_files(path, download)
-    train_df = add_labels(read_census_file(files["train"], FILES["train"][1]))
-    test_df = add_labels(read_census_file(files["test"], FILES["test"][1]))
+    raw_train, raw_test = read_census_file(files["train"], FILES["train"][1]), read_census_file(files["test"], FILES["test"][1])
+    source = {"dataset": "census",
+              "files": [{"role": role, "index": 0, "path": files[role], "sha256": df.attrs["sha256"], "bytes": df.attrs["bytes"]}
+                        for role, df in (("train", raw_train), ("test", raw_test))],
+              "params": {"split_seed": split_seed, "bucketize": bucketize, "numeric_ids": numeric_ids}}
+    train_df, test_df = add_labels(raw_train), add_labels(raw_test)
     perm = np.random.RandomState(split_seed).permutation(len(test_df))
     half = len(test_df) // 2
     valid_df = test_df.iloc[perm[:half]].reset_index(drop=True)
@@ -177,4 +190,4 @@ def load_census(path: str | None = None, split_seed: int = 2024, download: bool 
     else:
         enc, schema = encoder, encoder.schema
     return CensusData(schema, enc, enc.transform(train_df, files["train"]), enc.transform(valid_df, "validation"),
-                      enc.transform(test_df, "test"), {"train": train_df, "valid": valid_df, "test": test_df})
+                      enc.transform(test_df, "test"), {"train": train_df, "valid": valid_df, "test": test_df}, source)

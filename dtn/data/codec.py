@@ -21,7 +21,16 @@ from typing import Optional
 import numpy as np
 
 __all__ = ["canonical_cell", "canonical_strings", "split_multi", "parse_weights", "parse_floats", "pre_transform",
-           "scale", "bucketize", "lookup"]
+           "scale", "bucketize", "lookup", "FLOAT32_MAX", "first_outside_float32"]
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the model computes in float32: larger values would become inf
+
+
+def first_outside_float32(x: np.ndarray) -> int:
+    """Position of the first finite value whose magnitude exceeds the float32 range, or -1."""
+    with np.errstate(invalid="ignore"):
+        big = np.abs(np.asarray(x, dtype=np.float64)) > FLOAT32_MAX
+    return int(np.argmax(big)) if big.any() else -1
 
 
 def canonical_cell(v) -> str:
@@ -76,14 +85,14 @@ def canonical_strings(values) -> np.ndarray:
 
 
 def parse_weights(tokens: list[str]) -> tuple[np.ndarray, int]:
-    """Floats from weight strings; (weights, index of the first unparsable or non-finite one, or -1)."""
+    """Floats from weight strings; (weights, index of the first unparsable, non-finite or beyond-float32 one, or -1)."""
     out = np.empty(len(tokens), dtype=np.float64)
     for i, t in enumerate(tokens):
         try:
             out[i] = float(t)
         except ValueError:
             return out, i
-        if not math.isfinite(out[i]):
+        if not math.isfinite(out[i]) or abs(out[i]) > FLOAT32_MAX:
             return out, i
     return out, -1
 
@@ -129,7 +138,7 @@ def split_multi(cells, delimiter: str, weight_separator: Optional[str] = None):
 
 def parse_floats(values) -> tuple[np.ndarray, int]:
     """float64 values of raw cells (numbers or numeric strings; None and "" are not numbers) and
-    the position of the first cell that is not a finite number, or -1."""
+    the position of the first cell that is not a finite number within the float32 range, or -1."""
     arr = values if isinstance(values, np.ndarray) else np.asarray(values, dtype=object)
     arr = arr.ravel()
     if arr.dtype.kind in "iufb":
@@ -141,7 +150,8 @@ def parse_floats(values) -> tuple[np.ndarray, int]:
                 x[i] = float(v.strip() if isinstance(v, str) else v)
             except (TypeError, ValueError):
                 return x, i
-    bad = ~np.isfinite(x)
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(x) | (np.abs(x) > FLOAT32_MAX)
     return x, (int(np.argmax(bad)) if bad.any() else -1)
 
 

@@ -24,6 +24,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -116,6 +117,7 @@ class SplitData:
     valid: EncodedData
     test: EncodedData
     frames: dict[str, pd.DataFrame]
+    fingerprint: Optional[dict] = None  # where the rows came from (dtn.data.tabular.source_fingerprint)
 
 
 def _take_jagged(m: JaggedField, idx: torch.Tensor) -> JaggedField:
@@ -344,11 +346,21 @@ class TabularEncoder:
             row = int(np.argmax(nan))
             raise DataError(f"{_where(source, f.source, col.index, row)}: value {x[row]} (NaN/inf) in numeric feature "
                             f"{f.name!r}; fill or drop missing values first")
+        row = codec.first_outside_float32(x)
+        if row >= 0:
+            raise DataError(f"{_where(source, f.source, col.index, row)}: value {x[row]:.6g} is outside the float32 "
+                            f"range of the model (|x| <= {codec.FLOAT32_MAX:.4g}) (feature {f.name!r})")
         if f.kind == "numeric":
             x = codec.pre_transform(x, f.transform)
         if transform_only:
             return x
-        return codec.scale(x, *self.stats[f.name])
+        scaled = codec.scale(x, *self.stats[f.name])
+        row = codec.first_outside_float32(scaled)
+        if row >= 0:
+            raise DataError(f"{_where(source, f.source, col.index, row)}: value {col.iloc[row]!r} scales to "
+                            f"{scaled[row]:.6g} with the training statistics of feature {f.name!r}, outside the float32 "
+                            "range of the model")
+        return scaled
 
     def _multi_tokens(self, df: pd.DataFrame, f, source):
         """(ids, lengths, weights or None) of a multi-valued feature's cells."""
@@ -357,7 +369,7 @@ class TabularEncoder:
         if bad is not None:
             row, token = bad
             raise DataError(f"{_where(source, f.source, col.index, row)}: token {token!r} of feature {f.name!r} has "
-                            f"a weight that is not a finite number (tokens are id{f.weight_separator}weight)")
+                            f"a weight that is not a finite number within the float32 range (tokens are id{f.weight_separator}weight)")
         if f.weight_column:
             wcol = df[f.weight_column]
             wtoks, wlens, _, _ = codec.split_multi(self._strings(wcol), f.delimiter)
@@ -370,7 +382,7 @@ class TabularEncoder:
             if k >= 0:
                 row = int(np.searchsorted(np.cumsum(wlens), k, side="right"))
                 raise DataError(f"{_where(source, f.weight_column, wcol.index, row)}: weight {wtoks[k]!r} of feature "
-                                f"{f.name!r} is not a finite number")
+                                f"{f.name!r} is not a finite number within the float32 range")
         return ids, lengths, weights
 
     def validate(self, df: pd.DataFrame, source: str | None = None, with_labels: bool = True) -> None:

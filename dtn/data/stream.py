@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .. import distributed as D
 from ..features import Schema
 from .encoders import DataError, EncodedData, FitState, TabularEncoder
-from .tabular import SPLITS, Chunk, TableSchema, TableSource, scan_chunks
+from .tabular import SPLITS, Chunk, TableSchema, TableSource, scan_chunks, source_fingerprint
 
 
 class ChunkStream(IterableDataset):
@@ -143,6 +144,7 @@ class StreamingData:
     test: StreamingSplit
     source: TableSource
     chunks: list[Chunk]
+    fingerprint: Optional[dict] = None  # where the rows came from (dtn.data.tabular.source_fingerprint)
 
 
 def load_table_streaming(ts: TableSchema, encoder: TabularEncoder | None = None, num_workers: int = 0,
@@ -183,7 +185,8 @@ def load_table_streaming(ts: TableSchema, encoder: TabularEncoder | None = None,
             raise DataError(f"{', '.join(ts.train)}: no training rows")
         enc.finish_fit(state=merged)
     splits = {s: StreamingSplit(source, enc, s, chunks, num_workers) for s in SPLITS}
-    return StreamingData(enc.schema, enc, splits["train"], splits["valid"], splits["test"], source, chunks)
+    return StreamingData(enc.schema, enc, splits["train"], splits["valid"], splits["test"], source, chunks,
+                         source_fingerprint(ts))
 
 
 __all__ = ["ChunkStream", "StreamingSplit", "StreamingData", "load_table_streaming"]

@@ -68,4 +68,4 @@ def make_synthetic(n: int = 20_000, seed: int = 0, encoder: TabularEncoder | Non
     enc = encoder or TabularEncoder(synthetic_schema()).fit(frames["train"], "synthetic train")
     schema = enc.schema
     return SyntheticData(schema, enc, *(enc.transform(frames[k], f"synthetic {k}") for k in ("train", "valid", "test")),
-                         frames=frames)
+                         frames=frames, fingerprint={"dataset": "synthetic", "files": [], "params": {"rows": n, "seed": seed}})

@@ -29,6 +29,7 @@ with the same code, so they see the same rows, splits and encoders.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import re
@@ -158,6 +159,8 @@ def table_schema_from_dict(raw: dict, path: str | None = None) -> TableSchema:
             raise SchemaError(f"{at}: labels[{i}]: expected a column name or {{name: task, column: col}}, got {item!r}")
     if len(set(labels)) != len(labels):
         raise SchemaError(f"{at}: labels: duplicate task names {labels}")
+    if len(labels) < 2:
+        raise SchemaError(f"{at}: labels: {labels} names one task; the multi-task models need two or more label columns")
     # features
     feats_raw = raw.get("features")
     if not isinstance(feats_raw, list) or not feats_raw:
@@ -254,11 +257,11 @@ def find_table_schema(name_or_path: str) -> str:
 def load_table_schema(name_or_path: str, train=None, valid=None, test=None, chunk_rows: int | None = None) -> TableSchema:
     """Read a data schema YAML; ``train`` / ``valid`` / ``test`` (path or list) and ``chunk_rows`` override it."""
     path = find_table_schema(name_or_path)
-    with open(path) as fh:
+    with open(path, encoding="utf-8") as fh:
         try:
             raw = yaml.safe_load(fh)
-        except yaml.YAMLError as exc:
-            raise SchemaError(f"{path}: not valid YAML: {exc}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise SchemaError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     ts = table_schema_from_dict(raw, path)
     for k, v in (("train", train), ("valid", valid), ("test", test)):
         if v:
@@ -346,7 +349,11 @@ class TableSource:
             return list(self.ts.columns), 0, 1
         if not line.strip():
             raise DataError(f"{path}: the file is empty (expected a header line naming the columns)")
-        text = line.decode("utf-8-sig").rstrip("\r\n")
+        try:
+            text = line.decode("utf-8-sig").rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: line 1: not UTF-8 text (byte 0x{line[exc.start]:02x} at column {exc.start + 1}); "
+                            "save the file as UTF-8") from None
         names = [c.strip() for c in next(csv.reader([text], delimiter=self.ts.delimiter))]
         if self.ts.columns and names != self.ts.columns:
             raise DataError(f"{path}: header {names[:10]}... differs from csv.columns in the schema")
@@ -360,7 +367,17 @@ class TableSource:
             return self._csv_header(path)[0]
         if not os.path.exists(path):
             raise FileNotFoundError(f"data file {path!r} does not exist")
-        return list(_pyarrow_parquet().ParquetFile(path).schema_arrow.names)
+        return list(self._parquet_schema(path).names)
+
+    @staticmethod
+    def _parquet_schema(path: str):
+        try:
+            return _pyarrow_parquet().ParquetFile(path).schema_arrow
+        except ImportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- pyarrow raises its own error types for a bad file
+            raise DataError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") \
+                from None
 
     def needed(self, role: str) -> list[str]:
         cols = self.ts.needed_columns()
@@ -375,6 +392,15 @@ class TableSource:
             what = f" (split.key is {self.ts.split_key!r})" if self.ts.split_key in missing else ""
             raise DataError(f"{path}: missing column(s) {missing} named in the data schema {self.ts.path or ''}{what}; "
                             f"the file has {len(present)} columns: {present[:30]}{' ...' if len(present) > 30 else ''}")
+        if _format_of(path, self.ts.format) == "parquet":
+            import pyarrow as pa
+
+            schema = self._parquet_schema(path)
+            for c in self.needed(role):
+                t = schema.field(c).type
+                if pa.types.is_nested(t):
+                    raise DataError(f"{path}: column {c!r} is a Parquet {t} column; cells must be scalars (a multi-valued "
+                                    "feature is read from delimited strings such as 'a|b|c')")
         return present
 
     # ---- indexing ------------------------------------------------------------------------
@@ -437,6 +463,13 @@ class TableSource:
         with open(chunk.file, "rb") as fh:
             fh.seek(chunk.start)
             raw = fh.read(chunk.end - chunk.start)
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line_no = chunk.first + raw.count(b"\n", 0, exc.start)
+            col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+            raise DataError(f"{chunk.file}: line {line_no}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {col}); "
+                            "save the file as UTF-8") from None
         lines = raw.split(b"\n")
         if lines and lines[-1] == b"":
             lines.pop()
@@ -559,7 +592,26 @@ def load_table(ts: TableSchema, encoder: TabularEncoder | None = None, progress:
             raise DataError(f"{where['train']}: no training rows")
         enc.finish_fit()
     encoded = {s: enc.transform(frames[s], where[s]) if len(frames[s]) else _empty(enc) for s in SPLITS}
-    return SplitData(enc.schema, enc, encoded["train"], encoded["valid"], encoded["test"], frames)
+    return SplitData(enc.schema, enc, encoded["train"], encoded["valid"], encoded["test"], frames, source_fingerprint(ts))
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def source_fingerprint(ts: TableSchema) -> dict:
+    """Where a table's rows come from: every file's SHA-256 and size (by role and position, so a moved
+    copy matches) and the digest of the schema's settings (labels, features, split, CSV options)."""
+    from ..train.checkpoint import digest
+
+    files = [{"role": role, "index": i, "path": p, "sha256": file_sha256(p), "bytes": os.path.getsize(p)}
+             for role in SPLITS for i, p in enumerate(getattr(ts, role))]
+    settings = {k: v for k, v in ts.to_dict().items() if k not in ("train", "valid", "test", "path", "chunk_rows")}
+    return {"dataset": "table", "files": files, "params": {"data schema": digest(settings)}}
 
 
 def _empty(enc: TabularEncoder) -> EncodedData:
@@ -571,4 +623,4 @@ def _empty(enc: TabularEncoder) -> EncodedData:
 
 
 __all__ = ["SchemaError", "TableSchema", "TableSource", "Chunk", "expand_columns", "table_schema_from_dict",
-           "find_table_schema", "load_table_schema", "load_table", "scan_chunks", "SPLITS"]
+           "find_table_schema", "load_table_schema", "load_table", "scan_chunks", "SPLITS", "source_fingerprint"]

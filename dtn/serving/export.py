@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import copy
 import datetime
+import io
 import json
 import os
-import shutil
 
 import torch
 from torch import nn
 
 from ..features import FeatureBatch, JaggedField, Schema
-from ..train.checkpoint import atomic_write_text
+from ..train.checkpoint import FileWriteError, open_temp
 from . import predict as _predict_module
 from ..data import codec as _codec_module
 
@@ -117,6 +117,30 @@ def export_program(model: nn.Module):
     return ep, flat
 
 
+def write_all(files: dict[str, bytes]) -> None:
+    """Write several files as one step: each to a temp file beside it first; only when every one is
+    written are they renamed into place. A failure (e.g. a full disk) removes the temp files and leaves
+    the files already there (an earlier export) as they were."""
+    staged: list[tuple[str, str]] = []
+    try:
+        for path, data in files.items():
+            fd, tmp = open_temp(path)
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+    except OSError as exc:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        failed = staged[-1][1] if staged else next(iter(files))
+        raise FileWriteError(f"{failed}: cannot write ({exc.strerror or exc}); the files already in "
+                             f"{os.path.dirname(failed)} are unchanged", exc.errno) from None
+    for tmp, path in staged:
+        os.replace(tmp, path)
+
+
 @torch.no_grad()
 def export_model(model: nn.Module, encoder, out_dir: str, model_name: str | None = None,
                  extra_meta: dict | None = None) -> dict:
@@ -130,11 +154,13 @@ def export_model(model: nn.Module, encoder, out_dir: str, model_name: str | None
              "meta": os.path.join(out_dir, "meta.json"), "predictor": os.path.join(out_dir, "predict.py"),
              "codec": os.path.join(out_dir, "dtn_codec.py")}
     ep, flat = export_program(model)
-    tmp = os.path.join(out_dir, ".model.tmp.pt2")
-    torch.export.save(ep, tmp)
-    os.replace(tmp, paths["model"])
-    # check: the program as loaded from disk against the eager model, on batches of several sizes
-    loaded = torch.export.load(paths["model"]).module()
+    # the program is serialised in memory and written by Python (a failed write is an OSError naming the
+    # file; torch's own file writer aborts the process on a full disk)
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    program = buf.getvalue()
+    # check: the program as loaded back against the eager model, on batches of several sizes
+    loaded = torch.export.load(io.BytesIO(program)).module()
     eager = copy.deepcopy(model).cpu().eval()
     diff = 0.0
     for b, seed in ((MIN_BATCH, 1), (37, 2), (256, 3)):
@@ -142,9 +168,6 @@ def export_model(model: nn.Module, encoder, out_dir: str, model_name: str | None
         diff = max(diff, float((loaded(*x) - FlatModel(eager)(*x)).abs().max()))
     if diff > 1e-5:
         raise RuntimeError(f"the exported program differs from the eager model by {diff:.3g} (> 1e-5)")
-    atomic_write_text(json.dumps(encoder.state_dict(), indent=1), paths["encoders"])
-    shutil.copyfile(_predict_module.__file__, paths["predictor"])
-    shutil.copyfile(_codec_module.__file__, paths["codec"])
     schema = model.schema
     meta = {
         "format": _predict_module.FORMAT,
@@ -161,7 +184,14 @@ def export_model(model: nn.Module, encoder, out_dir: str, model_name: str | None
         "check_max_abs_diff": diff,
         **(extra_meta or {}),
     }
-    atomic_write_text(json.dumps(meta, indent=2, default=float), paths["meta"])
+    with open(_predict_module.__file__, "rb") as fh:
+        predictor = fh.read()
+    with open(_codec_module.__file__, "rb") as fh:
+        codec_src = fh.read()
+    write_all({paths["model"]: program,
+               paths["encoders"]: json.dumps(encoder.state_dict(), indent=1).encode(),
+               paths["predictor"]: predictor, paths["codec"]: codec_src,
+               paths["meta"]: json.dumps(meta, indent=2, default=float).encode()})
     return paths
 
 

@@ -18,15 +18,19 @@ Python::
     p.tasks                                                                # column order of probs
 
 Rows may be a list of dicts, a dict of columns, a pandas DataFrame or a CSV path; extra
-columns are ignored, a missing one is an error naming it. Cells are encoded exactly as in
-training: categorical values by their string (an integer 3 and the text "3" are the same
-value; unseen values get the out-of-vocabulary id), numbers parsed and scaled with the
-training statistics, multi-valued cells split on the training delimiter.
+columns are ignored, a missing one is an error naming it. A CSV file is checked as training
+checks it: UTF-8 text, and every line with as many fields as the header. Cells are encoded
+exactly as in training: categorical values by their string (an integer 3 and the text "3"
+are the same value; unseen values get the out-of-vocabulary id), numbers parsed and scaled
+with the training statistics (a value that is not a finite number within the float32 range
+of the model is an error naming the row, column and value), multi-valued cells split on the
+training delimiter.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -66,8 +70,7 @@ class InputError(ValueError):
 def _column_arrays(rows, needed: list[str]) -> tuple[dict[str, np.ndarray], int]:
     """Object arrays of the ``needed`` columns of ``rows`` (list of dicts, dict of columns, DataFrame, CSV path)."""
     if isinstance(rows, (str, os.PathLike)):
-        with open(rows, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
+        rows = _read_csv(os.fspath(rows))
     if hasattr(rows, "columns") and hasattr(rows, "to_numpy"):  # a pandas DataFrame
         missing = [c for c in needed if c not in rows.columns]
         if missing:
@@ -98,6 +101,34 @@ def _column_arrays(rows, needed: list[str]) -> tuple[dict[str, np.ndarray], int]
         arr[:] = [r[c] for r in rows]
         cols[c] = arr
     return cols, len(rows)
+
+
+def _read_csv(path: str) -> list[dict]:
+    """The rows of a CSV file with a header; a line whose field count differs from the header's, or
+    text that is not UTF-8, is an InputError naming the file and line (as in training)."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise InputError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") \
+            from None
+    reader = csv.reader(text.splitlines())
+    header = next(reader, None)
+    if not header:
+        raise InputError(f"{path}: the file is empty (expected a header line naming the columns)")
+    header = [c.strip() for c in header]
+    rows = []
+    for i, cells in enumerate(reader, start=2):
+        if not cells:
+            continue
+        if len(cells) != len(header):
+            extra = f"field {len(header) + 1} {cells[len(header)]!r} has no column" if len(cells) > len(header) else \
+                f"column {header[len(cells)]!r} and after are missing"
+            raise InputError(f"{path}: line {i}: {len(cells)} fields, expected {len(header)}: {extra}")
+        rows.append(dict(zip(header, cells)))
+    return rows
 
 
 class Predictor:
@@ -134,7 +165,7 @@ class Predictor:
         x, bad = codec.parse_floats(values)
         if bad >= 0:
             raise InputError(f"row {start + bad}, column {self._source(f)!r}: value {values[bad]!r} is not a finite "
-                             f"number (feature {f['name']!r} is {f['kind']})")
+                             f"number within the float32 range of the model (feature {f['name']!r} is {f['kind']})")
         return x
 
     def encode(self, rows, start: int = 0) -> list[torch.Tensor]:
@@ -152,6 +183,10 @@ class Predictor:
         for j, f in enumerate(self.numeric):
             x = codec.pre_transform(self._floats(cols[self._source(f)], f, start), f["transform"])
             num[:, j] = codec.scale(x, *enc["stats"][f["name"]])
+            bad = codec.first_outside_float32(num[:, j])
+            if bad >= 0:
+                raise InputError(f"row {start + bad}, column {self._source(f)!r}: value {cols[self._source(f)][bad]!r} "
+                                 f"scales to {num[bad, j]:.6g} with the training statistics, outside the float32 range")
         inputs = [torch.from_numpy(cat), torch.from_numpy(num.astype(np.float32))]
         for f in self.multi:
             cells = codec.canonical_strings(cols[self._source(f)])
@@ -228,21 +263,40 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write predictions here as CSV [stdout]")
     ap.add_argument("--batch-size", type=int, default=8192)
     args = ap.parse_args(argv)
+    if args.batch_size < 1:
+        print(f"predict: --batch-size {args.batch_size}: allowed: an integer >= 1", file=sys.stderr)
+        return 2
     try:
         p = Predictor(args.artifact)
         probs = p.predict(args.rows, args.batch_size)
-    except (InputError, OSError) as exc:
-        print(f"predict: {exc}", file=sys.stderr)
-        return 2
-    fh = open(args.out, "w", newline="") if args.out else sys.stdout
-    try:
-        w = csv.writer(fh)
+        buf = io.StringIO()
+        w = csv.writer(buf)
         w.writerow(p.tasks)
         w.writerows([[f"{v:.8g}" for v in row] for row in probs])
-    finally:
+        text = buf.getvalue()
         if args.out:
-            fh.close()
+            _write_atomic(args.out, text)
+        else:
+            sys.stdout.write(text)
+    except (InputError, OSError, ValueError, KeyError, RuntimeError) as exc:
+        where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
+        msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"predict: {where}{' '.join(msg.split())}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Write via a temp file and a rename: a failed write leaves no partial file and an older one intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 if __name__ == "__main__":

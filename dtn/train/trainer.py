@@ -1,6 +1,11 @@
 """Training and evaluation: Adam, weighted per-task BCE, early stopping on validation AUC,
 atomic checkpoints with exact resume, metrics to JSON/CSV.
 
+Model selection: the best epoch is the one with the highest validation AUC (``train.early_stop_metric``:
+the mean over tasks, or one task's). When a task's validation AUC is undefined (its validation rows
+hold one class only) the trainer warns once, naming the task, and selects on the validation LogLoss
+instead (the mean over tasks, or that task's), so every run writes ``best.pt`` after its first epoch.
+
 The data are in-memory :class:`dtn.data.EncodedData` or streamed
 :class:`dtn.data.stream.StreamingSplit` (anything with ``len()``, ``batches()``,
 ``num_batches()`` and ``shard()``). In a torch.distributed job (``dtn train`` under torchrun)
@@ -37,12 +42,14 @@ import torch
 from dtn_kernels.ops.embedding_bag import raise_pending_errors
 
 from .. import distributed as D
-from ..config import Config, config_from_dict
-from ..data.encoders import TabularEncoder
+from ..config import Config, ConfigError, config_from_dict
+from ..data.encoders import DataError, TabularEncoder
 from ..features import FeatureBatch, JaggedField
 from ..models import DTN, build_model
-from .checkpoint import atomic_save, atomic_write_text, load_checkpoint
-from .metrics import mean_auc, task_metrics
+from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, FileWriteError, atomic_save, atomic_write_text, check_encoder,
+                         check_resume, checkpoint_origin, clean_stale_temps, code_version, encoder_fingerprint,
+                         ensure_writable, load_checkpoint)
+from .metrics import task_metrics
 
 try:
     from tqdm.auto import tqdm
@@ -108,38 +115,74 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-def checkpoint_payload(model, encoder: TabularEncoder | None, config: Config) -> dict:
-    payload = {"model_name": model.cfg.name, "config": config.to_dict(), "model_state": model.state_dict(),
-               "encoder": encoder.state_dict() if encoder is not None else None,
-               "schema": model.schema.to_dict()}
+def checkpoint_payload(model, encoder: TabularEncoder | None, config: Config, data_fingerprint: dict | None = None,
+                       encoder_fp: str | None = None) -> dict:
+    """What best.pt / trimmed.pt hold (last.pt adds the training state): the weights, the model's
+    name, config and schema, the fitted encoders, and the fingerprints of the encoders and the data."""
+    enc_state = encoder.state_dict() if encoder is not None else None
+    payload = {"format": CHECKPOINT_FORMAT, "dtn_version": code_version().split("+")[0], "code_version": code_version(),
+               "model_name": model.cfg.name, "config": config.to_dict(), "model_state": model.state_dict(),
+               "encoder": enc_state, "schema": model.schema.to_dict(),
+               "fingerprint": {"encoder": encoder_fp or encoder_fingerprint(encoder), "data": data_fingerprint}}
     if isinstance(model, DTN):
         payload["trim_active"] = model.active.clone()
     return payload
 
 
+def _state_mismatch(exc: RuntimeError) -> str:
+    """The first lines of a load_state_dict error, on one line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][1:4]
+    return "; ".join(lines)[:400]
+
+
 def model_from_checkpoint(ckpt: dict | str, device="cpu"):
-    """(model, encoder, config) rebuilt from a checkpoint dict or path."""
+    """(model, encoder, config) rebuilt from a checkpoint dict or path; a checkpoint whose config,
+    schema or weights do not fit this code is a CheckpointError naming the file and the difference."""
     if isinstance(ckpt, str):
         ckpt = load_checkpoint(ckpt)
     from ..features import Schema
 
-    config = config_from_dict(ckpt["config"])
-    schema = Schema.from_dict(ckpt["schema"])
-    model = build_model(ckpt["model_name"], schema, config.model, device=device)
-    if isinstance(model, DTN) and ckpt.get("trim_active") is not None:
-        model.apply_trim(ckpt["trim_active"])
-    model.load_state_dict(ckpt["model_state"])
+    path = ckpt.get("_path", "checkpoint")
+    try:
+        config = config_from_dict(ckpt["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: its config is not valid for this dtn ({exc}); written by "
+                              f"{checkpoint_origin(ckpt)}") from None
+    check_encoder(ckpt)
+    try:
+        schema = Schema.from_dict(ckpt["schema"])
+        model = build_model(ckpt["model_name"], schema, config.model, device=device)
+        if isinstance(model, DTN) and ckpt.get("trim_active") is not None:
+            model.apply_trim(ckpt["trim_active"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{path}: cannot rebuild its {ckpt['model_name']!r} model ({exc}); written by "
+                              f"{checkpoint_origin(ckpt)}") from None
+    try:
+        model.load_state_dict(ckpt["model_state"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: its weights do not fit the {ckpt['model_name']!r} model built from its own config "
+                              f"({_state_mismatch(exc)}); written by {checkpoint_origin(ckpt)}: another code version or "
+                              "an edited file") from None
     encoder = TabularEncoder.from_state_dict(ckpt["encoder"]) if ckpt.get("encoder") else None
+    if encoder is not None:
+        card = {f.name: f.cardinality for f in schema.features}
+        off = [f.name for f in encoder.schema.features if card.get(f.name) != f.cardinality]
+        if off:
+            raise CheckpointError(f"{path}: its encoders do not fit its model (feature(s) {off[:5]} have other "
+                                  "vocabulary sizes); the file was altered")
     return model, encoder, config
 
 
 class Trainer:
-    def __init__(self, model, config: Config, out_dir: str | None = None, encoder: TabularEncoder | None = None):
+    def __init__(self, model, config: Config, out_dir: str | None = None, encoder: TabularEncoder | None = None,
+                 data_fingerprint: dict | None = None, warn=None):
         self.model = model
         self.config = config
         self.cfg = config.train
         self.out_dir = out_dir
         self.encoder = encoder
+        self.data_fingerprint = data_fingerprint  # where the training data came from, recorded in checkpoints
+        self._encoder_fp = encoder_fingerprint(encoder)
         self.device = torch.device(self.cfg.device)
         self.model.to(self.device)
         self.rank, self.world_size = D.rank_and_world()
@@ -155,9 +198,17 @@ class Trainer:
         self.best_score = -math.inf
         self.best_epoch = 0
         self.bad_epochs = 0
+        self.selection = None  # "auc" or "logloss" once the first validation has shown which is defined
+        self.resumed: list[dict] = []  # settings changed on resume: {"epoch", "key", "old", "new"}
+        self._warn = warn if warn is not None else _warn_stderr
         self._best_state = None  # in-memory copy of the best weights when there is no out_dir
         if self.cfg.task_weights is not None and len(self.cfg.task_weights) != model.num_tasks:
-            raise ValueError(f"train.task_weights has {len(self.cfg.task_weights)} entries for {model.num_tasks} tasks")
+            raise ConfigError(f"train.task_weights = {self.cfg.task_weights}: {len(self.cfg.task_weights)} weights for the "
+                              f"{model.num_tasks} tasks {model.tasks}; allowed: one weight >= 0 per task")
+        key = self.cfg.early_stop_metric
+        if key != "mean_auc" and key[4:] not in model.tasks:
+            raise ConfigError(f"train.early_stop_metric = {key!r}: allowed: 'mean_auc' or one of "
+                              f"{['auc/' + t for t in model.tasks]}")
         # on the device once: a list would be copied host-to-device (a sync) in every step's loss
         self.task_weights = None if self.cfg.task_weights is None else \
             torch.tensor(self.cfg.task_weights, dtype=torch.float32, device=self.device)
@@ -181,29 +232,56 @@ class Trainer:
         return os.path.join(self.out_dir, name) if self.out_dir else None
 
     # ---- state -------------------------------------------------------------------------
+    def payload(self) -> dict:
+        """The best.pt payload of the current weights."""
+        return checkpoint_payload(self.model, self.encoder, self.config, self.data_fingerprint, self._encoder_fp)
+
     def state(self) -> dict:
-        payload = checkpoint_payload(self.model, self.encoder, self.config)
+        payload = self.payload()
         payload.update(optimizer_state=self.optimizer.state_dict(), epoch=self.epoch, history=self.history,
                        best_score=self.best_score, best_epoch=self.best_epoch, bad_epochs=self.bad_epochs,
+                       selection=self.selection, resumed=self.resumed,
                        torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state(), python_rng=random.getstate())
         return payload
 
     def load_state(self, ckpt: dict) -> None:
-        self.model.load_state_dict(ckpt["model_state"])
-        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        try:
+            self.model.load_state_dict(ckpt["model_state"])
+            self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{ckpt.get('_path', 'last.pt')}: its training state does not fit this model "
+                                  f"({_state_mismatch(exc) or exc}); written by {checkpoint_origin(ckpt)}") from None
+        # the optimizer state carries the old run's lr and weight decay: this run's config decides them
+        for group in self.optimizer.param_groups:
+            group["lr"], group["weight_decay"] = self.cfg.lr, self.cfg.weight_decay
         self.epoch = ckpt["epoch"]
         self.history = list(ckpt["history"])
         self.best_score, self.best_epoch, self.bad_epochs = ckpt["best_score"], ckpt["best_epoch"], ckpt["bad_epochs"]
+        self.selection = ckpt.get("selection")
+        self.resumed = list(ckpt.get("resumed", []))
         torch.set_rng_state(ckpt["torch_rng"])
         np.random.set_state(ckpt["numpy_rng"])
         random.setstate(ckpt["python_rng"])
 
-    def resume(self, path: str | None = None) -> bool:
-        """Load ``last.pt`` (or ``path``) if it exists; True when something was resumed."""
-        path = path or self._path("last.pt")
-        if not path or not os.path.exists(path):
-            return False
-        self.load_state(load_checkpoint(path, map_location=self.device))
+    def resume(self, path: str | dict | None = None, log=print) -> bool:
+        """Load ``last.pt`` (or ``path``, or an already loaded checkpoint) if it exists, after checking that
+        it is a run of this model, config and data (:func:`dtn.train.checkpoint.check_resume`); settings
+        that may change (lr, epochs, patience, ...) take this run's values and are recorded. True when
+        something was resumed."""
+        if isinstance(path, dict):
+            ckpt = path
+        else:
+            path = path or self._path("last.pt")
+            if not path or not os.path.exists(path):
+                return False
+            ckpt = load_checkpoint(path, map_location=self.device)
+        changes = check_resume(ckpt, self.model.cfg.name, self.config.to_dict(), self.data_fingerprint, self._encoder_fp)
+        self.load_state(ckpt)
+        for key, old, new in changes:
+            self.resumed.append({"epoch": self.epoch, "key": key, "old": old, "new": new})
+        if changes:
+            log("resume: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changes) +
+                f" (from epoch {self.epoch + 1}; recorded in last.pt)")
         return True
 
     # ---- training ----------------------------------------------------------------------
@@ -313,34 +391,58 @@ class Trainer:
         labels, probs = self.predict_with_labels(data)
         return task_metrics(labels, probs, self.model.tasks)
 
-    def _score(self, metrics: dict) -> float:
+    def _score(self, metrics: dict, rows: int) -> float:
+        """The model-selection score of a validation result (higher is better): the mean (or one task's)
+        AUC, or, where an AUC is undefined, minus the mean (or that task's) LogLoss."""
         key = self.cfg.early_stop_metric
         if key == "mean_auc":
-            return mean_auc(metrics)
-        if key.startswith("auc/") and key[4:] in metrics:
-            return metrics[key[4:]]["auc"]
-        raise ValueError(f"train.early_stop_metric {key!r}: use 'mean_auc' or 'auc/<task>' with a task of {list(metrics)}")
+            tasks = list(metrics)
+        elif key.startswith("auc/") and key[4:] in metrics:
+            tasks = [key[4:]]
+        else:
+            raise ConfigError(f"train.early_stop_metric = {key!r}: allowed: 'mean_auc' or 'auc/<task>' with a task of "
+                              f"{list(metrics)}")
+        if self.selection is None:
+            undefined = [t for t in tasks if not math.isfinite(metrics[t]["auc"])]
+            self.selection = "logloss" if undefined else "auc"
+            if undefined:
+                self._warn(f"the validation AUC of task(s) {undefined} is undefined (a single class among the {rows} "
+                           "validation rows); selecting the best epoch by the validation LogLoss instead")
+        m = "auc" if self.selection == "auc" else "logloss"
+        value = float(np.mean([metrics[t][m] for t in tasks]))
+        return value if m == "auc" else -value
 
-    def fit(self, train, valid, resume: bool = False, log=print) -> list[dict]:
+    def fit(self, train, valid, resume: bool | dict = False, log=print) -> list[dict]:
+        """Train until ``train.epochs`` or early stopping; ``resume``: continue from ``out_dir/last.pt`` (True)
+        or from a loaded last.pt (a dict)."""
         if len(train) == 0:
-            raise ValueError("the training set is empty")
+            raise DataError("the training split is empty: no rows to train on")
+        if len(valid) == 0:
+            raise DataError("the validation split is empty: model selection needs validation rows (a valid file, "
+                            "or a split.valid fraction that leaves some rows)")
         if not self.is_main:
             log = _quiet
-        if resume and self.resume():
+            self._warn = _quiet
+        if self.out_dir and self.is_main:
+            ensure_writable(self.out_dir)
+            clean_stale_temps(self.out_dir, ("last.pt", "best.pt", "history.csv", "metrics.json"))
+        if resume and self.resume(resume if isinstance(resume, dict) else None, log=log):
             log(f"resumed from {self._path('last.pt')} after epoch {self.epoch}")
         while self.epoch < self.cfg.epochs and self.bad_epochs < self.cfg.patience:
             t0 = time.perf_counter()
             train_loss = self.train_epoch(train)
             val = self.evaluate(valid)
-            score = self._score(val)
+            score = self._score(val, len(valid))
             self.epoch += 1
-            improved = score > self.best_score
+            # the first epoch is always the best so far: a run never ends without best.pt
+            improved = self.best_epoch == 0 or score > self.best_score
             if improved:
                 self.best_score, self.best_epoch, self.bad_epochs = score, self.epoch, 0
             else:
                 self.bad_epochs += 1
             row = {"epoch": self.epoch, "train_loss": train_loss, "seconds": time.perf_counter() - t0,
-                   **{f"val_{m}/{t}": v for t, d in val.items() for m, v in d.items()}, "score": score}
+                   **{f"val_{m}/{t}": v for t, d in val.items() for m, v in d.items()}, "score": score,
+                   "selection": self.selection}
             self.history.append(row)
             log(f"epoch {self.epoch}: loss {train_loss:.4f}  " +
                 "  ".join(f"{t} auc {d['auc']:.4f}" for t, d in val.items()) +
@@ -349,16 +451,27 @@ class Trainer:
             if improved and (not self.out_dir or not self.is_main):
                 self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             if self.out_dir and self.is_main:
-                if improved:
-                    atomic_save(checkpoint_payload(self.model, self.encoder, self.config), self._path("best.pt"))
-                atomic_save(self.state(), self._path("last.pt"))
-                self._write_history()
+                self._save_epoch(improved)
         # end on the best weights, which is what evaluation and prediction should use
         if self._best_state is not None:
             self.model.load_state_dict(self._best_state)
         elif self.out_dir and os.path.exists(self._path("best.pt")):
             self.model.load_state_dict(load_checkpoint(self._path("best.pt"), self.device)["model_state"])
         return self.history
+
+    def _save_epoch(self, improved: bool) -> None:
+        """best.pt (when improved), then last.pt, then history.csv. best.pt goes first: a last.pt that names
+        this epoch as the best must never sit beside an older best.pt."""
+        try:
+            if improved:
+                atomic_save(self.payload(), self._path("best.pt"))
+            atomic_save(self.state(), self._path("last.pt"))
+            self._write_history()
+        except OSError as exc:
+            done = self.epoch - 1
+            kept = (f"the files of epoch {done} in {self.out_dir} are intact; fix it and rerun with --resume" if done
+                    else f"nothing of this run was written to {self.out_dir}")
+            raise FileWriteError(f"{exc} after epoch {self.epoch}; {kept}", getattr(exc, "errno", None)) from None
 
     def _write_history(self) -> None:
         keys = list(dict.fromkeys(k for row in self.history for k in row))
@@ -374,22 +487,58 @@ def _quiet(*_args, **_kwargs) -> None:
     """The log of ranks other than 0."""
 
 
+def _warn_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _json_safe(obj):
+    """``obj`` with NaN / infinite floats as None (JSON has no NaN: an undefined AUC is written as null)."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    return obj
+
+
 def write_metrics(metrics: dict, path: str) -> None:
-    atomic_write_text(json.dumps(metrics, indent=2, default=float), path)
+    """Metrics as strict JSON (undefined values as null), written atomically."""
+    atomic_write_text(json.dumps(_json_safe(metrics), indent=2, default=float, allow_nan=False), path)
 
 
-def train_model(name: str, data, config: Config, out_dir: str | None = None, resume: bool = False, log=print):
-    """Build ``name`` for ``data`` (SplitData, or StreamingData for a streamed table), train, evaluate on test."""
+def run_fingerprint(trainer) -> dict:
+    """What ``dtn compare`` keys the reuse of a finished run on: its config, data, encoders and code."""
+    from .checkpoint import data_key, digest, run_config
+
+    return {"config": digest(run_config(trainer.config.to_dict())), "data": data_key(trainer.data_fingerprint),
+            "encoder": trainer._encoder_fp, "code": code_version()}
+
+
+def train_model(name: str, data, config: Config, out_dir: str | None = None, resume: bool | dict = False, log=print,
+                warn=None):
+    """Build ``name`` for ``data`` (SplitData, or StreamingData for a streamed table), train, evaluate on test.
+    ``resume``: continue from ``out_dir/last.pt`` when it exists (True), or from a loaded last.pt (dict);
+    either is checked to be a run of this model, config and data first."""
     seed_everything(config.train.seed)
     model = build_model(name, data.schema, config.model, device=config.train.device)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, name=model.cfg.name))
-    trainer = Trainer(model, config, out_dir, data.encoder)
+    trainer = Trainer(model, config, out_dir, data.encoder, getattr(data, "fingerprint", None), warn=warn)
     t0 = time.perf_counter()
     trainer.fit(data.train, data.valid, resume=resume, log=log)
     result = {"model": model.cfg.name, "params": model.num_parameters(), "best_epoch": trainer.best_epoch,
               "epochs_run": trainer.epoch, "train_seconds": time.perf_counter() - t0,
-              "valid": trainer.evaluate(data.valid), "test": trainer.evaluate(data.test)}
+              "selection": trainer.selection, "valid": trainer.evaluate(data.valid), "test": trainer.evaluate(data.test)}
     result["world_size"] = trainer.world_size  # processes that trained it (torchrun), 1 without
+    result["fingerprint"] = run_fingerprint(trainer)
+    if trainer.resumed:
+        result["resumed"] = trainer.resumed
     if out_dir and trainer.is_main:
-        write_metrics(result, os.path.join(out_dir, "metrics.json"))
+        try:
+            write_metrics(result, os.path.join(out_dir, "metrics.json"))
+        except OSError as exc:
+            raise FileWriteError(f"{exc}; training finished and best.pt / last.pt in {out_dir} are complete: rerun with "
+                                 "--resume to write the metrics", getattr(exc, "errno", None)) from None
     return trainer, result
