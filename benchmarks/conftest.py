@@ -1,8 +1,8 @@
 """Benchmark suite hooks.
 
-* Runs the collected groups in priority order (``harness.priority``: paper batch sizes first, then
-  precision in run order; file order otherwise), so a suite cut short has measured the headline
-  groups.
+* Runs the collected groups in priority order (``harness.priority``: paper batch sizes first, ops
+  before whole models, then precision in run order; file order otherwise), so a suite cut short
+  has measured the headline groups.
 * Records every skipped test with its reason (in ``DTN_BENCH_LOG`` and in pytest-benchmark's
   ``--benchmark-json`` output as ``dtn_skipped``, next to the providers ``harness.run_group`` left
   out), so ``benchmarks/report.py`` can list them under the table.
@@ -24,8 +24,8 @@ def pytest_collection_modifyitems(session, config, items):
     def key(item):
         callspec = getattr(item, "callspec", None)
         if callspec is None or not str(item.path).startswith(here):
-            return (0, 0)
-        return priority(callspec.params)
+            return (0, 0, 0)
+        return priority(callspec.params, model=item.path.name == "bench_model.py")
 
     items.sort(key=key)  # stable: file and parametrization order within a priority
 

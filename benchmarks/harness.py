@@ -212,16 +212,17 @@ def subset(grid: list, core: list) -> list:
     return grid
 
 
-def priority(params: dict) -> tuple:
+def priority(params: dict, model: bool = False) -> tuple:
     """Run-order key of a group (benchmarks/conftest.py sorts the collected tests by it, stably):
-    paper batch sizes before the sweep, then precision in :func:`precisions` order; file order
-    (ops before models) otherwise. So the core stage measures every op in bf16, the DTN step in
-    bf16, then all of it in fp32."""
+    paper batch sizes before the sweep, ops before whole models, then precision in
+    :func:`precisions` order; file order otherwise. So the core stage measures every op in bf16,
+    then in fp32, then the DTN step in bf16 and fp32: a whole-model compile, the slowest and least
+    predictable step, comes last, where a timeout cuts off the least."""
     batch = params.get("batch")
     paper = batch is None or batch in PAPER_BATCHES or batch == SMOKE_BATCH
     precs = precisions()
     prec = params.get("precision")
-    return (0 if paper else 1, precs.index(prec) if prec in precs else len(precs))
+    return (0 if paper else 1, 1 if model else 0, precs.index(prec) if prec in precs else len(precs))
 
 
 def provider_list(extra: tuple = ()) -> list[str]:
@@ -594,10 +595,22 @@ def run_group(benchmark, op: str, mode: str, batch: int, precision: str,
     runners = {p: c.runner() for p, c in cases.items()}
     n = rounds() if rounds_override is None or os.environ.get("DTN_BENCH_ROUNDS") else rounds_override
     first_call: dict = {}
+    errors: dict = {}
+
+    def warm(p):  # a provider that raises is left out of the group (and fails the test at the end)
+        try:
+            first_call[p] = _warm(*runners[p], device)
+            return True
+        except Exception as exc:  # noqa: BLE001 -- the other providers still get measured
+            errors[p] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+            del runners[p]
+            return False
+
     plain = [p for p in runners if not p.startswith("compile")]
     compiled_ = [p for p in runners if p.startswith("compile")]
     for p in plain:
-        first_call[p] = _warm(*runners[p], device)
+        warm(p)
+    plain = [p for p in plain if p in runners]
     if plain and compiled_:  # on disk before any compile: a compile killed by the timeout loses nothing else
         early = interleaved_times({p: runners[p] for p in plain}, device, n)
         for rec in _records(group, cases, early, first_call, device, base_env, final=False, memory={}):
@@ -609,8 +622,11 @@ def run_group(benchmark, op: str, mode: str, batch: int, precision: str,
                           "the suite's time budget (DTN_BENCH_DEADLINE)")
             del runners[p]
             continue
-        first_call[p] = _warm(*runners[p], device)
-        note_compile(op, first_call[p])
+        if warm(p):
+            note_compile(op, first_call[p])
+    if not runners:
+        _log_errors(test, key, errors)
+        pytest.fail("every provider failed: " + "; ".join(f"{p}: {e}" for p, e in errors.items()))
     # one untimed interleaved round, then as many timed rounds as the budget allows (at least 3)
     t0 = time.perf_counter()
     interleaved_times(runners, device, 1)
@@ -636,12 +652,23 @@ def run_group(benchmark, op: str, mode: str, batch: int, precision: str,
         log_line({"kind": "case", **rec})
     for p, why in skipped.items():
         _skip(test, key, p, why)
+    _log_errors(test, key, errors)
     info = benchmark.extra_info
     info.update({**base_env, **group, "cases": records,
-                 "skipped": [{"provider": p, "reason": r} for p, r in skipped.items()]})
+                 "skipped": [{"provider": p, "reason": r} for p, r in skipped.items()],
+                 "errors": [{"provider": p, "reason": e} for p, e in errors.items()]})
     if request is not None:
         request.config.__dict__.setdefault("dtn_bench_results", []).extend(dict(r) for r in records)
+    if errors:  # measured what could be measured; the failure still shows
+        pytest.fail("; ".join(f"{p} failed: {e}" for p, e in errors.items()))
     return {r["provider"]: r for r in records}
+
+
+def _log_errors(test: str, key: dict, errors: dict) -> None:
+    for p, e in errors.items():
+        rec = {"test": test, **key, "provider": p, "reason": f"{p} failed: {e}", "error": True}
+        SKIPPED.append(rec)
+        log_line({"kind": "error", **rec})
 
 
 def run_case(benchmark, case: Case, device: torch.device, dtype: torch.dtype = torch.float32, request=None,

@@ -101,7 +101,7 @@ def _from_log(fh, path: str) -> dict:
         kind = rec.pop("kind", None)
         if kind == "case":
             benchmarks.append({"extra_info": rec})
-        elif kind == "skipped":
+        elif kind in ("skipped", "error"):  # an error record carries "error": true
             skipped.append(rec)
     return {"benchmarks": benchmarks, "dtn_skipped": skipped}
 
@@ -301,6 +301,12 @@ def markdown(rows: list[dict], skipped: list[dict], env: dict, command: str | No
             lines.append("| " + " | ".join(cells) + " |")
     for note in notes:
         lines += ["", f"Roofline column blank: {note}." if "roofline" in note else note]
+    failed = [s for s in skipped if s.get("error")]
+    if failed:
+        lines += ["", "**Failed providers** (left out of their group; the other providers were timed):"]
+        lines += [f"* {s.get('op', '?')} {s.get('mode', '')} B={s.get('batch', '?')} {s.get('precision', '')}: "
+                  f"{s['reason']}" for s in failed]
+    skipped = [s for s in skipped if not s.get("error")]
     if skipped:
         reasons: dict = defaultdict(int)
         for s in skipped:

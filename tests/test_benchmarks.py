@@ -66,10 +66,11 @@ def test_group_grid_has_precision_and_core_first(bench_env):
 
 
 def test_run_order_priority(bench_env):
-    """Paper batches before the sweep, then bf16 before fp32 (file order otherwise)."""
-    keys = [harness.priority({"batch": b, "precision": p}) for b, p in
-            [(2048, "bf16"), (4096, "fp32"), (512, "bf16"), (16384, "fp32")]]
-    assert keys == sorted(keys) and keys[0] < keys[1] < keys[2] < keys[3]
+    """Paper batches before the sweep, ops before whole models, then bf16 before fp32."""
+    keys = [harness.priority({"batch": b, "precision": p}, model=m) for b, p, m in
+            [(2048, "bf16", False), (4096, "fp32", False), (2048, "bf16", True), (2048, "fp32", True),
+             (512, "bf16", False), (16384, "fp32", False)]]
+    assert all(a < b for a, b in zip(keys, keys[1:]))
     bench_env.setenv("DTN_BENCH_PRECISIONS", "fp32,bf16")
     assert harness.priority({"batch": 2048, "precision": "fp32"}) < harness.priority({"batch": 2048, "precision": "bf16"})
 
@@ -192,6 +193,30 @@ def test_run_group_compiles_within_budget_and_applies_autocast(bench_env, tmp_pa
     harness.run_group(FakeBenchmark(), "toy_op", "fwd", 8, "fp32", lambda p: _sleepy_case("toy_op", p, 0.001, seen),
                       CPU, fused_on_cpu=True)
     assert seen and not any(autocast for _, autocast in seen)
+
+
+def test_run_group_times_the_others_when_a_provider_raises(bench_env, tmp_path):
+    log = tmp_path / "cases.jsonl"
+    bench_env.setenv("DTN_BENCH_LOG", str(log))
+    bench_env.setenv("DTN_BENCH_PRESET", "smoke")
+    bench_env.setenv("DTN_BENCH_PROVIDERS", "eager,fused,compile")
+
+    def make(p):
+        case = _sleepy_case("toy_op", p, 0.001)
+        if p == "fused":
+            case.forward = lambda: torch.ones(2) @ torch.ones(3)  # a shape error, as a broken kernel would raise
+        return case
+
+    with pytest.raises(pytest.fail.Exception, match="fused failed: RuntimeError"):
+        harness.run_group(FakeBenchmark(), "toy_op", "fwd", 8, "fp32", make, CPU, fused_on_cpu=True)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    finals = {r["provider"] for r in lines if r["kind"] == "case" and r["final"]}
+    assert finals == {"eager", "compile"}
+    err = [r for r in lines if r["kind"] == "error"]
+    assert len(err) == 1 and err[0]["provider"] == "fused" and "RuntimeError" in err[0]["reason"]
+    assert report.main([str(log), "--out", str(tmp_path / "r"), "--no-chart"]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "**Failed providers**" in md and "toy_op fwd B=8 fp32: fused failed: RuntimeError" in md
 
 
 def test_run_group_skips_what_cannot_run(bench_env):
