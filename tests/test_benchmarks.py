@@ -173,7 +173,8 @@ def test_run_group_logs_partial_then_final_and_skips_compile_over_budget(bench_e
     assert kinds[2:4] == [("case", "eager", True), ("case", "fused", True)]
     skips = [r for r in lines if r["kind"] == "skipped"]
     assert {r["provider"] for r in skips} == {"compile", "compile_fused"}
-    assert all("does not fit" in r["reason"] and r["precision"] == "fp32" for r in skips)
+    assert all("would not fit" in r["reason"] and r["precision"] == "fp32" for r in skips)
+    assert all(r["compile_expected_s"] == 100 and 0 < r["left_s"] <= 40 for r in skips)
     assert fb.extra_info["cases"][0]["op"] == "toy_op" and len(fb.extra_info["skipped"]) == 2
 
 
@@ -461,7 +462,7 @@ def test_smoke_suite_through_pytest_benchmark(tmp_path):
 # ----------------------------------------------------------------------------- the scripts
 
 
-@pytest.mark.parametrize("script", ["gpu_suite.sh", "gpu_quality.sh", "cpu_suite.sh"])
+@pytest.mark.parametrize("script", ["gpu_suite.sh", "gpu_quality.sh", "cpu_suite.sh"], ids=["suite", "quality", "cpu"])
 def test_scripts_parse(script):
     proc = subprocess.run(["bash", "-n", os.path.join(BENCH, script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
