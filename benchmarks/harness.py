@@ -74,19 +74,6 @@ MIN_GROUP_S = 10.0  # a group needs at least this much of the budget to start
 if os.environ.get("DTN_BENCH_THREADS"):  # CPU threads for every provider (default: torch's choice)
     torch.set_num_threads(int(os.environ["DTN_BENCH_THREADS"]))
 
-# torch.compile keeps one cache per code object: the module classes' forward is shared by every
-# instance, batch size and precision (static shapes: one graph each). The default limit of 8
-# would silently fall back to eager after the 8th, so raise it.
-_dynamo_config = getattr(getattr(torch, "_dynamo", None), "config", None)
-if _dynamo_config is not None:
-    for _name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(_dynamo_config, _name):
-            setattr(_dynamo_config, _name, max(getattr(_dynamo_config, _name), 256))
-            break
-    if hasattr(_dynamo_config, "accumulated_recompile_limit"):
-        _dynamo_config.accumulated_recompile_limit = max(_dynamo_config.accumulated_recompile_limit, 4096)
-
-
 def fp32_matmul_policy() -> str:
     """``DTN_BENCH_FP32_MATMUL`` (torch's float32 matmul precision on CUDA), default ``high``."""
     policy = os.environ.get("DTN_BENCH_FP32_MATMUL", "high")
@@ -712,8 +699,26 @@ def compiled(fn, key: tuple, cache: dict):
     default compile would reuse a dynamic-shape graph from the second size on). The first call of
     each case, where compilation happens, is untimed."""
     if key not in cache:
+        _raise_recompile_limit()
         cache[key] = torch.compile(fn, dynamic=False)
     return cache[key]
+
+
+def _raise_recompile_limit() -> None:
+    """torch.compile keeps one cache per code object: a module class's forward is shared by every
+    instance, batch size and precision (static shapes: one graph each), and the default limit of 8
+    would silently fall back to eager after the 8th graph. Done here, not at import: importing
+    torch._dynamo imports triton, which must not happen before the Triton tests set
+    TRITON_INTERPRET (tests/triton_env.py) when the suite's tests share their process."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 256))
+            break
+    if hasattr(config, "accumulated_recompile_limit"):
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
 
 
 # ----------------------------------------------------------------------------- module cases

@@ -106,6 +106,15 @@ def test_precision_record_and_cpu_bf16_rule(bench_env):
     assert harness.precision_skip_reason("bf16", CPU) is None
 
 
+def test_importing_the_harness_leaves_triton_alone():
+    """The suite's tests share pytest's process with the Triton tests, which must set
+    TRITON_INTERPRET before anything imports triton (tests/triton_env.py)."""
+    code = "import sys; sys.path.insert(0, 'benchmarks'); import harness, report; print('triton' in sys.modules)"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stdout + proc.stderr
+
+
 # ----------------------------------------------------------------------------- interleaved timing
 
 
