@@ -161,12 +161,13 @@ stage_env() {
   "$PY" - "$OUT/env.json" <<'PYEOF'
 import importlib.util, json, os, platform, shutil, subprocess, sys
 
-def version(cmd):
+def version(cmd, marker=None):
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
-        return out[-1] if out else None
     except (OSError, subprocess.SubprocessError):
         return None
+    picked = [line for line in out if marker in line] if marker else out
+    return picked[-1].strip() if picked else None
 
 mods = ["torch", "triton", "numpy", "pytest", "pytest_benchmark", "hypothesis", "yaml", "pandas", "sklearn",
         "matplotlib", "tqdm", "setuptools"]
@@ -181,7 +182,7 @@ for m in mods:
         pkgs[m] = None
         print(f"{m}: import failed ({exc})")
 env = {"python": platform.python_version(), "nproc": os.cpu_count(), "packages": pkgs,
-       "nvcc": version(["nvcc", "--version"]), "ninja": version(["ninja", "--version"]),
+       "nvcc": version(["nvcc", "--version"], "release"), "ninja": version(["ninja", "--version"]),
        "commit": os.environ.get("DTN_COMMIT"), "check": os.environ.get("CHECK") == "1"}
 try:
     import torch
@@ -207,8 +208,8 @@ if "torch_error" in env or pkgs["torch"] is None:
     sys.exit("torch does not import: nothing can run")
 if os.environ.get("CHECK") != "1" and not env.get("cuda_available"):
     sys.exit("no CUDA device visible to torch (on a machine without a GPU use DTN_SUITE_CHECK=1)")
-nvcc = (env["nvcc"] or "none").split(",")[-1].strip() if env["nvcc"] else "none"
-print(f"torch {env['torch']} (CUDA {env['torch_cuda']}) · GPU {env.get('gpu', 'none')} · {nvcc} · "
+nvcc = env["nvcc"].split(",")[-1].strip() if env["nvcc"] else "none"  # "V13.0.88"
+print(f"torch {env['torch']} (CUDA {env['torch_cuda']}) · GPU {env.get('gpu', 'none')} · nvcc {nvcc} · "
       f"ninja {env['ninja'] or 'none'} · missing packages: {', '.join(missing) or 'none'}")
 PYEOF
 }

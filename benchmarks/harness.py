@@ -41,6 +41,7 @@ import platform
 import statistics
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -600,7 +601,7 @@ def run_group(benchmark, op: str, mode: str, batch: int, precision: str,
         warm(p)
     plain = [p for p in plain if p in runners]
     if plain and compiled_:  # on disk before any compile: a compile killed by the timeout loses nothing else
-        early = interleaved_times({p: runners[p] for p in plain}, device, n)
+        early = interleaved_times({p: runners[p] for p in plain}, device, max(3, n // 2))
         for rec in _records(group, cases, early, first_call, device, base_env, final=False, memory={}):
             log_line({"kind": "case", **rec})
     for p in compiled_:
@@ -634,7 +635,11 @@ def run_group(benchmark, op: str, mode: str, batch: int, precision: str,
     for p in runners:  # the last call's gradients must not sit in the baseline
         setup, target = runners[p]
         cases[p].zero_grads()
-        memory[p] = round(peak_memory(setup, target, device) / 2**20, 2)
+        try:
+            memory[p] = round(peak_memory(setup, target, device) / 2**20, 2)
+        except Exception as exc:  # noqa: BLE001 -- a memory probe must not cost the group its times
+            memory[p] = None
+            warnings.warn(f"{op} {p}: peak memory probe failed ({type(exc).__name__}: {exc})", RuntimeWarning)
     records = _records(group, cases, times, first_call, device, base_env, final=True, memory=memory)
     for rec in records:
         log_line({"kind": "case", **rec})
