@@ -27,6 +27,7 @@ def make_inputs(batch):
 @pytest.mark.parametrize("batch,mode,precision", group_grid(), ids=lambda v: str(v))
 def test_gated_cross(benchmark, batch, mode, precision, request):
     run_group(benchmark, "gated_cross", mode, batch, precision,
-              lambda provider: module_case("gated_cross", provider, mode, batch, build, make_inputs, precision=precision,
+              lambda provider: module_case("gated_cross", provider, mode, batch, build, make_inputs,
+                                           precision=precision,
                                            shape=f"B={batch} dim={DIM} layers={LAYERS}"),
               DEVICE, request)

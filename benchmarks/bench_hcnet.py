@@ -31,7 +31,8 @@ def make_inputs(batch):
 @pytest.mark.parametrize("batch,mode,precision", group_grid(), ids=lambda v: str(v))
 def test_hcnet(benchmark, batch, mode, precision, request):
     run_group(benchmark, "hcnet", mode, batch, precision,
-              lambda provider: module_case("hcnet", provider, mode, batch, build, make_inputs, precision=precision,
+              lambda provider: module_case("hcnet", provider, mode, batch, build, make_inputs,
+                                           precision=precision,
                                            shape=f"B={batch} fields={NUM_CATEGORICAL} H={HASHES} N={BUCKETS} "
                                                  f"d_c={CODEBOOK_DIM}"),
               DEVICE, request)

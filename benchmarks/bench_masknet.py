@@ -29,6 +29,7 @@ def make_inputs(batch):
 @pytest.mark.parametrize("batch,mode,precision", group_grid(), ids=lambda v: str(v))
 def test_mask_block(benchmark, batch, mode, precision, request):
     run_group(benchmark, "mask_block", mode, batch, precision,
-              lambda provider: module_case("mask_block", provider, mode, batch, build, make_inputs, precision=precision,
+              lambda provider: module_case("mask_block", provider, mode, batch, build, make_inputs,
+                                           precision=precision,
                                            shape=f"B={batch} in={DIM} mask_hidden={MASK_HIDDEN} out={HIDDEN}"),
               DEVICE, request)

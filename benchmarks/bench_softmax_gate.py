@@ -29,6 +29,7 @@ def make_inputs(batch):
 @pytest.mark.parametrize("batch,mode,precision", group_grid(), ids=lambda v: str(v))
 def test_softmax_gate(benchmark, batch, mode, precision, request):
     run_group(benchmark, "softmax_gate", mode, batch, precision,
-              lambda provider: module_case("softmax_gate", provider, mode, batch, build, make_inputs, precision=precision,
+              lambda provider: module_case("softmax_gate", provider, mode, batch, build, make_inputs,
+                                           precision=precision,
                                            shape=f"B={batch} in={DIM} K={CANDIDATES} h={HIDDEN}"),
               DEVICE, request)

@@ -537,7 +537,8 @@ def _records(group: dict, cases: dict, times: dict, first_call: dict, device: to
     for p, ts in times.items():
         c = cases[p]
         ms = sorted(t * 1e3 for t in ts)
-        q1, q3 = (statistics.quantiles(ms, n=4)[0], statistics.quantiles(ms, n=4)[2]) if len(ms) >= 2 else (ms[0], ms[0])
+        quartiles = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0], ms[0], ms[0]]
+        q1, q3 = quartiles[0], quartiles[2]
         rec = {**base, **group, "provider": p, "shape": c.shape, "median_ms": statistics.median(ms),
                "min_ms": ms[0], "iqr_ms": q3 - q1, "rounds": len(ms), "interleaved_with": list(times),
                "first_call_s": round(first_call.get(p, float("nan")), 3), "final": final,

@@ -325,11 +325,13 @@ def stages_markdown(stages: list[dict] | None, machine: dict | None) -> list[str
     lines = []
     if machine:
         missing = [k for k, v in (machine.get("packages") or {}).items() if v is None]
-        lines += ["", f"**Machine:** {machine.get('gpu') or machine.get('cpu') or '?'} · {machine.get('nproc')} cores · "
-                      f"nvcc {machine.get('nvcc') or 'none'} · ninja {machine.get('ninja') or 'none'} · "
-                      f"Python {machine.get('python')}" + (f" · missing packages: {', '.join(missing)}" if missing else "")]
+        lines += ["", f"**Machine:** {machine.get('gpu') or machine.get('cpu') or '?'} · {machine.get('nproc')} "
+                      f"cores · nvcc {machine.get('nvcc') or 'none'} · ninja {machine.get('ninja') or 'none'} · "
+                      f"Python {machine.get('python')}"
+                      + (f" · missing packages: {', '.join(missing)}" if missing else "")]
     if stages:
-        lines += ["", "Suite stages (`stages.jsonl`):", "", "| stage | status | s | budget s | note |", "|---|---|---:|---:|---|"]
+        lines += ["", "Suite stages (`stages.jsonl`):", "", "| stage | status | s | budget s | note |",
+                  "|---|---|---:|---:|---|"]
         for s in stages:
             lines.append(f"| {s.get('stage')} | {s.get('status')} | {s.get('seconds', '')} | {s.get('budget_s', '')} | "
                          f"{(s.get('reason') or '').replace('|', '/')} |")
@@ -396,7 +398,8 @@ def history_markdown(history: list[dict], device: str | None = None) -> str:
     for h in rows:
         ms = h["ms"]
         f = ms.get("fused")
-        cells = [h["op"], h["mode"], h["precision"], f"{(h.get('datetime') or '?')[:16]} · {(h.get('commit') or '?')[:10]}"]
+        run = f"{(h.get('datetime') or '?')[:16]} · {(h.get('commit') or '?')[:10]}"
+        cells = [h["op"], h["mode"], h["precision"], run]
         cells += [f"{ms[p]:.3f}" if p in ms else "—" for p in ("eager", "compile", "fused")]
         cells += [f"{ms['eager'] / f:.2f}x" if f and "eager" in ms else "—",
                   f"{ms['compile'] / f:.2f}x" if f and "compile" in ms else "—"]

@@ -72,7 +72,8 @@ def test_run_order_priority(bench_env):
              (512, "bf16", False), (16384, "fp32", False)]]
     assert all(a < b for a, b in zip(keys, keys[1:]))
     bench_env.setenv("DTN_BENCH_PRECISIONS", "fp32,bf16")
-    assert harness.priority({"batch": 2048, "precision": "fp32"}) < harness.priority({"batch": 2048, "precision": "bf16"})
+    fp32, bf16 = (harness.priority({"batch": 2048, "precision": p}) for p in ("fp32", "bf16"))
+    assert fp32 < bf16
 
 
 def test_precision_settings_are_checked(bench_env):
@@ -282,7 +283,8 @@ def test_report_marks_each_ops_targets_in_both_precisions(tmp_path, monkeypatch)
             + _op_group("hcnet", 2048, "fp32", 4.9, 2.0, 1.0)  # 4.9x < 5
             + _op_group("softmax_gate", 2048, "bf16", 3.0, 1.0, 1.0)  # 3x met, 1.0x compile missed
             + _op_group("softmax_gate", 512, "bf16", 1.0, 1.0, 1.0)  # not a paper batch: no marks
-            + [_rec("model:dtn", "eager", "train", 2048, 10.0, "bf16"), _rec("model:dtn", "compile", "train", 2048, 6.0, "bf16"),
+            + [_rec("model:dtn", "eager", "train", 2048, 10.0, "bf16"),
+               _rec("model:dtn", "compile", "train", 2048, 6.0, "bf16"),
                _rec("model:dtn", "fused", "train", 2048, 5.0, "bf16")])  # 2x eager met, 1.2x compile missed
     log = tmp_path / "cases.jsonl"
     _write_log(log, recs, [{"test": "t1", "reason": "compile: budget"}, {"test": "t2", "reason": "compile: budget"}])
@@ -297,7 +299,8 @@ def test_report_marks_each_ops_targets_in_both_precisions(tmp_path, monkeypatch)
     assert "4.90x ✗" in _row(md, "| hcnet | fwd+bwd | 2048")
     row = _row(md, "| softmax_gate | fwd+bwd | 2048 | bf16")
     assert "3.00x ✓" in row and "1.00x ✗" in row
-    assert "✓" not in _row(md, "| softmax_gate | fwd+bwd | 512") and "✗" not in _row(md, "| softmax_gate | fwd+bwd | 512")
+    sweep = _row(md, "| softmax_gate | fwd+bwd | 512")
+    assert "✓" not in sweep and "✗" not in sweep
     row = _row(md, "| model:dtn | train | 2048 | bf16")
     assert "2.00x ✓" in row and "1.20x ✗" in row
     assert "2 × compile: budget" in md and "`bash x.sh`" in md
@@ -417,7 +420,8 @@ def test_report_errors_name_the_file_and_still_list_stages(tmp_path, capsys):
 
 def test_report_reads_pytest_benchmark_group_json(tmp_path):
     data = {"datetime": "2026-11-30", "benchmarks": [
-        {"name": "test_x", "extra_info": {"op": "gated_cross", "cases": _op_group("gated_cross", 2048, "fp32", 3, 2, 1)}},
+        {"name": "test_x",
+         "extra_info": {"op": "gated_cross", "cases": _op_group("gated_cross", 2048, "fp32", 3, 2, 1)}},
         {"name": "old", "extra_info": dict(_rec("hcnet", "eager", "fwd+bwd", 2048, 9.0), precision=None)},
         {"name": "other", "extra_info": {}}], "dtn_skipped": []}
     data["benchmarks"][1]["extra_info"].pop("precision")  # the earlier per-case format had no precision
@@ -465,7 +469,8 @@ def test_smoke_suite_through_pytest_benchmark(tmp_path):
     for path in (out, tmp_path / "cases.jsonl"):
         assert report.main([str(path), "--out", str(tmp_path / path.suffix[1:]), "--no-chart"]) == 0
         md = (tmp_path / path.suffix[1:] / "report.md").read_text()
-        assert "| embedding_bag | fwd+bwd | 64 | bf16 |" in md and "| embedding_bag | fwd+bwd | 64 | fp32 (ieee) |" in md
+        assert "| embedding_bag | fwd+bwd | 64 | bf16 |" in md
+        assert "| embedding_bag | fwd+bwd | 64 | fp32 (ieee) |" in md
 
 
 # ----------------------------------------------------------------------------- the scripts
@@ -481,8 +486,8 @@ def test_suite_records_every_stage_and_goes_on_after_a_timeout(tmp_path):
     """The suite's CPU check with a stage forced to time out and the expensive stages left out:
     every stage gets a line in stages.jsonl, the run goes on, the report lists the stages."""
     out = tmp_path / "suite"
-    env = dict(os.environ, DTN_SUITE_CHECK="1", PYTHON=sys.executable, DTN_SUITE_ONLY="env,tests-triton,tests-gpu,report",
-               DTN_STAGE_BUDGET_TESTS_TRITON="1", DTN_COMMIT="testcommit")
+    env = dict(os.environ, DTN_SUITE_CHECK="1", PYTHON=sys.executable, DTN_STAGE_BUDGET_TESTS_TRITON="1",
+               DTN_SUITE_ONLY="env,tests-triton,tests-gpu,report", DTN_COMMIT="testcommit")
     proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_suite.sh"), str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0  # a check run with anything not ok fails
