@@ -19,20 +19,22 @@
 #                     in parallel (no ninja: says so, builds serially)
 #   tests-triton 150  GPU tests of tests/test_triton_*.py, run WHILE the build     -> tests-triton.{log,xml}
 #                     runs (they need no extension)
-#   tests-gpu    40   the other GPU tests (embedding bag CUDA kernels, ...)        -> tests-gpu.{log,xml}
+#   tests-gpu    75   the other GPU tests (embedding bag CUDA kernels, CUDA       -> tests-gpu.{log,xml}
+#                     graphs, convergence, ...)
 #   bandwidth    25   embedding bag forward GB/s against the copy bandwidth       -> bandwidth.json
-#   bench-core  125+  every op's forward + backward at B = 2048 (bf16, then     -> cases.jsonl, results_core.json
+#   bench-core  100+  every op's forward + backward at B = 2048 (bf16, then     -> cases.jsonl, results_core.json
 #                     fp32), then the DTN training step; all providers. Gets
-#                     125 s plus what the earlier stages left unused, minus 30 s
-#   bench-rest   30+  the other modes, batch sizes and models, while time lasts   -> cases.jsonl, results_rest.json
+#                     100 s plus what the earlier stages left unused, minus 20 s
+#   bench-rest   20+  the other modes, batch sizes and models, while time lasts   -> cases.jsonl, results_rest.json
 #   report       20   report.md (+ speedups.png with matplotlib), history line    -> report.md, history.jsonl
-#   planned: 30 + 180 (tests alongside) + 40 + 25 + 125 + 30 + 20 = 450 s
+#   planned: 30 + 180 (tests alongside) + 75 + 25 + 100 + 20 + 20 = 450 s
 #
 # A failed build skips what needs the extension (bandwidth; the embedding bag's fused providers,
 # with the reason) while the Triton tests and benchmarks still run. GPU tests are selected by
-# rule, not by list: every test under tests/ whose file, name, parameters or markers say "cuda" or
-# "gpu" (e.g. the requires_cuda marker), tests/test_cuda_compile.py excepted. Benchmarks: every
-# benchmarks/bench_*.py, models last.
+# rule, not by list (benchmarks/gpu_test_selection.py): every test under tests/ marked
+# requires_cuda or skipped, without a GPU, by a skipif whose reason names CUDA or a GPU (in the
+# files that mention either word; tests/test_cuda_compile.py runs in the CPU check instead).
+# Benchmarks: every benchmarks/bench_*.py, models last.
 #
 # DTN_SUITE_CHECK=1 runs every stage on a machine without a GPU, to check the script (CI does):
 # the CUDA sources compiled for sm_90 with nvcc (compile only: nothing runs), the CPU extension
@@ -58,7 +60,7 @@ PY="${PYTHON:-python3}"
 # lease is at stake there
 if [ "$CHECK" = 1 ]; then BUDGET="${DTN_SUITE_BUDGET_S:-600}"; else BUDGET="${DTN_SUITE_BUDGET_S:-450}"; fi
 REPORT_RESERVE=20
-REST_RESERVE=30  # bench-core leaves this much for bench-rest when it takes the earlier stages' slack
+REST_RESERVE=20  # bench-core leaves this much for bench-rest when it takes the earlier stages' slack
 start=$(date +%s)
 DEADLINE=$(( start + BUDGET ))
 STAGES="$OUT/stages.jsonl"
@@ -242,10 +244,11 @@ stage_tests() {  # WHICH (triton | gpu): the GPU tests, selected by rule (see th
     files=$(grep -l -i -E 'cuda|gpu' tests/test_*.py | grep -v -E '/test_triton_[^/]*\.py$|/test_cuda_compile\.py$')
   fi
   [ -n "$files" ] || { echo "no test files for $1"; return 5; }
-  echo "files: $files"
+  echo "files:" $files
+  # benchmarks/gpu_test_selection.py keeps the tests marked as needing a GPU
   # shellcheck disable=SC2086
-  "$PY" -m pytest -q -p no:cacheprovider -rs --continue-on-collection-errors -k "cuda or gpu" \
-    --junitxml="$OUT/tests-$1.xml" $files
+  PYTHONPATH="$ROOT/benchmarks:$PYTHONPATH" "$PY" -m pytest -q -p no:cacheprovider -p gpu_test_selection -rs \
+    --continue-on-collection-errors --junitxml="$OUT/tests-$1.xml" $files
 }
 
 stage_bandwidth() {
@@ -312,7 +315,7 @@ else
   [ "$build_rc" = 0 ] || { say "build did not succeed (see build.log); what needs the extension is skipped"; tail -20 "$OUT/build.log" >> "$OUT/suite.log"; }
 
   [ -n "$test_missing" ] && STAGE_NOTE="missing: $test_missing (files importing it cannot be collected)"
-  run_stage tests-gpu "$(budget_of tests-gpu 40)" "$OUT/tests-gpu.log" bash -c "stage_tests gpu"
+  run_stage tests-gpu "$(budget_of tests-gpu 75)" "$OUT/tests-gpu.log" bash -c "stage_tests gpu"
 
   if [ "$build_rc" = 0 ] || [ "$CHECK" = 1 ]; then
     run_stage bandwidth "$(budget_of bandwidth 25)" "$OUT/bandwidth.log" bash -c stage_bandwidth
@@ -340,10 +343,10 @@ else
       record_stage "bench-$part" skipped 0 0 "missing Python packages: $bench_missing"
       continue
     fi
-    # core: its 125 s plus whatever the earlier stages left unused, keeping 30 s for the rest;
+    # core: its 100 s plus whatever the earlier stages left unused, keeping 20 s for the rest;
     # rest: what is left
     left=$(( DEADLINE - REPORT_RESERVE - $(date +%s) ))
-    if [ "$part" = core ]; then b=$(( left - REST_RESERVE )); [ "$b" -lt 125 ] && b=125; else b=$left; fi
+    if [ "$part" = core ]; then b=$(( left - REST_RESERVE )); [ "$b" -lt 100 ] && b=100; else b=$left; fi
     b=$(budget_of "bench-$part" "$b")
     lim=$(( DEADLINE - REPORT_RESERVE - $(date +%s) )); [ "$b" -lt "$lim" ] && lim=$b
     # the harness stops starting compiles and groups 10 s before the stage's timeout

@@ -1,8 +1,6 @@
 """The benchmark suite's own machinery: grids, precision policy, interleaved timing, the report
-(targets, roofline column, history, no matplotlib), the suite's stage log and the quality script.
-
-(No test name here may contain the words the GPU suite selects GPU tests by; see gpu_suite.sh.)
-"""
+(targets, roofline column, history, no matplotlib), the suite's GPU test selection and stage log,
+and the quality script."""
 from __future__ import annotations
 
 import json
@@ -480,6 +478,31 @@ def test_smoke_suite_through_pytest_benchmark(tmp_path):
 def test_scripts_parse(script):
     proc = subprocess.run(["bash", "-n", os.path.join(BENCH, script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_gpu_test_selection_keeps_tests_that_declare_a_gpu(tmp_path):
+    (tmp_path / "test_sel.py").write_text(
+        "import pytest\n"
+        "needs = pytest.mark.skipif(False, reason='needs a CUDA device and the extension')\n"
+        "@pytest.mark.requires_cuda\n"
+        "def test_marked(): pass\n"
+        "@needs\n"
+        "def test_skipif_names_cuda(): pass\n"
+        "@pytest.mark.skipif(False, reason='no parquet engine')\n"
+        "def test_other_skipif(): pass\n"
+        "def test_emulated_cuda_algorithm_on_cpu(): pass\n")
+    (tmp_path / "test_mod.py").write_text(
+        "import pytest\n"
+        "pytestmark = pytest.mark.skipif(False, reason='needs a GPU')\n"
+        "def test_in_gpu_module(): pass\n")
+    env = dict(os.environ, PYTHONPATH=BENCH)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "gpu_test_selection",
+                           "-o", "markers=requires_cuda", "--collect-only", str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    picked = sorted(line.split("::")[-1] for line in proc.stdout.splitlines() if "::" in line)
+    assert picked == ["test_in_gpu_module", "test_marked", "test_skipif_names_cuda"]
+    assert "2 deselected" in proc.stdout
 
 
 def test_suite_records_every_stage_and_goes_on_after_a_timeout(tmp_path):
