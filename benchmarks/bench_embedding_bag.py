@@ -37,7 +37,7 @@ import dtn_kernels
 from dtn_kernels.ops import embedding_bag
 from dtn_kernels.reference import pt_embedding_bag
 from harness import environment as harness_environment
-from harness import Case, bench_device, compiled, provider_list, run_case, shape_grid, skip_unless_available
+from harness import Case, SkipProvider, bench_device, compiled, group_grid, run_group
 
 # Census-Income (KDD) categorical cardinalities, +1 for an out-of-vocabulary row each.
 # Computed from /work/shared/data/census-income/census-income.data.xz (42 columns, no
@@ -165,7 +165,7 @@ _WORK: dict = {}
 _COMPILED: dict = {}
 
 
-def suite_case(provider: str, mode: str, batch: int) -> Case:
+def suite_case(provider: str, mode: str, batch: int, precision: str = "fp32") -> Case:
     if batch not in _WORK:
         _WORK[batch] = Workload(batch=batch, device=SUITE_DEVICE)
     w = _WORK[batch]
@@ -178,24 +178,23 @@ def suite_case(provider: str, mode: str, batch: int) -> Case:
             return torch.cat(outs, dim=1)
         params = [m.weight for m in w.modules]
         return Case("embedding_bag", provider, mode, batch, forward=loop, params=params, shape=shape)
+    if provider in ("fused", "compile_fused") and not dtn_kernels.HAS_C_EXT:
+        raise SkipProvider("dtn_kernels._C is not built")
+    if provider in ("fused", "compile_fused") and SUITE_DEVICE.type == "cuda" and not dtn_kernels.HAS_CUDA_EXT:
+        raise SkipProvider("dtn_kernels._C was built without CUDA")
     fn = {"eager": pt_embedding_bag, "fused": embedding_bag,
           "compile": pt_embedding_bag, "compile_fused": embedding_bag}[provider]
     if provider.startswith("compile"):
-        fn = compiled(fn, (provider, batch), _COMPILED)
+        fn = compiled(fn, (provider, batch, precision), _COMPILED)
     return Case("embedding_bag", provider, mode, batch, forward=lambda: fn(*args, "sum"), params=[w.weight],
                 shape=shape)
 
 
-@pytest.mark.parametrize("batch,mode", shape_grid(), ids=lambda v: str(v))
-@pytest.mark.parametrize("provider", provider_list(extra=("loop",)))
-def test_embedding_bag(benchmark, provider, batch, mode, request):
-    skip_unless_available(provider, SUITE_DEVICE, fused_on_cpu=True)
-    if provider in ("fused", "compile_fused") and not dtn_kernels.HAS_C_EXT:
-        pytest.skip(f"{provider}: dtn_kernels._C is not built")
-    if provider in ("fused", "compile_fused") and SUITE_DEVICE.type == "cuda" and not dtn_kernels.HAS_CUDA_EXT:
-        pytest.skip(f"{provider}: dtn_kernels._C was built without CUDA")
-    benchmark.group = f"embedding_bag {mode} B={batch}"
-    run_case(benchmark, suite_case(provider, mode, batch), SUITE_DEVICE, torch.float32, request)
+@pytest.mark.parametrize("batch,mode,precision", group_grid(), ids=lambda v: str(v))
+def test_embedding_bag(benchmark, batch, mode, precision, request):
+    run_group(benchmark, "embedding_bag", mode, batch, precision,
+              lambda provider: suite_case(provider, mode, batch, precision), SUITE_DEVICE, request,
+              extra=("loop",), fused_on_cpu=True)
 
 
 # ----------------------------------------------------------------------------- script

@@ -1,4 +1,5 @@
-"""GDCN gated cross network (2 layers, 624 inputs = 39 fields x d 16): reference vs fused vs compile.
+"""GDCN gated cross network (2 layers, 624 inputs = 39 fields x d 16): reference vs fused vs
+compile, fp32 and bf16 autocast, interleaved (benchmarks/harness.py).
 
     .venv/bin/python -m pytest benchmarks/bench_gated_cross.py --benchmark-only
 """
@@ -7,12 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import (EMBED_DIM, NUM_FIELDS, bench_device, module_case, provider_list, run_case, shape_grid,
-                     skip_unless_available)
+from harness import EMBED_DIM, NUM_FIELDS, bench_device, group_grid, module_case, run_group
 from dtn.layers.gdcn import CrossNetwork
 
 DEVICE = bench_device()
-DTYPE = torch.float32
 DIM = NUM_FIELDS * EMBED_DIM
 LAYERS = 2
 
@@ -25,11 +24,10 @@ def make_inputs(batch):
     return (torch.randn(batch, DIM, device=DEVICE, requires_grad=True),)
 
 
-@pytest.mark.parametrize("batch,mode", shape_grid(), ids=lambda v: str(v))
-@pytest.mark.parametrize("provider", provider_list())
-def test_gated_cross(benchmark, provider, batch, mode, request):
-    skip_unless_available(provider, DEVICE)
-    benchmark.group = f"gated_cross {mode} B={batch}"
-    case = module_case("gated_cross", provider, mode, batch, build, make_inputs,
-                       shape=f"B={batch} dim={DIM} layers={LAYERS}")
-    run_case(benchmark, case, DEVICE, DTYPE, request)
+@pytest.mark.parametrize("batch,mode,precision", group_grid(), ids=lambda v: str(v))
+def test_gated_cross(benchmark, batch, mode, precision, request):
+    run_group(benchmark, "gated_cross", mode, batch, precision,
+              lambda provider: module_case("gated_cross", provider, mode, batch, build, make_inputs,
+                                           precision=precision,
+                                           shape=f"B={batch} dim={DIM} layers={LAYERS}"),
+              DEVICE, request)

@@ -1,5 +1,6 @@
 """MemoNet HCNet (32 categorical fields crossed pairwise = 496 crosses, 2 hashes, 100,000
-buckets, codebook d_c 16, linear restoring + attentive shrinking): reference vs fused vs compile.
+buckets, codebook d_c 16, linear restoring + attentive shrinking): reference vs fused vs compile,
+fp32 and bf16 autocast, interleaved (benchmarks/harness.py).
 
     .venv/bin/python -m pytest benchmarks/bench_hcnet.py --benchmark-only
 """
@@ -8,12 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import (EMBED_DIM, NUM_FIELDS, bench_device, module_case, provider_list, run_case, shape_grid,
-                     skip_unless_available)
+from harness import EMBED_DIM, NUM_FIELDS, bench_device, group_grid, module_case, run_group
 from dtn.layers.memonet import HCNet
 
 DEVICE = bench_device()
-DTYPE = torch.float32
 NUM_CATEGORICAL = 32  # Census-Income's categorical fields; the other 7 of the 39 are numeric
 HASHES, BUCKETS, CODEBOOK_DIM = 2, 100_000, 16
 
@@ -29,11 +28,11 @@ def make_inputs(batch):
     return E, ids
 
 
-@pytest.mark.parametrize("batch,mode", shape_grid(), ids=lambda v: str(v))
-@pytest.mark.parametrize("provider", provider_list())
-def test_hcnet(benchmark, provider, batch, mode, request):
-    skip_unless_available(provider, DEVICE)
-    benchmark.group = f"hcnet {mode} B={batch}"
-    case = module_case("hcnet", provider, mode, batch, build, make_inputs,
-                       shape=f"B={batch} fields={NUM_CATEGORICAL} H={HASHES} N={BUCKETS} d_c={CODEBOOK_DIM}")
-    run_case(benchmark, case, DEVICE, DTYPE, request)
+@pytest.mark.parametrize("batch,mode,precision", group_grid(), ids=lambda v: str(v))
+def test_hcnet(benchmark, batch, mode, precision, request):
+    run_group(benchmark, "hcnet", mode, batch, precision,
+              lambda provider: module_case("hcnet", provider, mode, batch, build, make_inputs,
+                                           precision=precision,
+                                           shape=f"B={batch} fields={NUM_CATEGORICAL} H={HASHES} N={BUCKETS} "
+                                                 f"d_c={CODEBOOK_DIM}"),
+              DEVICE, request)

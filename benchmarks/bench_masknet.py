@@ -1,5 +1,5 @@
 """MaskNet mask block (instance mask 624 -> 640 -> 624, hidden 512, LayerNorm + ReLU):
-reference vs fused vs compile.
+reference vs fused vs compile, fp32 and bf16 autocast, interleaved (benchmarks/harness.py).
 
     .venv/bin/python -m pytest benchmarks/bench_masknet.py --benchmark-only
 """
@@ -8,12 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import (EMBED_DIM, HIDDEN, NUM_FIELDS, bench_device, module_case, provider_list, run_case,
-                     shape_grid, skip_unless_available)
+from harness import EMBED_DIM, HIDDEN, NUM_FIELDS, bench_device, group_grid, module_case, run_group
 from dtn.layers.masknet import MaskBlock
 
 DEVICE = bench_device()
-DTYPE = torch.float32
 DIM = NUM_FIELDS * EMBED_DIM
 MASK_HIDDEN = 640  # the paper configuration's mask_hidden
 
@@ -28,11 +26,10 @@ def make_inputs(batch):
     return e, v
 
 
-@pytest.mark.parametrize("batch,mode", shape_grid(), ids=lambda v: str(v))
-@pytest.mark.parametrize("provider", provider_list())
-def test_mask_block(benchmark, provider, batch, mode, request):
-    skip_unless_available(provider, DEVICE)
-    benchmark.group = f"mask_block {mode} B={batch}"
-    case = module_case("mask_block", provider, mode, batch, build, make_inputs,
-                       shape=f"B={batch} in={DIM} mask_hidden={MASK_HIDDEN} out={HIDDEN}")
-    run_case(benchmark, case, DEVICE, DTYPE, request)
+@pytest.mark.parametrize("batch,mode,precision", group_grid(), ids=lambda v: str(v))
+def test_mask_block(benchmark, batch, mode, precision, request):
+    run_group(benchmark, "mask_block", mode, batch, precision,
+              lambda provider: module_case("mask_block", provider, mode, batch, build, make_inputs,
+                                           precision=precision,
+                                           shape=f"B={batch} in={DIM} mask_hidden={MASK_HIDDEN} out={HIDDEN}"),
+              DEVICE, request)

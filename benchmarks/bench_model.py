@@ -5,7 +5,9 @@ serial MaskNet, MemoNet with 2 HCNets x 2 hashes x 100,000 buckets) on a 39-fiel
 like Census-Income (32 categorical fields with its cardinalities, 7 numeric), two tasks.
 
 * ``train``: ``zero_grad(set_to_none=True)``, forward, weighted BCE over both tasks, backward,
-  Adam step; ``infer``: eval mode, ``torch.no_grad()`` forward.
+  Adam step; ``infer``: eval mode, ``torch.no_grad()`` forward. In bf16 the forward and the loss
+  run under autocast, the backward and the Adam step outside it (the usual bf16 recipe: fp32
+  weights, no grad scaler).
 * Providers: ``eager`` (every layer and the input layer on their PyTorch references),
   ``fused`` (``dtn_kernels.set_kernels(model, "fused")``: Triton layers + the compiled
   embedding bag; on CPU the layers' ops run their closed-form PyTorch twins through the
@@ -28,11 +30,10 @@ from bench_embedding_bag import CENSUS_CARDINALITIES
 from dtn.config import load_config
 from dtn.features import FeatureBatch, FeatureSpec, Schema
 from dtn.models import build_model
-from harness import (PAPER_BATCHES, Case, bench_device, compiled, preset, provider_list, run_case,
-                     skip_unless_available, subset)
+from harness import (PAPER_BATCHES, SMOKE_BATCH, Case, SkipProvider, autocast, bench_device, compiled, precisions,
+                     preset, run_group, subset)
 
 DEVICE = bench_device()
-DTYPE = torch.float32
 NUM_NUMERIC = 7
 MODELS = ("dtn", "mmoe", "ple")
 _MODELS: dict = {}
@@ -40,15 +41,18 @@ _COMPILED: dict = {}
 _BATCHES: dict = {}
 
 
-def model_grid() -> list[tuple[str, str, int]]:
-    """(model, mode, batch): DTN at every paper batch size, MMoE and PLE at the first."""
+def model_grid() -> list[tuple[str, str, int, str]]:
+    """(model, mode, batch, precision): DTN at every paper batch size, MMoE and PLE at the first,
+    each in every precision. Core: the DTN training step at the first paper batch."""
+    precs = precisions()
     if preset() == "smoke":
-        return subset([("dtn", "train", 64)], core=[("dtn", "train", 64)])
-    grid = [("dtn", mode, b) for b in PAPER_BATCHES for mode in ("train", "infer")]
-    grid += [(name, mode, PAPER_BATCHES[0]) for name in MODELS[1:] for mode in ("train", "infer")]
+        grid = [("dtn", "train", SMOKE_BATCH, p) for p in precs]
+        return subset(grid, core=grid[:1])
+    grid = [("dtn", mode, b, p) for b in PAPER_BATCHES for mode in ("train", "infer") for p in precs]
+    grid += [(name, mode, PAPER_BATCHES[0], p) for name in MODELS[1:] for mode in ("train", "infer") for p in precs]
     if preset() == "quick":  # CPU: the first paper batch only
         grid = [g for g in grid if g[2] == PAPER_BATCHES[0]]
-    return subset(grid, core=[("dtn", "train", PAPER_BATCHES[0])])
+    return subset(grid, core=[("dtn", "train", PAPER_BATCHES[0], p) for p in precs])
 
 
 def schema() -> Schema:
@@ -86,16 +90,17 @@ def batch_of(size: int):
     return _BATCHES[size]
 
 
-def model_case(name: str, provider: str, mode: str, size: int) -> Case:
+def model_case(name: str, provider: str, mode: str, size: int, precision: str) -> Case:
     kernels = "fused" if provider in ("fused", "compile_fused") else "reference"
     model = model_for(name, kernels)
-    fn = compiled(model, (name, provider, mode, size), _COMPILED) if provider.startswith("compile") else model
+    key = (name, provider, mode, size, precision)
+    fn = compiled(model, key, _COMPILED) if provider.startswith("compile") else model
     batch, labels = batch_of(size)
     shape = f"B={size} paper config, 39 fields (32 categorical + 7 numeric), 2 tasks"
     if mode == "infer":
         def infer():
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), autocast(precision, DEVICE):
                 return fn(batch)
         return Case(f"model:{name}", provider, mode, size, step=infer, shape=shape)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -103,23 +108,24 @@ def model_case(name: str, provider: str, mode: str, size: int) -> Case:
     def train_step():
         model.train()
         opt.zero_grad(set_to_none=True)
-        logits = fn(batch)
-        loss = F.binary_cross_entropy_with_logits(logits, labels)
+        with autocast(precision, DEVICE):
+            logits = fn(batch)
+            loss = F.binary_cross_entropy_with_logits(logits, labels)
         loss.backward()
         opt.step()
         return loss
     return Case(f"model:{name}", provider, mode, size, step=train_step, params=list(model.parameters()), shape=shape)
 
 
-@pytest.mark.parametrize("name,mode,size", model_grid(), ids=lambda v: str(v))
-@pytest.mark.parametrize("provider", provider_list())
-def test_model(benchmark, name, mode, size, provider, request):
+@pytest.mark.parametrize("name,mode,batch,precision", model_grid(), ids=lambda v: str(v))
+def test_model(benchmark, name, mode, batch, precision, request):
+    def make(provider):
+        if provider.startswith("compile") and DEVICE.type == "cpu" and os.environ.get("DTN_BENCH_MODEL_COMPILE") != "1":
+            raise SkipProvider("torch.compile of a whole model takes minutes on CPU (over the CPU suite's budget); "
+                               "DTN_BENCH_MODEL_COMPILE=1 includes it")
+        return model_case(name, provider, mode, batch, precision)
+
     # on CPU "fused" runs too (the C++ embedding bag; the layer ops run their PyTorch twins there,
-    # see the module docstring); compile_fused is covered by the compile rule below
-    skip_unless_available(provider, DEVICE, fused_on_cpu=provider == "fused", compile_s=150.0)
-    if provider.startswith("compile") and DEVICE.type == "cpu" and os.environ.get("DTN_BENCH_MODEL_COMPILE") != "1":
-        pytest.skip(f"{provider}: torch.compile of a whole model takes minutes on CPU (over the CPU suite's budget); "
-                    "DTN_BENCH_MODEL_COMPILE=1 includes it")
-    benchmark.group = f"model {name} {mode} B={size}"
-    run_case(benchmark, model_case(name, provider, mode, size), DEVICE, DTYPE, request,
-             rounds_override=5 if preset() == "quick" else None)
+    # see the module docstring); compile_fused needs the Triton layers
+    run_group(benchmark, f"model:{name}", mode, batch, precision, make, DEVICE, request, fused_on_cpu=("fused",),
+              rounds_override=5 if preset() == "quick" else None)

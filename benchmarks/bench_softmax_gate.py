@@ -1,5 +1,5 @@
 """DTN's per-task softmax gate (624 inputs, 6 candidate FIM outputs of width 512):
-reference vs fused vs compile.
+reference vs fused vs compile, fp32 and bf16 autocast, interleaved (benchmarks/harness.py).
 
     .venv/bin/python -m pytest benchmarks/bench_softmax_gate.py --benchmark-only
 """
@@ -8,12 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import (EMBED_DIM, HIDDEN, NUM_FIELDS, bench_device, module_case, provider_list, run_case,
-                     shape_grid, skip_unless_available)
+from harness import EMBED_DIM, HIDDEN, NUM_FIELDS, bench_device, group_grid, module_case, run_group
 from dtn.layers.gating import SoftmaxGate
 
 DEVICE = bench_device()
-DTYPE = torch.float32
 DIM = NUM_FIELDS * EMBED_DIM
 CANDIDATES = 6  # 3 task-specific + 3 shared FIMs (the first task of DTN)
 
@@ -28,11 +26,10 @@ def make_inputs(batch):
     return x, experts
 
 
-@pytest.mark.parametrize("batch,mode", shape_grid(), ids=lambda v: str(v))
-@pytest.mark.parametrize("provider", provider_list())
-def test_softmax_gate(benchmark, provider, batch, mode, request):
-    skip_unless_available(provider, DEVICE)
-    benchmark.group = f"softmax_gate {mode} B={batch}"
-    case = module_case("softmax_gate", provider, mode, batch, build, make_inputs,
-                       shape=f"B={batch} in={DIM} K={CANDIDATES} h={HIDDEN}")
-    run_case(benchmark, case, DEVICE, DTYPE, request)
+@pytest.mark.parametrize("batch,mode,precision", group_grid(), ids=lambda v: str(v))
+def test_softmax_gate(benchmark, batch, mode, precision, request):
+    run_group(benchmark, "softmax_gate", mode, batch, precision,
+              lambda provider: module_case("softmax_gate", provider, mode, batch, build, make_inputs,
+                                           precision=precision,
+                                           shape=f"B={batch} in={DIM} K={CANDIDATES} h={HIDDEN}"),
+              DEVICE, request)

@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--copy-gib", type=float, default=1.0)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script (the GPU suite's CPU check)")
     args = ap.parse_args(argv)
     device = bench_device()
     cuda = device.type == "cuda"
@@ -76,9 +77,12 @@ def main(argv=None) -> int:
         raise SystemExit("dtn_kernels._C was built without CUDA: nothing to measure")
     big = 65536 if cuda else 2048
     rows = 200_000 if cuda else 100_000  # 32 tables x 200k rows x d 128 fp32 = 3.3 GB on the device
+    if args.smoke:
+        big, rows = 256, 1000
     shapes = [(big, 32, rows, 64, 1), (big, 32, rows, 128, 1), (big, 8, rows, 64, 20), (big, 32, rows, 16, 1)]
     dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if cuda else [])
-    copy = copy_bandwidth(device, int(args.copy_gib * 2**30) if cuda else 256 * 2**20)
+    copy_bytes = int(args.copy_gib * 2**30) if cuda else 256 * 2**20
+    copy = copy_bandwidth(device, 16 * 2**20 if args.smoke else copy_bytes)
     weights: dict = {}
     results = [case(device, *s, weights=weights, dtype=dt) for s in shapes for dt in dtypes]
     for r in results:
@@ -89,6 +93,9 @@ def main(argv=None) -> int:
     for r in results:
         print(f"{r['batch']:>7} {r['tables']:>3} {r['dim']:>4} {r['ids_per_bag']:>3} {r['dtype']:>9} "
               f"{r['median_ms']:>9.3f} {r['gb_per_s']:>8.1f} {r['fraction_of_copy']:>7.0%}")
+    best = max(results, key=lambda r: r["gb_per_s"])
+    print(f"best forward: {best['gb_per_s']:.1f} GB/s = {best['fraction_of_copy']:.0%} of the copy bandwidth "
+          f"({copy:.1f} GB/s; d={best['dim']}, {best['dtype']})")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(report, fh, indent=1)

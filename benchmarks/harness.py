@@ -1,29 +1,49 @@
-"""Shared machinery of the benchmark suite: shapes, providers, timing, memory, environment.
+"""Shared machinery of the benchmark suite: shapes, providers, precision policy, interleaved timing.
 
-Every ``bench_<op>.py`` builds a :class:`Case` per (provider, mode, batch size) and hands it to
-:func:`run_case`, which
+A benchmark file defines one pytest test per **group** -- (op, mode, batch, precision) -- and hands
+:func:`run_group` a ``make_case(provider)`` callback. ``run_group``
 
-* times it through pytest-benchmark's ``pedantic`` (untimed ``setup`` before every round, so a
-  backward-only round never times its forward);
-* on CUDA also times it with CUDA events around the timed part only (L2 flushed before every
-  repetition, as ``triton.testing.do_bench`` does), and reports that median; on CPU the reported
-  median is pytest-benchmark's wall-clock median;
-* records the peak memory of one round (CUDA: the caching allocator's peak; CPU: the profiler's
-  allocation events), the device name, torch / triton / CUDA versions and the dtype in
-  ``benchmark.extra_info``, which ``--benchmark-json`` saves and ``benchmarks/report.py`` reads.
+* builds a :class:`Case` per provider (``eager``, ``fused``, ``compile``, ``compile_fused``, plus
+  any baselines the file adds, e.g. the embedding bag's ``loop``) and records why any provider is
+  left out (Triton off CUDA, torch.compile over the time budget, ...);
+* runs every provider's first call untimed (compilation), then times the providers in
+  **interleaved rounds**: round r runs every provider once, in turn, the starting provider rotating
+  with r, so each provider runs after the others have churned the caches and none owns a position.
+  The reported median of a provider is over its rounds; ratios come from those medians. On CUDA each
+  call is timed with CUDA events, the L2 flushed and the device idle before the start event (so the
+  host's launch gaps are counted); on CPU with ``time.perf_counter``;
+* drives the rounds through pytest-benchmark's ``pedantic`` (its statistics are those of a whole
+  round), and stores every provider's result in ``benchmark.extra_info["cases"]`` and, line by
+  line, in the ``DTN_BENCH_LOG`` JSONL file, which survives a run cut short. Groups with compile
+  providers first log an eager/fused-only interleaved result (``final: false``), so a compile that
+  runs into the stage's timeout still leaves the group's other providers measured.
 
-Providers: ``eager`` (the pure-PyTorch reference), ``fused`` (ours), ``compile`` (torch.compile of
-the reference), ``compile_fused`` (torch.compile of ours); benchmark files may add baselines (the
-embedding bag adds ``loop``, one nn.EmbeddingBag per feature). Modes: ``fwd``, ``bwd``, ``fwd+bwd``.
+Precision (the ``precision`` dimension, recorded in every result):
+
+* ``fp32``: fp32 modules and inputs under torch's float32 matmul policy. On CUDA the harness sets
+  ``torch.set_float32_matmul_precision(DTN_BENCH_FP32_MATMUL)`` (default ``"high"``: TF32 for eager,
+  compile and fused alike); on CPU it leaves torch's policy alone. The policy in force is recorded.
+* ``bf16``: the same fp32 modules and inputs, the forward (and loss) under
+  ``torch.autocast(device, dtype=torch.bfloat16)``; the backward and optimizer outside it.
+  On CPU bf16 runs in the ``smoke`` preset or when ``DTN_BENCH_PRECISIONS`` names it; otherwise
+  its groups are skipped with that reason (it would double the CPU suite past its budget, and the
+  project's bf16 targets are GPU targets).
+
+Modes: ``fwd`` (a training forward: autograd records), ``bwd`` (the forward runs untimed before
+every timed backward), ``fwd+bwd``; whole models add ``train`` and ``infer``.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import platform
 import statistics
 import time
+import uuid
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import pytest
 import torch
@@ -33,12 +53,21 @@ import dtn_kernels
 PROVIDERS = ("eager", "fused", "compile", "compile_fused")
 EXTRA_PROVIDERS = ("loop",)  # baselines some files add (the embedding bag's per-feature loop)
 MODES = ("fwd", "bwd", "fwd+bwd")
+PRECISIONS = ("bf16", "fp32")  # also the run order on GPU: bf16 autocast is the headline case
+FP32_MATMUL_POLICIES = ("highest", "high", "medium")
 
 # The paper's shapes: 39 fields of d = 16 (624 inputs), FIM width h = 512, batch 2048 and 4096.
 NUM_FIELDS = 39
 EMBED_DIM = 16
 HIDDEN = 512
 PAPER_BATCHES = (2048, 4096)
+SMOKE_BATCH = 64
+
+# Compile estimates (seconds) before any compile was seen in this process; afterwards 1.5x the
+# slowest compile seen for that kind (op / model). A compile provider starts only if the estimate
+# fits in what is left of DTN_BENCH_DEADLINE.
+DEFAULT_COMPILE_S = {"op": 45.0, "model": 120.0}
+MIN_GROUP_S = 10.0  # a group needs at least this much of the budget to start
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -46,13 +75,24 @@ PAPER_BATCHES = (2048, 4096)
 if os.environ.get("DTN_BENCH_THREADS"):  # CPU threads for every provider (default: torch's choice)
     torch.set_num_threads(int(os.environ["DTN_BENCH_THREADS"]))
 
+def fp32_matmul_policy() -> str:
+    """``DTN_BENCH_FP32_MATMUL`` (torch's float32 matmul precision on CUDA), default ``high``."""
+    policy = os.environ.get("DTN_BENCH_FP32_MATMUL", "high")
+    if policy not in FP32_MATMUL_POLICIES:
+        raise ValueError(f"DTN_BENCH_FP32_MATMUL must be one of {FP32_MATMUL_POLICIES}, got {policy!r}")
+    return policy
+
 
 def bench_device() -> torch.device:
-    """``DTN_BENCH_DEVICE`` (cpu / cuda), else CUDA when present."""
+    """``DTN_BENCH_DEVICE`` (cpu / cuda), else CUDA when present. On CUDA the fp32 matmul policy
+    is set here, once, for every provider alike."""
     name = os.environ.get("DTN_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("DTN_BENCH_DEVICE=cuda but torch.cuda.is_available() is False")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision(fp32_matmul_policy())
+    return device
 
 
 def preset() -> str:
@@ -63,26 +103,93 @@ def preset() -> str:
     return p
 
 
-def shape_grid(paper: tuple = PAPER_BATCHES, sweep: tuple = (512, 8192, 16384)) -> list[tuple[int, str]]:
-    """(batch, mode) pairs: every mode at the paper's batch sizes, forward + backward over the sweep.
+def precisions() -> list[str]:
+    """``DTN_BENCH_PRECISIONS`` (comma-separated, in run order), default bf16 then fp32."""
+    chosen = os.environ.get("DTN_BENCH_PRECISIONS")
+    if not chosen:
+        return list(PRECISIONS)
+    want = [c.strip() for c in chosen.split(",") if c.strip()]
+    unknown = sorted(set(want) - set(PRECISIONS))
+    if unknown or not want:
+        raise ValueError(f"DTN_BENCH_PRECISIONS: unknown precision(s) {unknown or want}; known: {list(PRECISIONS)}")
+    return want
 
-    ``quick`` keeps every mode at the first paper batch and forward + backward at the second;
-    ``smoke`` is one tiny forward + backward case (for the suite's own tests).
+
+def precision_skip_reason(precision: str, device: torch.device) -> Optional[str]:
+    """Why a precision is not timed here (bf16 on CPU outside the smoke preset unless asked for)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; known: {list(PRECISIONS)}")
+    if precision == "bf16" and device.type == "cpu" and preset() != "smoke" \
+            and "bf16" not in (os.environ.get("DTN_BENCH_PRECISIONS") or ""):
+        return ("bf16 on CPU is opt-in (DTN_BENCH_PRECISIONS=fp32,bf16): it would double the CPU suite "
+                "past its budget, and the bf16 targets are GPU targets")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "this CUDA device does not support bf16"
+    return None
+
+
+def autocast(precision: str, device: torch.device):
+    """The context the timed forward runs in: bf16 autocast, or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    raise ValueError(f"unknown precision {precision!r}; known: {list(PRECISIONS)}")
+
+
+def precision_record(precision: str, device: torch.device) -> dict:
+    """The precision policy a result was measured under.
+
+    ``roofline_precision`` is the name ``benchmarks/roofline.py`` takes: ``bf16``, ``fp32-tf32``
+    (CUDA, policy high) or ``fp32-ieee`` (policy highest, or CPU); ``medium`` lets fp32 matmuls use
+    bf16 internally, which the roofline has no entry for.
     """
+    policy = torch.get_float32_matmul_precision()
+    if precision == "bf16":
+        roof = "bf16"
+    elif device.type != "cuda" or policy == "highest":
+        roof = "fp32-ieee"
+    else:
+        roof = "fp32-tf32" if policy == "high" else f"fp32-{policy}"
+    return {"precision": precision, "fp32_matmul": policy,
+            "autocast": f"{device.type}/bfloat16" if precision == "bf16" else None, "roofline_precision": roof}
+
+
+def _shapes(paper: tuple, sweep: tuple) -> list[tuple[int, str]]:
     p = preset()
     if p == "smoke":
-        return subset([(64, "fwd+bwd")], core=[(64, "fwd+bwd")])
+        return [(SMOKE_BATCH, "fwd+bwd")]
     if p == "quick":
-        grid = [(paper[0], m) for m in MODES] + [(b, "fwd+bwd") for b in paper[1:]]
-    else:
-        grid = [(b, m) for b in paper for m in MODES] + [(b, "fwd+bwd") for b in sweep if b not in paper]
-    return subset(grid, core=[(paper[0], "fwd+bwd")])
+        return [(paper[0], m) for m in MODES] + [(b, "fwd+bwd") for b in paper[1:]]
+    return [(b, m) for b in paper for m in MODES] + [(b, "fwd+bwd") for b in sweep if b not in paper]
+
+
+def group_grid(paper: tuple = PAPER_BATCHES, sweep: tuple = (512, 8192, 16384)) -> list[tuple[int, str, str]]:
+    """(batch, mode, precision) groups: every mode at the paper's batch sizes, forward + backward
+    over the sweep, each in every precision.
+
+    ``quick`` keeps every mode at the first paper batch and forward + backward at the second;
+    ``smoke`` is one tiny forward + backward group per precision (for the suite's own checks; its
+    core is the first precision, so a check run exercises both the core and the rest stage).
+    Core (``DTN_BENCH_SUBSET=core``): forward + backward at the first paper batch, every precision.
+    """
+    precs = precisions()
+    grid = [(b, m, p) for b, m in _shapes(paper, sweep) for p in precs]
+    if preset() == "smoke":
+        return subset(grid, core=[(SMOKE_BATCH, "fwd+bwd", precs[0])])
+    return subset(grid, core=[(paper[0], "fwd+bwd", p) for p in precs])
+
+
+def shape_grid(paper: tuple = PAPER_BATCHES, sweep: tuple = (512, 8192, 16384)) -> list[tuple[int, str]]:
+    """(batch, mode) pairs without the precision dimension (files still on :func:`run_case`)."""
+    core = [(SMOKE_BATCH if preset() == "smoke" else paper[0], "fwd+bwd")]
+    return subset(_shapes(paper, sweep), core=core)
 
 
 def subset(grid: list, core: list) -> list:
-    """``DTN_BENCH_SUBSET=core``: only the headline cases (forward + backward at B = 2048, the DTN
-    training step); ``rest``: everything else; unset: all. The GPU script runs core first, so a
-    tight time budget still measures what the targets are about."""
+    """``DTN_BENCH_SUBSET=core``: only the headline groups (forward + backward at B = 2048 in every
+    precision, the DTN training step); ``rest``: everything else; unset: all. The GPU suite runs
+    core first, so a tight time budget still measures what the targets are about."""
     which = os.environ.get("DTN_BENCH_SUBSET", "")
     if which not in ("", "core", "rest"):
         raise ValueError(f"DTN_BENCH_SUBSET must be core or rest, got {which!r}")
@@ -91,6 +198,19 @@ def subset(grid: list, core: list) -> list:
     if which == "rest":
         return [g for g in grid if g not in core]
     return grid
+
+
+def priority(params: dict, model: bool = False) -> tuple:
+    """Run-order key of a group (benchmarks/conftest.py sorts the collected tests by it, stably):
+    paper batch sizes before the sweep, ops before whole models, then precision in
+    :func:`precisions` order; file order otherwise. So the core stage measures every op in bf16,
+    then in fp32, then the DTN step in bf16 and fp32: a whole-model compile, the slowest and least
+    predictable step, comes last, where a timeout cuts off the least."""
+    batch = params.get("batch")
+    paper = batch is None or batch in PAPER_BATCHES or batch == SMOKE_BATCH
+    precs = precisions()
+    prec = params.get("precision")
+    return (0 if paper else 1, 1 if model else 0, precs.index(prec) if prec in precs else len(precs))
 
 
 def provider_list(extra: tuple = ()) -> list[str]:
@@ -108,8 +228,7 @@ def provider_list(extra: tuple = ()) -> list[str]:
 
 
 def rounds() -> int:
-    p = preset()
-    default = {"smoke": 3, "quick": 10, "full": 30}[p]
+    default = {"smoke": 3, "quick": 10, "full": 30}[preset()]
     return int(os.environ.get("DTN_BENCH_ROUNDS", default))
 
 
@@ -125,11 +244,33 @@ def triton_skip_reason(device: torch.device) -> Optional[str]:
     return None
 
 
+def provider_skip_reason(provider: str, device: torch.device, op: str = "",
+                         fused_on_cpu: Union[bool, tuple] = False) -> Optional[str]:
+    """Why ``provider`` is not timed for ``op`` here, or None. ``fused_on_cpu``: True (or the
+    providers it names) when the fused provider has a CPU kernel (the C++ embedding bag)."""
+    on_cpu = fused_on_cpu if isinstance(fused_on_cpu, bool) else provider in fused_on_cpu
+    if provider in ("fused", "compile_fused") and not on_cpu:
+        reason = triton_skip_reason(device)
+        if reason:
+            return reason
+    if provider.startswith("compile"):
+        if os.environ.get("DTN_BENCH_NO_COMPILE") == "1":
+            return "DTN_BENCH_NO_COMPILE=1"
+        only = os.environ.get("DTN_BENCH_COMPILE_OPS")
+        if only and op not in [o.strip() for o in only.split(",")]:
+            return f"DTN_BENCH_COMPILE_OPS={only} leaves {op} out"
+    return None
+
+
+class SkipProvider(Exception):
+    """Raised by a ``make_case`` callback: this provider cannot run here (the message says why)."""
+
+
 # ----------------------------------------------------------------------------- environment
 
 
-def environment(device: torch.device, dtype: torch.dtype) -> dict:
-    """What a result depends on: device, library versions, dtype, threads."""
+def environment(device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
+    """What a result depends on: device, library versions, dtype, threads, commit."""
     info = {
         "device_type": device.type,
         "torch": torch.__version__,
@@ -139,6 +280,7 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
         "cuda_ext": dtn_kernels.HAS_CUDA_EXT,
         "threads": torch.get_num_threads(),
         "preset": preset(),
+        "commit": os.environ.get("DTN_COMMIT") or None,
     }
     try:
         import triton
@@ -172,10 +314,10 @@ def cpu_name() -> str:
 class Case:
     """One timed thing.
 
-    ``forward()`` returns the tensor(s) whose backward is timed; ``params`` are reset to
-    ``grad=None`` before every round (as ``zero_grad(set_to_none=True)`` does); ``grad_like``
-    maps the forward's output to the upstream gradient (a fixed random tensor by default).
-    ``step`` (optional) replaces fwd / bwd entirely, e.g. a whole training step.
+    ``forward()`` returns the tensor(s) whose backward is timed; it runs under the precision's
+    autocast. ``params`` are reset to ``grad=None`` before every call (as
+    ``zero_grad(set_to_none=True)`` does). ``step`` (optional) replaces fwd / bwd entirely, e.g. a
+    whole training step, and applies the precision itself (see :func:`autocast`).
     """
 
     op: str
@@ -186,13 +328,15 @@ class Case:
     params: list = field(default_factory=list)
     step: Optional[Callable[[], object]] = None
     shape: str = ""
+    precision: str = "fp32"
+    device_type: str = "cpu"
     _grad: Optional[torch.Tensor] = None
 
     def _out(self, result):
         return result[0] if isinstance(result, (tuple, list)) else result
 
     def grad_for(self, out: torch.Tensor) -> torch.Tensor:
-        if self._grad is None or self._grad.shape != out.shape:
+        if self._grad is None or self._grad.shape != out.shape or self._grad.dtype != out.dtype:
             g = torch.Generator(device=out.device).manual_seed(0)
             self._grad = torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype)
         return self._grad
@@ -201,16 +345,20 @@ class Case:
         for p in self.params:
             p.grad = None
 
+    def _fwd(self):
+        with autocast(self.precision, torch.device(self.device_type)):
+            return self.forward()
+
     def runner(self) -> tuple[Callable[[], object], Callable[[], object]]:
-        """(setup, target): setup runs untimed before each round, target is what is timed."""
+        """(setup, target): setup runs untimed before each call, target is what is timed."""
         if self.step is not None:
             return (lambda: None), self.step
         if self.mode == "fwd":  # a training forward: autograd records the graph, as in fwd+bwd
-            return (lambda: None), self.forward
+            return self.zero_grads, self._fwd
         if self.mode == "fwd+bwd":
             def fwd_bwd():
                 self.zero_grads()
-                out = self._out(self.forward())
+                out = self._out(self._fwd())
                 out.backward(self.grad_for(out))
             return (lambda: None), fwd_bwd
         if self.mode == "bwd":
@@ -218,7 +366,7 @@ class Case:
 
             def setup():
                 self.zero_grads()
-                state["out"] = self._out(self.forward())
+                state["out"] = self._out(self._fwd())
                 self.grad_for(state["out"])
 
             def bwd():
@@ -246,31 +394,63 @@ def flush_l2(device: torch.device) -> None:
     buf.zero_()
 
 
-def cuda_event_times(setup, target, device, reps: int, warmup: int = 5) -> list[float]:
-    """Seconds per repetition of ``target`` between CUDA events (setup and L2 flush untimed)."""
-    for _ in range(warmup):
-        setup()
-        target()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        setup()
+def time_call(setup: Callable, target: Callable, device: torch.device) -> float:
+    """Seconds of one ``target()`` call; ``setup()`` runs untimed before it.
+
+    CUDA: the setup's work and an L2 flush finish first, so the device is idle and cold when the
+    start event is recorded; the events then count the host's launch gaps inside ``target`` too.
+    CPU: wall clock around ``target``.
+    """
+    setup()
+    if device.type == "cuda":
+        sync(device)
         flush_l2(device)
+        sync(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         target()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    target()
+    return time.perf_counter() - t0
+
+
+def cuda_event_times(setup, target, device, reps: int, warmup: int = 5) -> list[float]:
+    """Seconds per repetition of ``target`` (one provider alone; the bandwidth script uses it)."""
+    for _ in range(warmup):
+        setup()
+        target()
+    sync(device)
+    return [time_call(setup, target, device) for _ in range(reps)]
+
+
+def round_order(names: list, r: int) -> list:
+    """Round ``r``'s provider order: every provider once, the start rotating with ``r``."""
+    k = r % len(names) if names else 0
+    return list(names[k:]) + list(names[:k])
+
+
+def interleaved_times(runners: dict, device: torch.device, n_rounds: int, first_round: int = 0) -> dict:
+    """Seconds per call of every provider over ``n_rounds`` interleaved rounds.
+
+    ``runners`` maps provider -> (setup, target); round r runs them in :func:`round_order` order.
+    """
+    names = list(runners)
+    times: dict = {p: [] for p in names}
+    for r in range(first_round, first_round + n_rounds):
+        for p in round_order(names, r):
+            times[p].append(time_call(*runners[p], device))
     return times
 
 
 def peak_memory(setup, target, device) -> int:
-    """Peak bytes allocated above the starting point during one round of ``target``."""
+    """Peak bytes allocated above the starting point during one call of ``target``."""
     setup()
     sync(device)
     if device.type == "cuda":
-        base = torch.cuda.memory_allocated(device)  # gradients already None (see run_case)
+        base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         target()
         sync(device)
@@ -286,46 +466,7 @@ def peak_memory(setup, target, device) -> int:
     return int(peak)
 
 
-def run_case(benchmark, case: Case, device: torch.device, dtype: torch.dtype, request=None,
-             rounds_override: Optional[int] = None) -> dict:
-    """Time ``case`` (see the module docstring) and record everything in ``benchmark.extra_info``."""
-    setup, target = case.runner()
-    t0 = time.perf_counter()
-    setup()
-    target()  # first call: compiles (torch.compile / Triton) outside the timed rounds
-    sync(device)
-    first_call_s = time.perf_counter() - t0
-
-    def timed():
-        target()
-        sync(device)  # wall time of the whole GPU work, not of the launches
-
-    n = rounds() if rounds_override is None or os.environ.get("DTN_BENCH_ROUNDS") else rounds_override
-    def synced_setup():  # the setup's GPU work (e.g. bwd mode's forward) must not run into the timed part
-        setup()
-        sync(device)
-
-    benchmark.pedantic(timed, setup=synced_setup, rounds=n, iterations=1, warmup_rounds=1 if n > 3 else 0)
-    info = benchmark.extra_info
-    info.update(environment(device, dtype))
-    info.update({"op": case.op, "provider": case.provider, "mode": case.mode, "batch": case.batch,
-                 "shape": case.shape, "first_call_s": round(first_call_s, 3),
-                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    wall = benchmark.stats.stats
-    if device.type == "cuda":
-        ev = cuda_event_times(setup, target, device, reps=max(n, 20))
-        info.update({"timer": "cuda_event", "median_ms": statistics.median(ev) * 1e3,
-                     "min_ms": min(ev) * 1e3, "wall_median_ms": wall.median * 1e3})
-    else:
-        info.update({"timer": "perf_counter", "median_ms": wall.median * 1e3, "min_ms": wall.min * 1e3})
-    def setup_no_grads():  # the last round's gradients must not sit in the baseline of every mode
-        case.zero_grads()
-        setup()
-    info["peak_mem_mb"] = round(peak_memory(setup_no_grads, target, device) / 2**20, 2)
-    log_line({"kind": "case", **info})
-    if request is not None:
-        request.config.__dict__.setdefault("dtn_bench_results", []).append(dict(info))
-    return info
+# ----------------------------------------------------------------------------- budget
 
 
 def seconds_left() -> float:
@@ -334,29 +475,31 @@ def seconds_left() -> float:
     return float(deadline) - time.time() if deadline else float("inf")
 
 
-def skip_unless_available(provider: str, device: torch.device, fused_on_cpu: bool = False,
-                          compile_s: float = 60.0) -> None:
-    """Skip what cannot be timed here (with the reason): Triton-backed providers off CUDA, and
-    anything the suite's time budget cannot finish (a compile provider needs ``compile_s`` in
-    hand, other cases 10 s)."""
-    if seconds_left() < (compile_s if provider.startswith("compile") else 10):
-        pytest.skip(f"{provider}: not enough of the suite's time budget (DTN_BENCH_DEADLINE) left")
-    if provider in ("fused", "compile_fused") and not fused_on_cpu:
-        reason = triton_skip_reason(device)
-        if reason:
-            pytest.skip(f"{provider}: {reason}")
-    if provider in ("compile", "compile_fused") and os.environ.get("DTN_BENCH_NO_COMPILE") == "1":
-        pytest.skip(f"{provider}: DTN_BENCH_NO_COMPILE=1")
+_COMPILE_SEEN: dict = {}
 
 
-def compiled(fn, key: tuple, cache: dict):
-    """torch.compile(fn, dynamic=False), once per key (op, provider and batch size): every batch
-    size gets its own static-shape graph, the strongest baseline torch.compile offers (a default
-    compile would reuse a dynamic-shape graph from the second size on). The first call of each
-    case, where compilation happens, is untimed."""
-    if key not in cache:
-        cache[key] = torch.compile(fn, dynamic=False)
-    return cache[key]
+def compile_kind(op: str) -> str:
+    return "model" if op.startswith("model:") else "op"
+
+
+def compile_estimate_s(op: str) -> float:
+    """Seconds a compile provider's first call of ``op`` is expected to take (see DEFAULT_COMPILE_S;
+    ``DTN_BENCH_COMPILE_S`` / ``DTN_BENCH_MODEL_COMPILE_S`` override the defaults)."""
+    kind = compile_kind(op)
+    seen = _COMPILE_SEEN.get(kind)
+    if seen:
+        return 1.5 * max(seen)
+    env = os.environ.get("DTN_BENCH_MODEL_COMPILE_S" if kind == "model" else "DTN_BENCH_COMPILE_S")
+    return float(env) if env else DEFAULT_COMPILE_S[kind]
+
+
+def note_compile(op: str, seconds: float) -> None:
+    _COMPILE_SEEN.setdefault(compile_kind(op), []).append(seconds)
+
+
+# ----------------------------------------------------------------------------- groups
+
+SKIPPED: list = []  # provider-level skips of this session (benchmarks/conftest.py adds whole-test skips)
 
 
 def log_line(record: dict) -> None:
@@ -365,10 +508,223 @@ def log_line(record: dict) -> None:
     path = os.environ.get("DTN_BENCH_LOG")
     if not path:
         return
-    import json
-
     with open(path, "a") as fh:
         fh.write(json.dumps(record, default=str) + "\n")
+
+
+def _skip(test: str, group: dict, provider: str, reason: str, **extra) -> None:
+    rec = {"test": test, **group, "provider": provider, "reason": f"{provider}: {reason}", **extra}
+    SKIPPED.append(rec)
+    log_line({"kind": "skipped", **rec})
+
+
+def _warm(setup, target, device) -> float:
+    """The first call (where torch.compile / Triton compile) plus one more; seconds of the first."""
+    t0 = time.perf_counter()
+    setup()
+    target()
+    sync(device)
+    first = time.perf_counter() - t0
+    setup()
+    target()
+    sync(device)
+    return first
+
+
+def _records(group: dict, cases: dict, times: dict, first_call: dict, device: torch.device, base: dict,
+             final: bool, memory: dict) -> list[dict]:
+    out = []
+    for p, ts in times.items():
+        c = cases[p]
+        ms = sorted(t * 1e3 for t in ts)
+        quartiles = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0], ms[0], ms[0]]
+        q1, q3 = quartiles[0], quartiles[2]
+        rec = {**base, **group, "provider": p, "shape": c.shape, "median_ms": statistics.median(ms),
+               "min_ms": ms[0], "iqr_ms": q3 - q1, "rounds": len(ms), "interleaved_with": list(times),
+               "first_call_s": round(first_call.get(p, float("nan")), 3), "final": final,
+               "timer": "cuda_event" if device.type == "cuda" else "perf_counter",
+               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if p in memory:
+            rec["peak_mem_mb"] = memory[p]
+        out.append(rec)
+    return out
+
+
+def run_group(benchmark, op: str, mode: str, batch: int, precision: str,
+              make_case: Callable[[str], "Case"], device: torch.device, request=None, *,
+              extra: tuple = (), fused_on_cpu: Union[bool, tuple] = False,
+              rounds_override: Optional[int] = None) -> dict:
+    """Time every provider of one (op, mode, batch, precision) group in interleaved rounds (see the
+    module docstring). ``make_case(provider)`` returns the provider's :class:`Case` or raises
+    :class:`SkipProvider`. Returns {provider: record}."""
+    reason = precision_skip_reason(precision, device)
+    if reason:
+        pytest.skip(f"{precision}: {reason}")
+    if seconds_left() < MIN_GROUP_S:
+        pytest.skip("not enough of the suite's time budget (DTN_BENCH_DEADLINE) left for this group")
+    test = request.node.nodeid if request is not None else f"{op} {mode} B={batch} {precision}"
+    group = {"op": op, "mode": mode, "batch": batch, "group_id": uuid.uuid4().hex[:12],
+             **precision_record(precision, device)}
+    cases, skipped = {}, {}
+    for p in provider_list(extra):
+        why = provider_skip_reason(p, device, op, fused_on_cpu)
+        if why is None:
+            try:
+                case = make_case(p)
+                case.precision, case.device_type = precision, device.type
+                cases[p] = case
+            except SkipProvider as exc:
+                why = str(exc)
+        if why is not None:
+            skipped[p] = why
+    if not cases:  # benchmarks/conftest.py records the whole test's skip with this reason
+        pytest.skip("no provider can run: " + "; ".join(f"{p}: {r}" for p, r in skipped.items()))
+    base_env = environment(device)
+    key = {k: group[k] for k in ("op", "mode", "batch", "precision")}
+    runners = {p: c.runner() for p, c in cases.items()}
+    n = rounds() if rounds_override is None or os.environ.get("DTN_BENCH_ROUNDS") else rounds_override
+    first_call: dict = {}
+    errors: dict = {}
+
+    def warm(p):  # a provider that raises is left out of the group (and fails the test at the end)
+        try:
+            first_call[p] = _warm(*runners[p], device)
+            return True
+        except Exception as exc:  # noqa: BLE001 -- the other providers still get measured
+            errors[p] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+            del runners[p]
+            return False
+
+    budget_note: dict = {}
+    plain = [p for p in runners if not p.startswith("compile")]
+    compiled_ = [p for p in runners if p.startswith("compile")]
+    for p in plain:
+        warm(p)
+    plain = [p for p in plain if p in runners]
+    if plain and compiled_:  # on disk before any compile: a compile killed by the timeout loses nothing else
+        early = interleaved_times({p: runners[p] for p in plain}, device, max(3, n // 2))
+        for rec in _records(group, cases, early, first_call, device, base_env, final=False, memory={}):
+            log_line({"kind": "case", **rec})
+    for p in compiled_:
+        need, left = compile_estimate_s(op), seconds_left()
+        if left < need + 5:  # the reason is the same text every time, so the report can count them
+            skipped[p] = "its compile would not fit in what was left of the time budget (DTN_BENCH_DEADLINE)"
+            budget_note[p] = {"compile_expected_s": round(need, 1), "left_s": round(max(left, 0.0), 1)}
+            del runners[p]
+            continue
+        if warm(p):
+            note_compile(op, first_call[p])
+    if not runners:
+        _log_errors(test, key, errors)
+        pytest.fail("every provider failed: " + "; ".join(f"{p}: {e}" for p, e in errors.items()))
+    # one untimed interleaved round, then as many timed rounds as the budget allows (at least 3)
+    t0 = time.perf_counter()
+    interleaved_times(runners, device, 1)
+    round_s = time.perf_counter() - t0
+    if round_s > 0 and seconds_left() != float("inf"):
+        n = max(3, min(n, int((seconds_left() - 5) / round_s)))
+    times: dict = {p: [] for p in runners}
+    state = {"r": 0}
+
+    def one_round():
+        for p in round_order(list(runners), state["r"]):
+            times[p].append(time_call(*runners[p], device))
+        state["r"] += 1
+
+    benchmark.pedantic(one_round, rounds=n, iterations=1, warmup_rounds=0)
+    memory = {}
+    for p in runners:  # the last call's gradients must not sit in the baseline
+        setup, target = runners[p]
+        cases[p].zero_grads()
+        try:
+            memory[p] = round(peak_memory(setup, target, device) / 2**20, 2)
+        except Exception as exc:  # noqa: BLE001 -- a memory probe must not cost the group its times
+            memory[p] = None
+            warnings.warn(f"{op} {p}: peak memory probe failed ({type(exc).__name__}: {exc})", RuntimeWarning)
+    records = _records(group, cases, times, first_call, device, base_env, final=True, memory=memory)
+    for rec in records:
+        log_line({"kind": "case", **rec})
+    for p, why in skipped.items():
+        _skip(test, key, p, why, **budget_note.get(p, {}))
+    _log_errors(test, key, errors)
+    info = benchmark.extra_info
+    info.update({**base_env, **group, "cases": records,
+                 "skipped": [{"provider": p, "reason": r} for p, r in skipped.items()],
+                 "errors": [{"provider": p, "reason": e} for p, e in errors.items()]})
+    if request is not None:
+        request.config.__dict__.setdefault("dtn_bench_results", []).extend(dict(r) for r in records)
+    if errors:  # measured what could be measured; the failure still shows
+        pytest.fail("; ".join(f"{p} failed: {e}" for p, e in errors.items()))
+    return {r["provider"]: r for r in records}
+
+
+def _log_errors(test: str, key: dict, errors: dict) -> None:
+    for p, e in errors.items():
+        rec = {"test": test, **key, "provider": p, "reason": f"{p} failed: {e}", "error": True}
+        SKIPPED.append(rec)
+        log_line({"kind": "error", **rec})
+
+
+def run_case(benchmark, case: Case, device: torch.device, dtype: torch.dtype = torch.float32, request=None,
+             rounds_override: Optional[int] = None) -> dict:
+    """One provider timed alone (the harness's earlier interface, kept for files not yet on
+    :func:`run_group`). Its records say ``interleaved_with: [provider]``, and the report marks
+    ratios built from them: they do not meet the project's interleaving rule."""
+    case.device_type = device.type
+    group = {"op": case.op, "mode": case.mode, "batch": case.batch, "group_id": uuid.uuid4().hex[:12],
+             **precision_record(case.precision, device)}
+    setup, target = case.runner()
+    first = {case.provider: _warm(setup, target, device)}
+    n = rounds() if rounds_override is None or os.environ.get("DTN_BENCH_ROUNDS") else rounds_override
+    times: dict = {case.provider: []}
+    benchmark.pedantic(lambda: times[case.provider].append(time_call(setup, target, device)),
+                       rounds=n, iterations=1, warmup_rounds=0)
+    case.zero_grads()
+    memory = {case.provider: round(peak_memory(setup, target, device) / 2**20, 2)}
+    (rec,) = _records(group, {case.provider: case}, times, first, device, environment(device), True, memory)
+    log_line({"kind": "case", **rec})
+    benchmark.extra_info.update(rec)
+    if request is not None:
+        request.config.__dict__.setdefault("dtn_bench_results", []).append(dict(rec))
+    return rec
+
+
+def skip_unless_available(provider: str, device: torch.device, fused_on_cpu: bool = False,
+                          compile_s: float = 60.0, op: str = "") -> None:
+    """Skip (with the reason) what cannot be timed here (the earlier interface; see run_case)."""
+    if seconds_left() < (compile_s if provider.startswith("compile") else MIN_GROUP_S):
+        pytest.skip(f"{provider}: not enough of the suite's time budget (DTN_BENCH_DEADLINE) left")
+    reason = provider_skip_reason(provider, device, op, fused_on_cpu)
+    if reason:
+        pytest.skip(f"{provider}: {reason}")
+
+
+def compiled(fn, key: tuple, cache: dict):
+    """torch.compile(fn, dynamic=False), once per key (op, provider, batch size, precision): every
+    batch size gets its own static-shape graph, the strongest baseline torch.compile offers (a
+    default compile would reuse a dynamic-shape graph from the second size on). The first call of
+    each case, where compilation happens, is untimed."""
+    if key not in cache:
+        _raise_recompile_limit()
+        cache[key] = torch.compile(fn, dynamic=False)
+    return cache[key]
+
+
+def _raise_recompile_limit() -> None:
+    """torch.compile keeps one cache per code object: a module class's forward is shared by every
+    instance, batch size and precision (static shapes: one graph each), and the default limit of 8
+    would silently fall back to eager after the 8th graph. Done here, not at import: importing
+    torch._dynamo imports triton, which must not happen before the Triton tests set
+    TRITON_INTERPRET (tests/triton_env.py) when the suite's tests share their process."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 256))
+            break
+    if hasattr(config, "accumulated_recompile_limit"):
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
 
 
 # ----------------------------------------------------------------------------- module cases
@@ -379,11 +735,12 @@ _INPUTS: dict = {}
 
 
 def module_case(op: str, provider: str, mode: str, batch: int, build: Callable[[], torch.nn.Module],
-                make_inputs: Callable[[int], tuple], shape: str = "") -> Case:
+                make_inputs: Callable[[int], tuple], shape: str = "", precision: str = "fp32") -> Case:
     """A Case for a dtn layer: ``build()`` makes the reference module (fixed seed), the fused
     providers get a copy switched with ``dtn_kernels.set_kernels(..., "fused")`` (same weights),
     the compile providers ``torch.compile`` of either. ``make_inputs(batch)`` returns the forward's
-    arguments; the floating ones require grad (they stand for embeddings)."""
+    arguments (fp32 in every precision: bf16 is autocast around the same inputs); the floating ones
+    require grad (they stand for embeddings)."""
     import copy
 
     key = (op, "fused" if provider in ("fused", "compile_fused") else "reference")
@@ -396,11 +753,11 @@ def module_case(op: str, provider: str, mode: str, batch: int, build: Callable[[
             dtn_kernels.set_kernels(fused, "fused")
             _MODULES[key] = fused
     module = _MODULES[key]
-    fn = compiled(module, (op, provider, batch), _COMPILED) if provider.startswith("compile") else module
+    fn = compiled(module, (op, provider, batch, precision), _COMPILED) if provider.startswith("compile") else module
     if (op, batch) not in _INPUTS:
         torch.manual_seed(1)
         _INPUTS[(op, batch)] = make_inputs(batch)
     inputs = _INPUTS[(op, batch)]
     grads = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     return Case(op=op, provider=provider, mode=mode, batch=batch, forward=lambda: fn(*inputs),
-                params=list(module.parameters()) + grads, shape=shape)
+                params=list(module.parameters()) + grads, shape=shape, precision=precision)
