@@ -30,4 +30,4 @@ def test_gated_cross(benchmark, batch, mode, precision, request):
               lambda provider: module_case("gated_cross", provider, mode, batch, build, make_inputs,
                                            precision=precision,
                                            shape=f"B={batch} dim={DIM} layers={LAYERS}"),
-              DEVICE, request)
+              DEVICE, request, extra=("fused_cublas",))

@@ -32,4 +32,4 @@ def test_mask_block(benchmark, batch, mode, precision, request):
               lambda provider: module_case("mask_block", provider, mode, batch, build, make_inputs,
                                            precision=precision,
                                            shape=f"B={batch} in={DIM} mask_hidden={MASK_HIDDEN} out={HIDDEN}"),
-              DEVICE, request)
+              DEVICE, request, extra=("fused_cublas",))

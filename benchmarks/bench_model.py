@@ -11,8 +11,9 @@ like Census-Income (32 categorical fields with its cardinalities, 7 numeric), tw
 * Providers: ``eager`` (every layer and the input layer on their PyTorch references),
   ``fused`` (``dtn_kernels.set_kernels(model, "fused")``: Triton layers + the compiled
   embedding bag; on CPU the layers' ops run their closed-form PyTorch twins through the
-  custom-op path, and the embedding bag its C++ kernel), ``compile`` / ``compile_fused`` (``torch.compile`` of either model; the
-  optimizer step stays eager in every provider).
+  custom-op path, and the embedding bag its C++ kernel), ``grouped`` (``set_kernels(model, "grouped")``:
+  the fused ops with each kind of module run once as a group), ``compile`` / ``compile_fused`` /
+  ``compile_grouped`` (``torch.compile`` of each model; the optimizer step stays eager in every provider).
 
     .venv/bin/python -m pytest benchmarks/bench_model.py --benchmark-only
 """
@@ -73,9 +74,9 @@ def model_for(name: str, kernels: str):
             m = build_model(name, schema(), cfg).to(DEVICE)
             dtn_kernels.set_kernels(m, "reference")
             _MODELS[(name, "reference")] = m
-        if kernels == "fused":
+        if kernels in ("fused", "grouped"):
             m = copy.deepcopy(_MODELS[(name, "reference")])
-            dtn_kernels.set_kernels(m, "fused")
+            dtn_kernels.set_kernels(m, kernels)
             _MODELS[key] = m
     return _MODELS[key]
 
@@ -91,7 +92,8 @@ def batch_of(size: int):
 
 
 def model_case(name: str, provider: str, mode: str, size: int, precision: str) -> Case:
-    kernels = "fused" if provider in ("fused", "compile_fused") else "reference"
+    kernels = {"fused": "fused", "compile_fused": "fused", "grouped": "grouped",
+               "compile_grouped": "grouped"}.get(provider, "reference")
     model = model_for(name, kernels)
     key = (name, provider, mode, size, precision)
     fn = compiled(model, key, _COMPILED) if provider.startswith("compile") else model
@@ -128,4 +130,5 @@ def test_model(benchmark, name, mode, batch, precision, request):
     # on CPU "fused" runs too (the C++ embedding bag; the layer ops run their PyTorch twins there,
     # see the module docstring); compile_fused needs the Triton layers
     run_group(benchmark, f"model:{name}", mode, batch, precision, make, DEVICE, request, fused_on_cpu=("fused",),
+              extra=("grouped", "compile_grouped"),
               rounds_override=5 if preset() == "quick" else None)

@@ -29,6 +29,10 @@ files=$(ls benchmarks/bench_*.py | grep -v '/bench_model\.py$'; ls benchmarks/be
 # shellcheck disable=SC2086
 "$PY" -m pytest $files -k "not test_embedding_bag_fwd_bwd" --benchmark-only -q -p no:cacheprovider -rs \
   --benchmark-json="$OUT/results.json" --benchmark-columns=median,iqr,rounds 2>&1 | tee "$OUT/suite.log"
+# kernel launches per DTN training / inference step in each kernel mode (hardware-independent; about
+# 3 minutes here): the report includes it
+"$PY" benchmarks/count_launches.py --batch 2048 --markdown "$OUT/launches.md" --json "$OUT/launches.json" \
+  2>&1 | grep -v '^USDT' | tee -a "$OUT/suite.log"
 "$PY" benchmarks/report.py "$OUT/cases.jsonl" --out "$OUT" \
   --command "DTN_BENCH_THREADS=$DTN_BENCH_THREADS bash benchmarks/cpu_suite.sh $OUT"
 echo "cpu suite finished in $(( $(date +%s) - start )) s"

@@ -51,7 +51,11 @@ import torch
 import dtn_kernels
 
 PROVIDERS = ("eager", "fused", "compile", "compile_fused")
-EXTRA_PROVIDERS = ("loop",)  # baselines some files add (the embedding bag's per-feature loop)
+# providers some files add: the embedding bag's per-feature loop; the fused ops with their GEMMs forced
+# onto cuBLAS (DTN_FUSED_GEMM=torch: the route A/B that decides where each GEMM runs); whole models in
+# grouped mode (dtn_kernels.set_kernels(model, "grouped")) and compiled so
+EXTRA_PROVIDERS = ("loop", "fused_cublas", "grouped", "compile_grouped")
+FUSED_PROVIDERS = ("fused", "compile_fused", "fused_cublas", "grouped", "compile_grouped")  # need Triton
 MODES = ("fwd", "bwd", "fwd+bwd")
 PRECISIONS = ("bf16", "fp32")  # also the run order on GPU: bf16 autocast is the headline case
 FP32_MATMUL_POLICIES = ("highest", "high", "medium")
@@ -249,7 +253,7 @@ def provider_skip_reason(provider: str, device: torch.device, op: str = "",
     """Why ``provider`` is not timed for ``op`` here, or None. ``fused_on_cpu``: True (or the
     providers it names) when the fused provider has a CPU kernel (the C++ embedding bag)."""
     on_cpu = fused_on_cpu if isinstance(fused_on_cpu, bool) else provider in fused_on_cpu
-    if provider in ("fused", "compile_fused") and not on_cpu:
+    if provider in FUSED_PROVIDERS and not on_cpu:
         reason = triton_skip_reason(device)
         if reason:
             return reason
@@ -330,6 +334,7 @@ class Case:
     shape: str = ""
     precision: str = "fp32"
     device_type: str = "cpu"
+    env: dict = field(default_factory=dict)  # environment set around every call (e.g. DTN_FUSED_GEMM)
     _grad: Optional[torch.Tensor] = None
 
     def _out(self, result):
@@ -351,6 +356,12 @@ class Case:
 
     def runner(self) -> tuple[Callable[[], object], Callable[[], object]]:
         """(setup, target): setup runs untimed before each call, target is what is timed."""
+        setup, target = self._runner()
+        if not self.env:
+            return setup, target
+        return _with_env(self.env, setup), _with_env(self.env, target)
+
+    def _runner(self) -> tuple[Callable[[], object], Callable[[], object]]:
         if self.step is not None:
             return (lambda: None), self.step
         if self.mode == "fwd":  # a training forward: autograd records the graph, as in fwd+bwd
@@ -374,6 +385,21 @@ class Case:
                 out.backward(self.grad_for(out))
             return setup, bwd
         raise ValueError(f"unknown mode {self.mode!r}")
+
+
+def _with_env(env: dict, fn: Callable[[], object]) -> Callable[[], object]:
+    def call():
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return call
 
 
 def sync(device: torch.device) -> None:
@@ -743,7 +769,7 @@ def module_case(op: str, provider: str, mode: str, batch: int, build: Callable[[
     require grad (they stand for embeddings)."""
     import copy
 
-    key = (op, "fused" if provider in ("fused", "compile_fused") else "reference")
+    key = (op, "fused" if provider in ("fused", "compile_fused", "fused_cublas") else "reference")
     if key not in _MODULES:
         if (op, "reference") not in _MODULES:
             torch.manual_seed(0)
@@ -759,5 +785,6 @@ def module_case(op: str, provider: str, mode: str, batch: int, build: Callable[[
         _INPUTS[(op, batch)] = make_inputs(batch)
     inputs = _INPUTS[(op, batch)]
     grads = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    env = {"DTN_FUSED_GEMM": "torch"} if provider == "fused_cublas" else {}
     return Case(op=op, provider=provider, mode=mode, batch=batch, forward=lambda: fn(*inputs),
-                params=list(module.parameters()) + grads, shape=shape, precision=precision)
+                params=list(module.parameters()) + grads, shape=shape, precision=precision, env=env)

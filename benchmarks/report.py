@@ -35,7 +35,7 @@ import sys
 from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PROVIDER_ORDER = ("eager", "compile", "fused", "compile_fused", "loop")
+PROVIDER_ORDER = ("eager", "compile", "fused", "compile_fused", "fused_cublas", "grouped", "compile_grouped", "loop")
 MODE_ORDER = {"fwd": 0, "bwd": 1, "fwd+bwd": 2, "train": 3, "infer": 4}
 PRECISION_ORDER = {"bf16": 0, "fp32": 1}
 PAPER_BATCHES = (2048, 4096)
@@ -183,6 +183,11 @@ def table_rows(cases: list[dict], device_name: str | None = None) -> tuple[list[
             row["vs_compile"] = ms["compile"] / ms["fused"] if "compile" in ms else None
         if "compile_fused" in ms and "compile" in ms:
             row["cf_vs_compile"] = ms["compile"] / ms["compile_fused"]
+        if "grouped" in ms:  # whole models in grouped mode
+            row["g_vs_eager"] = ms["eager"] / ms["grouped"] if "eager" in ms else None
+            row["g_vs_compile"] = ms["compile"] / ms["grouped"] if "compile" in ms else None
+        if "fused_cublas" in ms and "fused" in ms:  # > 1: the Triton route of the fused GEMMs is faster
+            row["cublas_vs_triton"] = ms["fused_cublas"] / ms["fused"]
         row["floor_ms"] = None
         if floor_fn is not None and row["roofline_precision"]:
             try:
@@ -254,9 +259,13 @@ def markdown(rows: list[dict], skipped: list[dict], env: dict, command: str | No
         "`fp32 (tf32)` / `fp32 (ieee)`: fp32 under the recorded torch matmul policy, on both sides.",
         "",
     ]
+    # columns only some runs have: whole models in grouped mode, the fused GEMMs' cuBLAS route
+    extra = [(k, title) for k, title in (("g_vs_eager", "grouped vs eager"), ("g_vs_compile", "grouped vs compile"),
+                                         ("cublas_vs_triton", "cuBLAS route ms / Triton route ms"))
+             if any(r.get(k) for r in rows)]
     head = ["op", "mode", "B", "precision"] + [f"{p} ms" for p in providers] + [
-        "fused vs eager", "fused vs compile", "compile_fused vs compile", "floor ms", "fused of floor",
-        "peak MB (eager / fused)"]
+        "fused vs eager", "fused vs compile", "compile_fused vs compile"] + [t for _, t in extra] + [
+        "floor ms", "fused of floor", "peak MB (eager / fused)"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|")
     flags_used = set()
@@ -273,8 +282,10 @@ def markdown(rows: list[dict], skipped: list[dict], env: dict, command: str | No
         cells += [f"{r['ms'][p]:.3f}" if p in r["ms"] else "—" for p in providers]
         cells += [_ratio(r.get("vs_eager"), tgt.get("eager") if not flag else None, flag),
                   _ratio(r.get("vs_compile"), tgt.get("compile") if not flag else None, flag),
-                  _ratio(r.get("cf_vs_compile"), None, flag),
-                  f"{r['floor_ms']:.3f}" if r.get("floor_ms") else "",
+                  _ratio(r.get("cf_vs_compile"), None, flag)]
+        grouped_tgt = {"g_vs_eager": tgt.get("eager"), "g_vs_compile": tgt.get("compile")}  # the DTN step's targets
+        cells += [_ratio(r.get(k), grouped_tgt.get(k) if not flag else None, flag) for k, _ in extra]
+        cells += [f"{r['floor_ms']:.3f}" if r.get("floor_ms") else "",
                   _fraction(r.get("floor_ms"), r["ms"].get("fused"), tgt.get("roofline"))]
         me, mf = r["mem"].get("eager"), r["mem"].get("fused")
         cells.append(f"{me if me is not None else '—'} / {mf if mf is not None else '—'}")
@@ -550,6 +561,10 @@ def main(argv=None) -> int:
         if why:
             notes.append(why)
     md = markdown(rows, skipped, env, args.command, notes, stages, machine, history_md)
+    launches = os.path.join(args.out, "launches.md")  # benchmarks/count_launches.py --markdown, if the suite ran it
+    if os.path.exists(launches):
+        with open(launches) as fh:
+            md += "\n## Kernel launches per step\n\n" + fh.read()
     with open(os.path.join(args.out, "report.md"), "w") as fh:
         fh.write(md)
     print(md)

@@ -274,7 +274,9 @@ def _op_group(op, batch, precision, eager, compile_, fused, **kw):
 
 def test_report_marks_each_ops_targets_in_both_precisions(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "roofline", raising=False)
-    monkeypatch.setattr(report, "HERE", str(tmp_path))  # no roofline.py there
+    monkeypatch.setattr(report, "HERE", str(tmp_path))  # no roofline.py there ...
+    bench_dir = os.path.dirname(os.path.abspath(report.__file__))
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if os.path.abspath(p or ".") != bench_dir])  # ... nor here
     recs = (_op_group("gated_cross", 2048, "fp32", 2.1, 1.4, 1.0)  # 2.1x eager (≥ 2), 1.4x compile (≥ 1.3)
             + _op_group("gated_cross", 2048, "bf16", 1.9, 1.2, 1.0)  # 1.9x < 2, 1.2x < 1.3
             + _op_group("mask_block", 4096, "bf16", 1.8, 1.3, 1.0)  # exactly 1.8x and 1.3x: met
@@ -552,3 +554,22 @@ def test_quality_script_writes_the_table_per_run_and_resumes(tmp_path):
     proc = subprocess.run(["bash", script, str(tmp_path / "q2")], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 3 and "Census-Income data NOT FOUND" in proc.stdout
+
+
+def test_report_grouped_and_cublas_route_columns(tmp_path):
+    """Whole models in grouped mode get their own ratios (judged on the DTN step's targets), and the fused
+    ops' cuBLAS route is reported against the Triton route."""
+    provs = ["eager", "compile", "fused", "grouped", "fused_cublas"]
+    recs = [_rec("model:dtn", p, "train", 2048, ms, "bf16", with_=provs)
+            for p, ms in (("eager", 4.0), ("compile", 2.6), ("fused", 2.5), ("grouped", 1.6))]
+    recs += [_rec("gated_cross", p, "fwd+bwd", 2048, ms, "bf16", with_=provs)
+             for p, ms in (("eager", 3.0), ("compile", 2.0), ("fused", 1.0), ("fused_cublas", 1.5))]
+    log = tmp_path / "cases.jsonl"
+    _write_log(log, recs)
+    assert report.main([str(log), "--out", str(tmp_path / "out"), "--no-chart"]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    head = next(line for line in md.splitlines() if line.startswith("| op |"))
+    assert "grouped vs eager" in head and "cuBLAS route ms / Triton route ms" in head
+    dtn = _row(md, "| model:dtn | train | 2048")
+    assert "2.50x ✓" in dtn and "1.62x ✓" in dtn  # grouped: 4.0 / 1.6 vs eager (≥ 2), 2.6 / 1.6 vs compile (≥ 1.25)
+    assert "1.50x" in _row(md, "| gated_cross | fwd+bwd | 2048")

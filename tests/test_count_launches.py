@@ -1,0 +1,56 @@
+"""benchmarks/count_launches.py: kernels per training / inference step in each kernel mode."""
+import copy
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import count_launches as CL  # noqa: E402
+
+import dtn_kernels  # noqa: E402
+from dtn.config import load_config  # noqa: E402
+from dtn.features import FeatureBatch, FeatureSpec, Schema  # noqa: E402
+from dtn.models import build_model  # noqa: E402
+
+
+def _small():
+    cards = (5, 7, 3, 11)
+    schema = Schema([FeatureSpec(f"c{i}", cardinality=c) for i, c in enumerate(cards)]
+                    + [FeatureSpec("x", kind="numeric")], labels=["a", "b"])
+    cfg = load_config("cpu").model
+    cfg.embed_dim, cfg.fim_dim, cfg.tower_hidden = 4, 12, [6]
+    cfg.masknet = {**cfg.masknet, "mask_hidden": 10, "block_dim": 9}
+    cfg.memonet = {**cfg.memonet, "fields": None, "num_buckets": 37, "codebook_dim": 4}
+    torch.manual_seed(0)
+    model = build_model("dtn", schema, cfg)
+    g = torch.Generator().manual_seed(1)
+    cat = torch.stack([torch.randint(0, c, (16,), generator=g) for c in cards], 1)
+    return model, FeatureBatch(cat, torch.randn(16, 1, generator=g)), (torch.rand(16, 2, generator=g) < 0.5).float()
+
+
+def test_modes_issue_fewer_kernels_and_no_host_syncs():
+    base, batch, labels = _small()
+    counts = {}
+    for mode in CL.MODES:
+        model = copy.deepcopy(base)
+        dtn_kernels.set_kernels(model, mode)
+        counts[mode] = CL.count_step(model, batch, labels, train=True)
+    ref, fused, grouped = (counts[m] for m in CL.MODES)
+    assert ref["triton"] == 0 and fused["triton"] > 0 and grouped["triton"] > 0
+    assert grouped["kernels"] < fused["kernels"] < ref["kernels"], {m: c["kernels"] for m, c in counts.items()}
+    # grouped: one forward and one backward launch per cross layer for all three MFI modules, one HCNet
+    # launch each way for all their HCNets, one mask-block GEMM pair ...
+    assert grouped["triton_by_kernel"]["_hcnet_fwd_kernel"] == 1
+    assert grouped["triton_by_kernel"]["_gated_cross_fwd_kernel"] == base.cfg.gdcn["num_layers"]
+    assert fused["triton_by_kernel"]["_hcnet_fwd_kernel"] == 3 * base.cfg.memonet["num_hcnets"]
+    assert fused["host_syncs"] == 0 and grouped["host_syncs"] == 0
+
+
+def test_markdown_table():
+    row = {"kernels": 10, "aten": 8, "triton": 2, "host_syncs": 0}
+    counts = {m: {"train": dict(row), "infer": dict(row)} for m in CL.MODES}
+    counts["reference"]["train"]["kernels"] = 30
+    text = CL.markdown("dtn", 2048, counts)
+    assert "| fused | 10 (8 + 2) | 0.33 | 0 |" in text
