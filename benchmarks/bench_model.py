@@ -127,8 +127,8 @@ def test_model(benchmark, name, mode, batch, precision, request):
                                "DTN_BENCH_MODEL_COMPILE=1 includes it")
         return model_case(name, provider, mode, batch, precision)
 
-    # on CPU "fused" runs too (the C++ embedding bag; the layer ops run their PyTorch twins there,
+    # on CPU "fused" and "grouped" run too (the C++ embedding bag; the layers run their reference forward there,
     # see the module docstring); compile_fused needs the Triton layers
-    run_group(benchmark, f"model:{name}", mode, batch, precision, make, DEVICE, request, fused_on_cpu=("fused",),
+    run_group(benchmark, f"model:{name}", mode, batch, precision, make, DEVICE, request, fused_on_cpu=("fused", "grouped"),
               extra=("grouped", "compile_grouped"),
               rounds_override=5 if preset() == "quick" else None)

@@ -55,3 +55,16 @@ def test_python_dash_m_dtn_kernels_reports_the_installation():
     assert "embedding_bag" in out and "gated_cross" in out
     ext_line = next(line for line in out.splitlines() if line.startswith("extension _C"))
     assert ("not built" not in ext_line) == dtn_kernels.HAS_C_EXT, ext_line
+
+
+def test_readme_standalone_example_runs_without_the_model_zoo():
+    """The README's "The kernels in your own model" example, run as written, never imports dtn."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### The kernels in your own model", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code += "\nimport sys\nassert logits.shape == (32, 2)\n" \
+            "assert not [m for m in sys.modules if m == 'dtn' or m.startswith('dtn.')], 'imported the zoo'\n"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
