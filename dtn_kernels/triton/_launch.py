@@ -21,7 +21,6 @@ import triton
 
 from ._dispatch import interpreting
 
-SM90_SMEM_LIMIT = 232_448  # bytes of shared memory per block on sm_90 (227 KB, opt-in)
 GRID_YZ_LIMIT = 65_535
 GRID_X_LIMIT = 2 ** 31 - 1
 

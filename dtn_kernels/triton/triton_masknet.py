@@ -83,6 +83,23 @@ def _ln_relu_fwd_kernel(z_ptr, g_ptr, bt_ptr, out_ptr, mean_ptr, rstd_ptr, B, DO
 
 
 @triton.jit
+def _ln_relu_grad_chunk(go_ptr, z_ptr, g_ptr, bt_ptr, mean, rstd, rmask, rm64, n0, DO, BN: tl.constexpr):
+    """Columns n0 .. n0 + BN of the rows: the normalised zhat, gamma, and the gradient through the ReLU
+    (recomputed from z and the saved statistics, in each of the backward's two passes)."""
+    rn = n0 + tl.arange(0, BN)
+    nmask = rn < DO
+    msk = rmask[:, None] & nmask[None, :]
+    off = rm64[:, None] * DO + rn[None, :]
+    zhat = tl.where(msk, (tl.load(z_ptr + off, mask=msk, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None],
+                    0.0)
+    gamma = tl.load(g_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+    beta = tl.load(bt_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+    go = tl.load(go_ptr + off, mask=msk, other=0.0).to(tl.float32)
+    gr = tl.where(msk & (zhat * gamma[None, :] + beta[None, :] > 0), go, 0.0)  # ReLU backward
+    return rn, nmask, msk, off, zhat, gamma, gr
+
+
+@triton.jit
 def _ln_relu_bwd_kernel(go_ptr, z_ptr, mean_ptr, rstd_ptr, g_ptr, bt_ptr, dz_ptr, dg_ptr, db_ptr, B, DO,
                         BM: tl.constexpr, BN: tl.constexpr):
     """Rows of member g = program_id(1); dgamma / dbeta partials [G, blocks, DO]."""
@@ -106,16 +123,8 @@ def _ln_relu_bwd_kernel(go_ptr, z_ptr, mean_ptr, rstd_ptr, g_ptr, bt_ptr, dz_ptr
     c2 = tl.zeros((BM,), dtype=tl.float32)
     # pass 1: the row sums of the LayerNorm backward, and this block's dgamma / dbeta partials
     for n0 in range(0, DO, BN):
-        rn = n0 + tl.arange(0, BN)
-        nmask = rn < DO
-        msk = rmask[:, None] & nmask[None, :]
-        off = rm64[:, None] * DO + rn[None, :]
-        zhat = tl.where(msk, (tl.load(z_ptr + off, mask=msk, other=0.0).to(tl.float32) - mean[:, None])
-                        * rstd[:, None], 0.0)
-        gamma = tl.load(g_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-        beta = tl.load(bt_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-        go = tl.load(go_ptr + off, mask=msk, other=0.0).to(tl.float32)
-        gr = tl.where(msk & (zhat * gamma[None, :] + beta[None, :] > 0), go, 0.0)  # ReLU backward
+        rn, nmask, msk, off, zhat, gamma, gr = _ln_relu_grad_chunk(go_ptr, z_ptr, g_ptr, bt_ptr, mean, rstd, rmask,
+                                                                    rm64, n0, DO, BN)
         tl.store(dg_ptr + pid * DO + rn, tl.sum(gr * zhat, axis=0), mask=nmask)
         tl.store(db_ptr + pid * DO + rn, tl.sum(gr, axis=0), mask=nmask)
         dzhat = gr * gamma[None, :]
@@ -125,16 +134,8 @@ def _ln_relu_bwd_kernel(go_ptr, z_ptr, mean_ptr, rstd_ptr, g_ptr, bt_ptr, dz_ptr
     c2 = c2 / DO
     # pass 2: dz = rstd * (dzhat - mean(dzhat) - zhat * mean(dzhat * zhat))
     for n0 in range(0, DO, BN):
-        rn = n0 + tl.arange(0, BN)
-        nmask = rn < DO
-        msk = rmask[:, None] & nmask[None, :]
-        off = rm64[:, None] * DO + rn[None, :]
-        zhat = tl.where(msk, (tl.load(z_ptr + off, mask=msk, other=0.0).to(tl.float32) - mean[:, None])
-                        * rstd[:, None], 0.0)
-        gamma = tl.load(g_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-        beta = tl.load(bt_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-        go = tl.load(go_ptr + off, mask=msk, other=0.0).to(tl.float32)
-        gr = tl.where(msk & (zhat * gamma[None, :] + beta[None, :] > 0), go, 0.0)
+        rn, nmask, msk, off, zhat, gamma, gr = _ln_relu_grad_chunk(go_ptr, z_ptr, g_ptr, bt_ptr, mean, rstd, rmask,
+                                                                    rm64, n0, DO, BN)
         dz = rstd[:, None] * (gr * gamma[None, :] - c2[:, None] - zhat * c1[:, None])
         tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=msk)
 
