@@ -425,7 +425,8 @@ def time_call(setup: Callable, target: Callable, device: torch.device) -> float:
 
     CUDA: the setup's work and an L2 flush finish first, so the device is idle and cold when the
     start event is recorded; the events then count the host's launch gaps inside ``target`` too.
-    CPU: wall clock around ``target``.
+    CPU: wall clock around ``target``, or with ``DTN_BENCH_CPU_CLOCK=process`` the process's CPU time
+    (on a machine shared with other work, time spent descheduled is not the provider's).
     """
     setup()
     if device.type == "cuda":
@@ -438,9 +439,18 @@ def time_call(setup: Callable, target: Callable, device: torch.device) -> float:
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
+    clock = time.process_time if cpu_clock() == "process" else time.perf_counter
+    t0 = clock()
     target()
-    return time.perf_counter() - t0
+    return clock() - t0
+
+
+def cpu_clock() -> str:
+    """``DTN_BENCH_CPU_CLOCK``: ``wall`` (default) or ``process`` (CPU time of this process)."""
+    clock = os.environ.get("DTN_BENCH_CPU_CLOCK", "wall")
+    if clock not in ("wall", "process"):
+        raise ValueError(f"DTN_BENCH_CPU_CLOCK must be wall or process, got {clock!r}")
+    return clock
 
 
 def cuda_event_times(setup, target, device, reps: int, warmup: int = 5) -> list[float]:
@@ -568,7 +578,7 @@ def _records(group: dict, cases: dict, times: dict, first_call: dict, device: to
         rec = {**base, **group, "provider": p, "shape": c.shape, "median_ms": statistics.median(ms),
                "min_ms": ms[0], "iqr_ms": q3 - q1, "rounds": len(ms), "interleaved_with": list(times),
                "first_call_s": round(first_call.get(p, float("nan")), 3), "final": final,
-               "timer": "cuda_event" if device.type == "cuda" else "perf_counter",
+               "timer": "cuda_event" if device.type == "cuda" else ("process_time" if cpu_clock() == "process" else "perf_counter"),
                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if p in memory:
             rec["peak_mem_mb"] = memory[p]

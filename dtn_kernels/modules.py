@@ -104,6 +104,7 @@ class HCNet(nn.Module):
         self.num_buckets = num_buckets
         self.codebook_dim = codebook_dim
         self.embed_dim = embed_dim
+        self.field_list = tuple(fields)  # on the host: comparing HCNets must not read a device buffer
         self.register_buffer("fields", torch.tensor(fields, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("pair_i", torch.tensor([p[0] for p in pairs], dtype=torch.long, device=device), persistent=False)
         self.register_buffer("pair_j", torch.tensor([p[1] for p in pairs], dtype=torch.long, device=device), persistent=False)

@@ -52,12 +52,12 @@ def on_device(batches: list) -> list:
     return out
 
 
-def fused_dtn(schema, cfg):
+def fused_dtn(schema, cfg, mode: str = "fused"):
     from dtn.models import build_model
 
     torch.manual_seed(0)
     model = build_model("dtn", schema, dataclasses.replace(cfg, dropout=0.0), device="cuda")
-    dtn_kernels.set_kernels(model, "fused")
+    dtn_kernels.set_kernels(model, mode)
     return model
 
 
@@ -84,10 +84,11 @@ def assert_params_close(a, b, **tol):
         torch.testing.assert_close(p, q, **tol, msg=lambda m: f"{name}: {m}")
 
 
-def test_fused_dtn_steps_have_no_host_sync(tiny_schema, small_model_cfg):
+@pytest.mark.parametrize("mode", ["fused", "grouped"])
+def test_fused_dtn_steps_have_no_host_sync(tiny_schema, small_model_cfg, mode):
     from dtn_kernels.ops.embedding_bag import raise_pending_errors
 
-    model = fused_dtn(tiny_schema, small_model_cfg)
+    model = fused_dtn(tiny_schema, small_model_cfg, mode)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     data = on_device(make_batches(4))
     train_step(model, opt, *data[0])  # warm-up: kernel compilation, optimizer state, error flag
@@ -134,8 +135,9 @@ def _copy_into(static, batch, labels):
     sy.copy_(labels)
 
 
-def test_fused_dtn_step_captured_with_cuda_graph(tiny_schema, small_model_cfg):
-    eager = fused_dtn(tiny_schema, small_model_cfg)
+@pytest.mark.parametrize("mode", ["fused", "grouped"])
+def test_fused_dtn_step_captured_with_cuda_graph(tiny_schema, small_model_cfg, mode):
+    eager = fused_dtn(tiny_schema, small_model_cfg, mode)
     graphed = copy.deepcopy(eager)
     opt_e = torch.optim.Adam(eager.parameters(), lr=1e-3, capturable=True)
     opt_g = torch.optim.Adam(graphed.parameters(), lr=1e-3, capturable=True)

@@ -141,3 +141,16 @@ def test_group_opcheck():
     args = [members[0][0], torch.stack([m[1] for m in members])] + [torch.stack([m[i] for m in members])
                                                                     for i in (2, 3, 4)]
     torch.library.opcheck(torch.ops.dtn.gated_cross.default, (*[a.requires_grad_() for a in args], None))
+
+
+@interpreter
+@needs_interpreter
+def test_group_backward_with_a_broadcast_gradient():
+    """The group's output gradient may arrive with any member stride (out.sum(0) gives stride 0): the
+    backward packs it before the kernel reads member g at g * B * D."""
+    G, B, D = 3, 5, 8
+    members = [make_args(B, D, True, seed=s) for s in range(G)]
+    e = members[0][0]
+    params = [torch.stack([m[i] for m in members]) for i in (2, 3, 4)]
+    compare_fwd_bwd(lambda *a: op(*a).sum(0), lambda e, xl, w, b, wg: _members(G, e, xl, w, b, wg).sum(0),
+                    [e, e, *params], [0, 1, 2, 3, 4], names=NAMES)

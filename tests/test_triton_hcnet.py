@@ -181,3 +181,12 @@ def test_group_opcheck():
     for i in DIFF:
         args[i].requires_grad_()
     torch.library.opcheck(torch.ops.dtn.hcnet.default, (*args, False, None))
+
+
+def test_group_member_counts_must_agree():
+    from dtn_kernels.triton.triton_hcnet import _check
+
+    ids, salts, seeds, cb, wr, attn = make_args(4, 3, 2, 1, 7, 4, 5)
+    with pytest.raises(ValueError, match="a group of 2 HCNets"):
+        _check(ids, salts, torch.stack([seeds, seeds]), torch.stack([cb, cb, cb]), torch.stack([wr, wr]),
+               torch.stack([attn, attn]))

@@ -98,7 +98,7 @@ def _signature(m: nn.Module):
                 tuple(float(b.norm.eps) for b in m.blocks), float(m.field_norm.eps))
     if isinstance(m, MemoNet) and all(isinstance(h, FusedHCNet) for h in m.hcnets):
         return ("memonet", tuple((k, tuple(p.shape)) for k, p in m.named_parameters()),
-                tuple(tuple(h.fields.tolist()) for h in m.hcnets))
+                tuple(h.field_list for h in m.hcnets))
     return None
 
 

@@ -170,7 +170,7 @@ def gated_cross_backward(grad_out, x0, xl, weight, bias, gate_weight=None, allow
     shapes = (x0.shape, xl.shape)
     x0, xl, weight, bias, gate_weight, grouped = _grouped(x0, xl, weight, bias, gate_weight)
     G, B, D = xl.shape
-    go = rows_contiguous(grad_out.to(xl.dtype).reshape(G, B, D))
+    go = grad_out.to(xl.dtype).reshape(G, B, D).contiguous()  # the kernel reads members packed: g * B * D
     gated = gate_weight is not None
     wg = gate_weight if gated else weight
     dx0 = torch.empty((G, B, D), device=xl.device, dtype=xl.dtype)

@@ -223,6 +223,10 @@ def _check(ids, salts, seeds, codebook, restore_weight, attn):
         raise ValueError(f"restore weight {tuple(restore_weight.shape)} needs H*d_c = {H * DC} columns")
     if attn.shape[-2:] != (B, S * (S - 1) // 2):
         raise ValueError(f"attention weights {tuple(attn.shape)} must be [..., B, S(S-1)/2] = [{B}, {S * (S - 1) // 2}]")
+    if codebook.shape[0] != G or restore_weight.shape[0] != G or attn.shape[0] != G:
+        raise ValueError(f"a group of {G} HCNets (seeds {tuple(seeds.shape)}) needs as many codebooks "
+                         f"{tuple(codebook.shape)}, restore weights {tuple(restore_weight.shape)} and attention "
+                         f"weights {tuple(attn.shape)}")
     if salts.shape != (S,):
         raise ValueError(f"salts {tuple(salts.shape)} must be [S] = [{S}] (the members of a group cross the same fields)")
     return G, B, S, H, books, N, DC
@@ -266,18 +270,23 @@ _PAIRS: dict = {}
 def _pairs(S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(i, j) int32 of every cross in itertools.combinations order, made once per (S, device)."""
     key = (S, str(device))
-    if key not in _PAIRS:
-        pairs = torch.triu_indices(S, S, 1, device=device).to(torch.int32)
-        _PAIRS[key] = (pairs[0].contiguous(), pairs[1].contiguous())
-    return _PAIRS[key]
+    if key in _PAIRS:
+        return _PAIRS[key]
+    pairs = torch.triu_indices(S, S, 1, device=device).to(torch.int32)
+    out = (pairs[0].contiguous(), pairs[1].contiguous())
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if not capturing:  # a tensor made inside a CUDA-graph capture is only filled by the graph's replays
+        _PAIRS[key] = out
+    return out
 
 
 def _crosses_per_program(nblk: int, M: int, device) -> int:
-    """Crosses per backward program: about 8 programs per SM (fewer partial dW_o tiles to sum)."""
+    """Crosses per backward program (``nblk`` row blocks of all members): about 8 programs per SM, so
+    the partial dW_o tiles to sum stay few whatever the number of crosses."""
     if interpreting():
         return 2
     want = max(1, (nblk * M) // (8 * num_sms(device)))
-    return min(64, triton.next_power_of_2(want))
+    return triton.next_power_of_2(want)  # no cap: the dW_o partials stay ~8 per SM whatever M is
 
 
 def hcnet_backward(grad_u, ids, salts, seeds, codebook, restore_weight, attn, deterministic: bool = False,

@@ -182,7 +182,7 @@ def mask_block_backward(grad_out, e, v, w1, w2, w3, gamma, beta, hid, mask, z, m
     e, v, w1, _, w2, _, w3, gamma, beta, _ = _grouped(e, v, w1, b_dummy, w2, b_dummy, w3, gamma, beta)
     if not grouped:
         hid, mask, z, mean, rstd, grad_out = (t[None] for t in (hid, mask, z, mean, rstd, grad_out))
-    hid, mask, z = rows_contiguous(hid), rows_contiguous(mask), rows_contiguous(z)
+    hid, mask, z = hid.contiguous(), mask.contiguous(), z.contiguous()  # the row kernels read members packed
     tf32 = resolve_tf32(allow_tf32)
     G, B, DO = z.shape
     bm = row_block(B, z.device, groups=G)
