@@ -319,11 +319,11 @@ def cmd_importance(args) -> int:
 
 def cmd_gates(args) -> int:
     from .analysis import get_split, load_checkpoint_data
-    from .analysis.gates import gate_weights, gates_markdown, require_dtn, write_gates
+    from .analysis.gates import gate_weights, gates_markdown, require_gated, write_gates
 
     _threads(args)
     model, cfg, data, ckpt = load_checkpoint_data(args.checkpoint, args.data_dir)
-    require_dtn(model, "dtn gates")
+    require_gated(model, "dtn gates")
     g = gate_weights(model, get_split(data, args.split), cfg.train.eval_batch_size)
     g["split"] = args.split
     paths = write_gates(g, args.out)
@@ -501,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0)
     i.set_defaults(func=cmd_importance)
 
-    g = sub.add_parser("gates", help="DTN mean gate weight of every candidate FIM per task (Fig. 4)")
+    g = sub.add_parser("gates", help="mean gate weight per task and expert (MMoE, PLE / CGC, SFM, TFI) or candidate "
+                       "FIM (DTN, Fig. 4)")
     _analysis_common(g, "results/gates")
     g.add_argument("--split", choices=["train", "valid", "test"], default="valid")
     g.set_defaults(func=cmd_gates)
