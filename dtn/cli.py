@@ -73,6 +73,10 @@ def _config(args):
     if getattr(args, "data", None) and cfg.data.dataset != "table":
         raise ConfigError("--data names a table file: give its data schema with --data-schema too")
     _check_device(cfg.train.device)
+    if cfg.train.log == "tensorboard":  # an optional package: say so before any data is read
+        from .train.tblog import require_tensorboard
+
+        require_tensorboard()
     return cfg
 
 

@@ -232,8 +232,8 @@ def murmur3_32_strings(strings, seed: int = 0) -> np.ndarray:
     tail_at = starts + 4 * blocks
     rem = lengths & 3
     zero = np.uint32(0)
-    k1 = (np.where(rem >= 3, buf[tail_at + 2] << np.uint32(16), zero) ^ np.where(rem >= 2, buf[tail_at + 1] << np.uint32(8), zero)
-          ^ np.where(rem >= 1, buf[tail_at], zero))
+    k1 = (np.where(rem >= 3, buf[tail_at + 2] << np.uint32(16), zero)
+          ^ np.where(rem >= 2, buf[tail_at + 1] << np.uint32(8), zero) ^ np.where(rem >= 1, buf[tail_at], zero))
     out ^= _mix_block(k1.astype(np.uint32))  # 0 when there is no tail
     out ^= lengths.astype(np.uint32)
     return fmix32(out)
