@@ -19,6 +19,11 @@ first non-finite step and the CUDA embedding bag's bad-id flag stay on the devic
 every ``SYNC_EVERY`` steps and at the end of the epoch; batches are validated on the host
 before they are copied (``InputLayer.check_batch``) and copied without blocking.
 
+Options (``train.*``, all off by default): mixed precision ``amp`` (:mod:`dtn.train.precision`), the lr
+``lr_schedule`` and ``warmup_steps`` (:mod:`dtn.train.schedule`), learned ``task_weighting``
+(:mod:`dtn.train.task_weighting`) and TensorBoard event files ``log`` (:mod:`dtn.train.tblog`); their
+state (scheduler step, GradScaler scale, task log-variances) is part of ``last.pt``.
+
 Files in ``out_dir``:
   last.pt       the resume point (model, optimizer, RNG, history), written after every epoch
   best.pt       the best model so far by the early-stopping metric (what ``dtn evaluate`` loads)
