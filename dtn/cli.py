@@ -17,6 +17,9 @@ Analyses (docs/analysis.md):
   dtn tsne       --checkpoint runs/dtn/best.pt --fim masknet --task income --out results/tsne
   dtn table3     --config cpu --seeds 1,2,3 --trim-threshold 0.08 --out results/table3-cpu
 
+Environment:
+  dtn env [--device cuda] [--json]   versions, the compiled extension, the device, which kernels run
+
 Errors: an expected failure (bad data, schema, config value or checkpoint; a file that cannot be read
 or written) ends with one line on stderr naming the file, key or value, and exit status 2; ``--debug``
 (or DTN_DEBUG=1) shows the traceback instead.
@@ -70,6 +73,10 @@ def _config(args):
     if getattr(args, "data", None) and cfg.data.dataset != "table":
         raise ConfigError("--data names a table file: give its data schema with --data-schema too")
     _check_device(cfg.train.device)
+    if cfg.train.log == "tensorboard":  # an optional package: say so before any data is read
+        from .train.tblog import require_tensorboard
+
+        require_tensorboard()
     return cfg
 
 
@@ -319,11 +326,11 @@ def cmd_importance(args) -> int:
 
 def cmd_gates(args) -> int:
     from .analysis import get_split, load_checkpoint_data
-    from .analysis.gates import gate_weights, gates_markdown, require_dtn, write_gates
+    from .analysis.gates import gate_weights, gates_markdown, require_gated, write_gates
 
     _threads(args)
     model, cfg, data, ckpt = load_checkpoint_data(args.checkpoint, args.data_dir)
-    require_dtn(model, "dtn gates")
+    require_gated(model, "dtn gates")
     g = gate_weights(model, get_split(data, args.split), cfg.train.eval_batch_size)
     g["split"] = args.split
     paths = write_gates(g, args.out)
@@ -425,6 +432,28 @@ def cmd_example_data(args) -> int:
     return 0
 
 
+def cmd_env(args) -> int:
+    """What this installation will run: the report of ``python -m dtn_kernels`` (dtn_kernels.env)."""
+    import json
+
+    from dtn_kernels.env import format_report, report
+
+    d = args.device
+    if d is not None:
+        import torch
+
+        from .config import ConfigError
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        ok = d == "cpu" or (n and (d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit() and int(d[5:]) < n)))
+        if not ok:
+            raise ConfigError(f"--device {d!r}: allowed here: 'cpu'" + (f", 'cuda' or 'cuda:0'..'cuda:{n - 1}'" if n else
+                              f" (this torch, {torch.__version__}, sees no CUDA device)"))
+    info = report(d)
+    print(json.dumps(info, indent=2) if args.json else format_report(info))
+    return 0
+
+
 def _analysis_common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--checkpoint", required=True, help="a best.pt / trimmed.pt written by dtn train, compare or trim")
     p.add_argument("--data-dir", help="override the data path of the checkpoint's config")
@@ -501,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0)
     i.set_defaults(func=cmd_importance)
 
-    g = sub.add_parser("gates", help="DTN mean gate weight of every candidate FIM per task (Fig. 4)")
+    g = sub.add_parser("gates", help="mean gate weight per task and expert (MMoE, PLE / CGC, SFM, TFI) or candidate "
+                       "FIM (DTN, Fig. 4)")
     _analysis_common(g, "results/gates")
     g.add_argument("--split", choices=["train", "valid", "test"], default="valid")
     g.set_defaults(func=cmd_gates)
@@ -522,6 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--perplexity", type=float, default=30.0)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_tsne)
+
+    v = sub.add_parser("env", help="torch, triton and CUDA versions, the compiled extension, the device and which "
+                       "kernels will run (as python -m dtn_kernels)")
+    v.add_argument("--device", help="cpu, cuda or cuda:N [cuda when available, else cpu]")
+    v.add_argument("--json", action="store_true", help="print JSON")
+    v.set_defaults(func=cmd_env)
 
     b = sub.add_parser("table3", help="Table 3: the baselines, DTN and DTN-trim, mean ± std over seeds")
     _common(b)

@@ -25,6 +25,8 @@ import yaml
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 FIM_KINDS = ("gdcn", "dcnv2", "masknet", "memonet")
+AMP_MODES = ("off", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine", "plateau")
 
 
 class ConfigError(ValueError):
@@ -114,9 +116,27 @@ class TrainConfig:
     # torch.use_deterministic_algorithms: bit-exact reruns and resumes with several CPU threads
     # (without it some ATen CPU backward reductions differ in the last bit from run to run)
     deterministic: bool = False
+    # mixed precision (dtn.train.precision): "bf16" autocast (CPU and CUDA), "fp16" autocast with a GradScaler
+    amp: str = _f("off", choices=AMP_MODES)
+    # the lr of every step (dtn.train.schedule): "constant", "cosine" (to min_lr over train.epochs) or
+    # "plateau" (times plateau_factor after plateau_patience epochs without a better validation score)
+    lr_schedule: str = _f("constant", choices=LR_SCHEDULES)
+    warmup_steps: int = _f(0, ge=0)  # any schedule: the lr rises linearly over the first N optimizer steps
+    min_lr: float = _f(0.0, ge=0.0)  # cosine: the lr it decays to; plateau: the lr it is never cut below
+    plateau_factor: float = _f(0.5, gt=0.0, lt=1.0)
+    plateau_patience: int = _f(1, ge=1)
+    # "static": the sum of the per-task losses (times task_weights); "uncertainty": learned weights
+    # (Kendall et al. 2018, dtn.train.task_weighting)
+    task_weighting: str = _f("static", choices=("static", "uncertainty"))
+    log: str = _f("none", choices=("none", "tensorboard"))  # "tensorboard": event files in <out>/tensorboard
 
     def __post_init__(self):
         _check(self, "train")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr = {self.min_lr}: allowed: <= train.lr ({self.lr})")
+        if self.task_weighting == "uncertainty" and self.task_weights is not None:
+            raise ConfigError(f"train.task_weights = {self.task_weights}: train.task_weighting = 'uncertainty' learns "
+                              "the task weights; allowed with it: null")
         m = self.early_stop_metric
         if m != "mean_auc" and not (m.startswith("auc/") and len(m) > 4):
             raise ConfigError(f"train.early_stop_metric = {m!r}: allowed: 'mean_auc' or 'auc/<task>'")

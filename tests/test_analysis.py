@@ -132,9 +132,43 @@ def test_gates_writes_table_and_heatmap(dtn_ckpt, synth, tmp_path):
     assert "task2/masknet" in (out / "gates.md").read_text()
 
 
-def test_gates_needs_a_dtn(sb_ckpt, tmp_path, capsys):
+@pytest.mark.parametrize("name, levels", [("mmoe", 1), ("cgc", 1), ("ple", 2), ("tfi", 1)])
+def test_gates_of_expert_models(synth, tmp_path, name, levels):
+    """MMoE, PLE / CGC (and TFI): each gate's mean weight over the experts it can choose, summing to 1;
+    the same means as averaging forward_details' gate weights by hand."""
+    cfg = _config(epochs=1, num_threads=1)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_levels=levels))
+    train_model(name, synth, cfg, out_dir=str(tmp_path / "run"), log=lambda *_: None)
+    out = tmp_path / "gates"
+    assert main(["gates", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--out", str(out), "--threads", "1"]) == 0
+    for f in ("gates.md", "gates.csv", "gates.json", "gates.png"):
+        assert (out / f).stat().st_size > 0, f
+    g = json.loads((out / "gates.json").read_text())
+    model, _, _ = model_from_checkpoint(str(tmp_path / "run" / "best.pt"))
+    m = model.cfg
+    specific = 0 if name == "mmoe" else m.num_specific_experts
+    shared = m.num_experts if name == "mmoe" else m.num_shared_experts
+    task_gates = [f"L{i}/{t}" if levels > 1 else t for i in range(1, levels + 1) for t in ("task1", "task2")]
+    assert set(task_gates) <= set(g["gates"]) and g["rows"] == len(synth.valid) and g["model"] == name
+    assert ("L1/shared" in g["gates"]) == (levels > 1)  # a shared gate on every level but the last
+    assert len(g["slots"]) == levels * (2 * specific + shared)
+    for gate in task_gates:
+        w = g["weights"][gate]
+        assert len(w["mean"]) == specific + shared and sum(w["mean"]) == pytest.approx(1.0, abs=1e-6)
+        task = gate.split("/")[-1]
+        assert all(c.split("/")[-2] in (task, "shared") for c in w["candidates"])  # its own and the shared experts
+    # the means by hand: forward_details' weights of the first gate over the validation rows
+    with torch.no_grad():
+        first = [model.forward_details(b)["gate_weights"][0][0] for b, _ in synth.valid.batches(4096)]
+    by_hand = torch.cat(first).double().mean(0).tolist()
+    assert g["weights"][g["gates"][0]]["mean"] == pytest.approx(by_hand, abs=1e-9)
+    text = (out / "gates.md").read_text()
+    assert text.startswith("| gate |") and all(s in text for s in g["slots"])
+
+
+def test_gates_needs_a_gated_model(sb_ckpt, tmp_path, capsys):
     assert main(["gates", "--checkpoint", sb_ckpt, "--out", str(tmp_path / "g")]) == 2
-    assert "needs a DTN model" in capsys.readouterr().err
+    assert "needs a gated model" in capsys.readouterr().err
     assert main(["trim", "--checkpoint", sb_ckpt, "--threshold", "0.1", "--out", str(tmp_path / "t")]) == 2
     assert "needs a DTN model" in capsys.readouterr().err
 

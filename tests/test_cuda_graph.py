@@ -104,15 +104,24 @@ def test_fused_dtn_steps_have_no_host_sync(tiny_schema, small_model_cfg, mode):
     raise_pending_errors()
 
 
-def test_trainer_step_has_no_host_sync(tiny_schema, small_model_cfg):
-    # the trainer's steady-state loop body: host check, non-blocking copy, step, device-side stats
+TRAINER_OPTIONS = {"fp32": {}, "bf16": {"amp": "bf16"}, "fp16-clip": {"amp": "fp16", "grad_clip": 1.0},
+                   "cosine": {"lr_schedule": "cosine", "warmup_steps": 2},
+                   "uncertainty": {"task_weighting": "uncertainty", "task_weights": None}}
+
+
+@pytest.mark.parametrize("options", list(TRAINER_OPTIONS))
+def test_trainer_step_has_no_host_sync(tiny_schema, small_model_cfg, options):
+    # the trainer's steady-state loop body: host check, non-blocking copy, step, device-side stats; with
+    # autocast, a GradScaler (device-side inf checks, fused Adam), an lr schedule, learned task weights
     from dtn.config import load_config
     from dtn.train.trainer import Trainer, _EpochStats, batch_to_device
 
     config = load_config("cpu")
     config = dataclasses.replace(config, model=small_model_cfg, train=dataclasses.replace(
         config.train, device="cuda", progress=False, lr=1e-3, task_weights=[1.0, 0.5]))
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, **TRAINER_OPTIONS[options]))
     trainer = Trainer(fused_dtn(tiny_schema, small_model_cfg), config)
+    trainer.schedule.set_total_steps(4)
     stats = _EpochStats(trainer.device, 2)
     host = make_batches(4, seed=2)
     for step, (batch, labels) in enumerate(host):

@@ -77,3 +77,16 @@ def test_two_process_streaming_shards_and_fits_like_one(data_file, tmp_path):
     single = load_table_streaming(load_table_schema("aliexpress", train=data_file, chunk_rows=chunk), progress=False)
     assert ck["encoder"]["vocab"] == single.encoder.vocab and ck["encoder"]["stats"] == single.encoder.stats
     assert sorted(os.listdir(tmp_path / "s")) == ["best.pt", "history.csv", "last.pt", "metrics.json"]
+
+
+def test_two_process_learned_task_weights_match_one(data_file, tmp_path):
+    """train.task_weighting=uncertainty under DDP: the log-variances live outside the DDP module, so
+    their gradients are averaged over the ranks by hand; the learned weights equal one process's."""
+    args = ["train", "--data-schema", "aliexpress", "--data", data_file, "--model", "shared_bottom", "--epochs", "2",
+            "--set", "train.task_weighting=uncertainty", *SMALL_CLI]
+    _torchrun([*args, "--out", str(tmp_path / "ddp")])
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    ddp = json.load(open(tmp_path / "ddp" / "metrics.json"))["task_weights"]
+    one = json.load(open(tmp_path / "one" / "metrics.json"))["task_weights"]
+    assert all(abs(w - 1.0) > 1e-3 for w in one.values())  # they moved from their start
+    assert ddp == pytest.approx(one, rel=1e-5)

@@ -68,3 +68,25 @@ def test_readme_standalone_example_runs_without_the_model_zoo():
     code += "\nimport sys\nassert logits.shape == (32, 2)\n" \
             "assert not [m for m in sys.modules if m == 'dtn' or m.startswith('dtn.')], 'imported the zoo'\n"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+
+
+def test_dtn_env_prints_the_same_report(capsys):
+    """`dtn env` is `python -m dtn_kernels`: the same report (dtn_kernels.env), text and JSON."""
+    import json
+
+    import torch
+
+    from dtn.cli import main
+    from dtn_kernels.env import format_report, report
+
+    assert main(["env"]) == 0
+    assert capsys.readouterr().out.strip() == format_report(report()).strip()
+    assert main(["env", "--device", "cpu", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info == json.loads(json.dumps(report("cpu")))
+    assert info["kernels"]["embedding_bag"] and info["extension"] == dtn_kernels.HAS_C_EXT
+    bad = ["tpu"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        assert main(["env", "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert f"--device '{device}'" in err and "allowed here: 'cpu'" in err, err

@@ -1,7 +1,14 @@
-"""DTN gate weights (paper Fig. 4) and DTN-trim.
+"""Gate weights of every gated model (DTN: paper Fig. 4) and DTN-trim.
 
-``gate_weights``: each task's mean gate weight of every candidate FIM (own MFI, shared MFI and,
-with the Task-Sensitive Network, the predecessor's MFI) over a data split.
+``gate_weights``: the mean gate weight of every candidate over a data split, per gate:
+
+* DTN: each task's gate over its candidate FIMs (own MFI, shared MFI and, with the
+  Task-Sensitive Network, the predecessor's MFI);
+* MMoE, PLE / CGC and the models built on them (SFM, TFI): each task's gate over its experts
+  (a task's specific experts and the shared ones), and, on every PLE level but the last, the
+  shared gate over all experts of the level. Gates are named by task (``L<level>/<task>`` and
+  ``L<level>/shared`` with more than one level), experts ``<task>/e<i>`` and ``shared/e<i>``.
+
 ``trim_model``: switch off candidates whose mean validation weight is under a threshold, remove
 FIMs that no gate uses any more, and measure parameters, latency and AUC before and after.
 """
@@ -28,6 +35,62 @@ def require_dtn(model, command: str = "this analysis"):
                          f"{model.cfg.name!r}")
 
 
+def require_gated(model, command: str = "this analysis"):
+    from ..models import DTN, PLE
+
+    if not isinstance(model, (DTN, PLE)):
+        raise ValueError(f"{command} needs a gated model (mmoe, ple, cgc, sfm, tfi or dtn: their gates weight experts "
+                         f"or FIMs); the checkpoint holds {model.cfg.name!r}")
+
+
+def _level_experts(model, i: int):
+    """(per-task specific expert names, shared expert names) of PLE level ``i``; TFI's first-level
+    experts are FIMs and are named by their kind."""
+    level = model.levels[i]
+    pre = f"L{i + 1}/" if len(model.levels) > 1 else ""
+    kind = getattr(model, "fim_kind", None) if i == 0 else None
+    e = kind or "e"
+    specific = [[f"{pre}{task}/{e}{j + 1}" for j in range(level.num_specific)] for task in model.tasks]
+    return specific, [f"{pre}shared/{e}{j + 1}" for j in range(level.num_shared)]
+
+
+def expert_gate_names(model) -> list[tuple[str, list[str]]]:
+    """(gate name, its candidate experts' names) for every gate of a PLE-family model, level by level,
+    in the order ``forward_details`` returns their weights."""
+    out = []
+    for i, level in enumerate(model.levels):
+        pre = f"L{i + 1}/" if len(model.levels) > 1 else ""
+        specific, shared = _level_experts(model, i)
+        out += [(f"{pre}{task}", specific[t] + shared) for t, task in enumerate(model.tasks)]
+        if level.shared_gate is not None:
+            out.append((f"{pre}shared", [e for group in specific for e in group] + shared))
+    return out
+
+
+def expert_slot_names(model) -> list[str]:
+    """Every expert of a PLE-family model: per level, the tasks' specific experts, then the shared ones."""
+    out = []
+    for i in range(len(model.levels)):
+        specific, shared = _level_experts(model, i)
+        out += [e for group in specific for e in group] + shared
+    return out
+
+
+@torch.no_grad()
+def mean_expert_gate_weights(model, batches) -> list[torch.Tensor]:
+    """Mean gate weight of every candidate expert per gate (the order of :func:`expert_gate_names`)
+    over an iterable of batches, summed in float64."""
+    sums, count = None, 0
+    for batch in batches:
+        w = [x for level in model.forward_details(batch)["gate_weights"] for x in level]
+        if sums is None:
+            sums = [torch.zeros(x.shape[1], dtype=torch.float64) for x in w]
+        for s, x in zip(sums, w):
+            s += x.double().sum(0).cpu()
+        count += batch.batch_size
+    return [s / max(count, 1) for s in sums or []]
+
+
 def slot_names(model) -> list[str]:
     """Task-independent names of the gate candidates: own/<kind>, shared/<kind>, pred/<kind>."""
     return [f"own/{k}" for k in model.kinds] + [f"shared/{k}" for k in model.kinds] + \
@@ -35,11 +98,17 @@ def slot_names(model) -> list[str]:
 
 
 def gate_weights(model, data, batch_size: int = 8192) -> dict:
-    """Mean gate weight per task and candidate on ``data`` (an EncodedData)."""
-    require_dtn(model, "gate weights")
+    """Mean gate weight per gate and candidate on ``data`` (an EncodedData); DTN: one gate per task,
+    keyed by task (what DTN-trim reads)."""
+    from ..models import DTN
+
+    require_gated(model, "gate weights")
     model.eval()
+    if not isinstance(model, DTN):
+        return _expert_gate_weights(model, data, batch_size)
     weights = model.mean_gate_weights(b for b, _ in data.batches(batch_size))
-    out = {"tasks": list(model.tasks), "slots": slot_names(model), "rows": len(data), "weights": {}}
+    out = {"model": model.cfg.name, "kind": "fim", "tasks": list(model.tasks), "gates": list(model.tasks),
+           "slots": slot_names(model), "rows": len(data), "weights": {}}
     for t, task in enumerate(model.tasks):
         names = model.candidate_names(t)
         out["weights"][task] = {"candidates": names, "slots": out["slots"][: len(names)],
@@ -48,7 +117,26 @@ def gate_weights(model, data, batch_size: int = 8192) -> dict:
     return out
 
 
+def _expert_gate_weights(model, data, batch_size: int) -> dict:
+    names = expert_gate_names(model)
+    weights = mean_expert_gate_weights(model, (b for b, _ in data.batches(batch_size)))
+    slots = expert_slot_names(model)
+    out = {"model": model.cfg.name, "kind": "expert", "tasks": list(model.tasks), "gates": [n for n, _ in names],
+           "slots": slots, "rows": len(data), "weights": {}}
+    for (gate, experts), w in zip(names, weights):
+        out["weights"][gate] = {"candidates": experts, "slots": experts, "mean": [float(x) for x in w],
+                                "active": [True] * len(experts)}
+    return out
+
+
 def gates_markdown(g: dict) -> str:
+    if g.get("kind") == "expert":  # gates x experts, a blank where a gate cannot choose the expert
+        rows = []
+        for gate in g["gates"]:
+            w = g["weights"][gate]
+            mean = dict(zip(w["slots"], w["mean"]))
+            rows.append([gate] + [f"{mean[s]:.4f}" if s in mean else "" for s in g["slots"]])
+        return markdown_table(["gate"] + g["slots"], rows)
     rows = []
     for task in g["tasks"]:
         w = g["weights"][task]
@@ -60,23 +148,30 @@ def gates_markdown(g: dict) -> str:
 def gates_csv(g: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["task", "slot", "candidate", "mean_gate_weight", "active"])
-    for task in g["tasks"]:
+    w.writerow(["task" if g.get("kind", "fim") == "fim" else "gate", "slot", "candidate", "mean_gate_weight", "active"])
+    for task in g.get("gates", g["tasks"]):
         d = g["weights"][task]
         for row in zip(d["slots"], d["candidates"], d["mean"], d["active"]):
             w.writerow([task, *row])
     return buf.getvalue()
 
 
-def gates_heatmap(g: dict, path: str, title: str = "DTN mean gate weights") -> None:
-    """Tasks x candidate slots; a cell a task does not have (the first task has no predecessor) is blank."""
+def gates_heatmap(g: dict, path: str, title: str | None = None) -> None:
+    """Gates (tasks) x candidate slots; a cell a gate does not have (the first task of a DTN has no
+    predecessor; a PLE task gate does not see another task's experts) is blank."""
     pyplot = plt()
     slots = g["slots"]
-    M = np.full((len(g["tasks"]), len(slots)), np.nan)
-    for i, task in enumerate(g["tasks"]):
-        m = g["weights"][task]["mean"]
-        M[i, : len(m)] = m
-    fig, ax = pyplot.subplots(figsize=(1.0 + 0.9 * len(slots), 1.2 + 0.6 * len(g["tasks"])))
+    gates = g.get("gates", g["tasks"])
+    M = np.full((len(gates), len(slots)), np.nan)
+    for i, gate in enumerate(gates):
+        w = g["weights"][gate]
+        if g.get("kind") == "expert":
+            for s, m in zip(w["slots"], w["mean"]):
+                M[i, slots.index(s)] = m
+        else:  # DTN: a task's candidates are the first slots, in order
+            M[i, : len(w["mean"])] = w["mean"]
+    title = title or f"{g.get('model', 'dtn').upper()} mean gate weights"
+    fig, ax = pyplot.subplots(figsize=(1.0 + 0.9 * len(slots), 1.2 + 0.6 * len(gates)))
     im = ax.imshow(np.ma.masked_invalid(M), cmap="viridis", aspect="auto", vmin=0)
     for i in range(M.shape[0]):
         for j in range(M.shape[1]):
@@ -84,7 +179,7 @@ def gates_heatmap(g: dict, path: str, title: str = "DTN mean gate weights") -> N
                 ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center",
                         color="white" if M[i, j] < 0.6 * np.nanmax(M) else "black", fontsize=8)
     ax.set_xticks(range(len(slots)), slots, rotation=45, ha="right")
-    ax.set_yticks(range(len(g["tasks"])), g["tasks"])
+    ax.set_yticks(range(len(gates)), gates)
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()

@@ -11,7 +11,11 @@ imports numpy only; ``dtn export`` copies this file verbatim into the artifact a
 * :func:`parse_floats`      — numbers from raw cells, with the position of the first bad one;
 * :func:`pre_transform`, :func:`scale` — the numeric transform, then standardisation;
 * :func:`bucketize`         — a numeric value into its train-quantile bucket id;
-* :func:`lookup`            — strings to vocabulary ids (0 = out of vocabulary).
+* :func:`lookup`            — strings to vocabulary ids (0 = out of vocabulary);
+* :func:`hash_buckets`      — strings to hashed ids in [0, N) (a ``hash_buckets: N`` feature): the
+  32-bit MurmurHash3 (x86_32) of the string's UTF-8 bytes, seeded, modulo N. Its finaliser
+  :func:`fmix32` is the one of :mod:`dtn_kernels.hashing` (bit-identical; tested), written again
+  here in numpy because the exported predictor must not import ``dtn_kernels``.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ from typing import Optional
 import numpy as np
 
 __all__ = ["canonical_cell", "canonical_strings", "split_multi", "parse_weights", "parse_floats", "pre_transform",
-           "scale", "bucketize", "lookup", "FLOAT32_MAX", "first_outside_float32"]
+           "scale", "bucketize", "lookup", "FLOAT32_MAX", "first_outside_float32", "fmix32", "murmur3_32",
+           "murmur3_32_strings", "hash_buckets"]
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # the model computes in float32: larger values would become inf
 
@@ -176,3 +181,72 @@ def lookup(strings, vocab: dict) -> np.ndarray:
     """Vocabulary ids of strings; a string not in ``vocab`` gets the out-of-vocabulary id 0."""
     get = vocab.get
     return np.fromiter((get(s, 0) for s in strings), dtype=np.int64, count=len(strings))
+
+
+# ---- hashed ids ------------------------------------------------------------------------------
+# MurmurHash3_x86_32 (Austin Appleby's public-domain algorithm). numpy uint32 arithmetic wraps mod
+# 2**32, which is the arithmetic the algorithm is defined in.
+_C1, _C2 = np.uint32(0xCC9E2D51), np.uint32(0x1B873593)
+
+
+def _rotl(x: np.ndarray, r: int) -> np.ndarray:
+    return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+
+def fmix32(h: np.ndarray) -> np.ndarray:
+    """murmur3's 32-bit finaliser on uint32 values (the twin of ``dtn_kernels.hashing.fmix32``)."""
+    h = np.asarray(h, dtype=np.uint32)
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def _mix_block(k: np.ndarray) -> np.ndarray:
+    return _rotl(k * _C1, 15) * _C2
+
+
+def murmur3_32_strings(strings, seed: int = 0) -> np.ndarray:
+    """MurmurHash3_x86_32 of every string's UTF-8 bytes (or of bytes values) with ``seed`` (uint32 [n]),
+    vectorised over the strings: one numpy pass per 4-byte block position, over the strings that long."""
+    encoded = [s if isinstance(s, bytes) else s.encode("utf-8") for s in strings]
+    n = len(encoded)
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=n)
+    buf = np.frombuffer(b"".join(encoded) + b"\0\0\0\0", dtype=np.uint8).astype(np.uint32)
+    starts = np.zeros(n, dtype=np.int64)
+    if n > 1:
+        np.cumsum(lengths[:-1], out=starts[1:])
+    blocks = lengths // 4
+    order = np.argsort(-blocks, kind="stable")  # the longest first: the rows still hashing are a prefix
+    sb, ss = blocks[order], starts[order]
+    h = np.full(n, seed & 0xFFFFFFFF, dtype=np.uint32)
+    for k in range(int(sb[0]) if n else 0):
+        m = int(np.searchsorted(-sb, -k, side="left"))  # rows with more than k blocks
+        p = ss[:m] + 4 * k
+        word = buf[p] | (buf[p + 1] << np.uint32(8)) | (buf[p + 2] << np.uint32(16)) | (buf[p + 3] << np.uint32(24))
+        x = h[:m] ^ _mix_block(word)
+        h[:m] = _rotl(x, 13) * np.uint32(5) + np.uint32(0xE6546B64)
+    out = np.empty(n, dtype=np.uint32)
+    out[order] = h
+    tail_at = starts + 4 * blocks
+    rem = lengths & 3
+    zero = np.uint32(0)
+    k1 = (np.where(rem >= 3, buf[tail_at + 2] << np.uint32(16), zero)
+          ^ np.where(rem >= 2, buf[tail_at + 1] << np.uint32(8), zero) ^ np.where(rem >= 1, buf[tail_at], zero))
+    out ^= _mix_block(k1.astype(np.uint32))  # 0 when there is no tail
+    out ^= lengths.astype(np.uint32)
+    return fmix32(out)
+
+
+def murmur3_32(data, seed: int = 0) -> int:
+    """MurmurHash3_x86_32 of one string (its UTF-8 bytes) or bytes value."""
+    return int(murmur3_32_strings([data], seed)[0])
+
+
+def hash_buckets(strings, num_buckets: int, seed: int = 0) -> np.ndarray:
+    """Hashed ids in [0, ``num_buckets``) of canonical strings: ``murmur3_32(utf-8, seed) % num_buckets``.
+    There is no out-of-vocabulary id: every value, seen in training or not, lands in one of the rows."""
+    if not len(strings):
+        return np.zeros(0, dtype=np.int64)
+    return (murmur3_32_strings(strings, seed) % np.uint32(num_buckets)).astype(np.int64)

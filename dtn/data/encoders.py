@@ -7,6 +7,9 @@
   "minmax" or "none". NaN or a non-number is an error naming the column, row and value.
 * multi: delimiter-separated ids ("a|b|c"), vocabulary as for categorical; an empty
   cell is an empty bag. Optional weights: "a:0.5|b:2" tokens or a parallel weight column.
+* hashed (categorical or multi with ``hash_buckets: N``): no vocabulary is fitted; a value's id
+  is its canonical string hashed into [0, N) (:func:`dtn.data.codec.hash_buckets`), the same in
+  training, evaluation, streaming and the exported predictor.
 
 Fitting is incremental: :meth:`TabularEncoder.partial_fit` over any number of chunks, then
 :meth:`TabularEncoder.finish_fit`; :meth:`TabularEncoder.fit` is the one-chunk case. The
@@ -257,12 +260,15 @@ class TabularEncoder:
             col = df[f.source]
             if f.kind == "categorical" and f.bins:
                 st.values.setdefault(f.name, []).append(self._numeric(col, f, source, transform_only=True))
+            elif f.kind == "categorical" and f.hashed:
+                continue  # nothing to fit
             elif f.kind == "categorical":
                 vc = pd.Series(self._strings(col), copy=False).value_counts(sort=False)
                 st.counts.setdefault(f.name, Counter()).update(dict(zip(vc.index.tolist(), vc.to_numpy().tolist())))
             elif f.kind == "multi":
-                ids, _, _ = self._multi_tokens(df, f, source)
-                st.counts.setdefault(f.name, Counter()).update(ids)
+                ids, _, _ = self._multi_tokens(df, f, source)  # checks the weights of a hashed feature too
+                if not f.hashed:
+                    st.counts.setdefault(f.name, Counter()).update(ids)
             else:
                 x = self._numeric(col, f, source, transform_only=True)
                 try:
@@ -283,6 +289,8 @@ class TabularEncoder:
                 qs = np.quantile(x, np.linspace(0, 1, f.bins + 1)[1:-1])
                 self.edges[f.name] = sorted(set(float(q) for q in qs))
                 f.cardinality = len(self.edges[f.name]) + 2  # buckets 1..len+1, 0 stays OOV
+            elif f.hashed:
+                f.cardinality = f.hash_buckets
             elif f.kind in ("categorical", "multi"):
                 self._set_vocab(f, st.counts.get(f.name, Counter()), max(min_count, f.min_count))
             else:
@@ -400,7 +408,10 @@ class TabularEncoder:
 
     # ---- transforming ------------------------------------------------------------------
     def _ids(self, f, strings: np.ndarray) -> np.ndarray:
-        """Vocabulary ids (0 = OOV), as :func:`dtn.data.codec.lookup` gives them, through a cached pandas index."""
+        """Vocabulary ids (0 = OOV), as :func:`dtn.data.codec.lookup` gives them, through a cached pandas index;
+        a hashed feature's ids from :func:`dtn.data.codec.hash_buckets`."""
+        if f.hashed:
+            return codec.hash_buckets(strings, f.hash_buckets, f.hash_seed)
         cache = self.__dict__.setdefault("_index", {})
         if f.name not in cache:
             vocab = self.vocab[f.name]

@@ -119,7 +119,9 @@ class TableSchema:
     def to_dict(self) -> dict:
         from dataclasses import asdict
 
-        return asdict(self)
+        from ..features.schema import spec_dict
+
+        return {**asdict(self), "features": [spec_dict(f) for f in self.features]}
 
 
 _TOP_KEYS = {"name", "train", "valid", "test", "format", "csv", "labels", "features", "split", "chunk_rows"}

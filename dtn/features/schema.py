@@ -10,7 +10,9 @@ three kinds (torchrec-style names):
   weights (``weight_column``).
 
 After encoding, categorical ids are in ``[0, cardinality)`` with row 0 reserved for
-out-of-vocabulary / missing values.
+out-of-vocabulary / missing values. A categorical or multi-valued feature with
+``hash_buckets: N`` has no vocabulary: every value is hashed into one of N rows
+(:func:`dtn.data.codec.hash_buckets`), so values never seen in training need no refit.
 """
 from __future__ import annotations
 
@@ -36,6 +38,9 @@ class FeatureSpec:
     min_count: int = 1  # categorical / multi: values seen fewer times in train map to the OOV id 0
     weight_separator: Optional[str] = None  # multi: tokens are "id<sep>weight", e.g. "12:0.5|7:2"
     weight_column: Optional[str] = None  # multi: a column of weights, same delimiter, one per id
+    # categorical / multi: > 0 = no vocabulary; ids are murmur3(value, hash_seed) % hash_buckets (docs/own-data.md)
+    hash_buckets: int = 0
+    hash_seed: int = 0
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -58,6 +63,21 @@ class FeatureSpec:
             raise ValueError(f"feature {self.name!r}: delimiter must be a non-empty string")
         if self.min_count < 1:
             raise ValueError(f"feature {self.name!r}: min_count must be >= 1, got {self.min_count}")
+        for key, high in (("hash_buckets", 2**31 - 1), ("hash_seed", 2**32 - 1)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= high:
+                raise ValueError(f"feature {self.name!r}: {key} = {v!r}: allowed: an integer from 0 to {high}")
+        if self.hash_buckets:
+            if self.kind not in ("categorical", "multi"):
+                raise ValueError(f"feature {self.name!r}: hash_buckets applies to categorical and multi features only")
+            if self.bins:
+                raise ValueError(f"feature {self.name!r}: hash_buckets and bins exclude each other (bins buckets a "
+                                 "numeric column by its train quantiles)")
+            if self.min_count > 1:
+                raise ValueError(f"feature {self.name!r}: min_count = {self.min_count} needs a vocabulary; a feature with "
+                                 "hash_buckets has none (rare values share rows with others instead)")
+        elif self.hash_seed:
+            raise ValueError(f"feature {self.name!r}: hash_seed applies with hash_buckets only")
 
     @property
     def source(self) -> str:
@@ -66,6 +86,22 @@ class FeatureSpec:
     @property
     def weighted(self) -> bool:
         return bool(self.weight_separator or self.weight_column)
+
+    @property
+    def hashed(self) -> bool:
+        return self.hash_buckets > 0
+
+
+# keys added after checkpoint format 2, written only when set: the digests (fingerprints) of the
+# schemas and encoders of earlier runs stay what they were
+_UNSET_OMITTED = {"hash_buckets": 0, "hash_seed": 0}
+
+
+def spec_dict(f: FeatureSpec) -> dict:
+    """A FeatureSpec as a dict, without the newer keys that keep their defaults."""
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(f).items() if not (k in _UNSET_OMITTED and v == _UNSET_OMITTED[k])}
 
 
 @dataclass
@@ -110,9 +146,8 @@ class Schema:
         return [f.name for f in self.categorical + self.multi + self.numeric]
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
-        return asdict(self)
+        return {"features": [spec_dict(f) for f in self.features], "labels": list(self.labels),
+                "label_columns": None if self.label_columns is None else list(self.label_columns)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Schema":

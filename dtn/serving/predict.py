@@ -21,7 +21,8 @@ Rows may be a list of dicts, a dict of columns, a pandas DataFrame or a CSV path
 columns are ignored, a missing one is an error naming it. A CSV file is checked as training
 checks it: UTF-8 text, and every line with as many fields as the header. Cells are encoded
 exactly as in training: categorical values by their string (an integer 3 and the text "3"
-are the same value; unseen values get the out-of-vocabulary id), numbers parsed and scaled
+are the same value; unseen values get the out-of-vocabulary id, or, for a feature with
+``hash_buckets``, their hashed id as in training), numbers parsed and scaled
 with the training statistics (a value that is not a finite number within the float32 range
 of the model is an error naming the row, column and value), multi-valued cells split on the
 training delimiter.
@@ -168,6 +169,12 @@ class Predictor:
                              f"number within the float32 range of the model (feature {f['name']!r} is {f['kind']})")
         return x
 
+    def _ids(self, f: dict, strings) -> np.ndarray:
+        """Ids of canonical strings: hashed (a feature with hash_buckets) or looked up in the vocabulary."""
+        if f.get("hash_buckets"):
+            return codec.hash_buckets(strings, f["hash_buckets"], f.get("hash_seed", 0))
+        return codec.lookup(strings, self.encoders["vocab"][f["name"]])
+
     def encode(self, rows, start: int = 0) -> list[torch.Tensor]:
         """The model's input tensors for raw ``rows`` (``start`` numbers the rows in error messages)."""
         cols, n = _column_arrays(rows, self.columns)
@@ -178,7 +185,7 @@ class Predictor:
             if f.get("bins"):
                 cat[:, j] = codec.bucketize(self._floats(v, f, start), enc["edges"][f["name"]])
             else:
-                cat[:, j] = codec.lookup(codec.canonical_strings(v), enc["vocab"][f["name"]])
+                cat[:, j] = self._ids(f, codec.canonical_strings(v))
         num = np.zeros((n, len(self.numeric)), dtype=np.float64)
         for j, f in enumerate(self.numeric):
             x = codec.pre_transform(self._floats(cols[self._source(f)], f, start), f["transform"])
@@ -209,7 +216,7 @@ class Predictor:
                                      "finite number")
             offsets = np.zeros(n + 1, dtype=np.int64)
             np.cumsum(lengths, out=offsets[1:])
-            inputs += [torch.from_numpy(codec.lookup(ids, enc["vocab"][f["name"]])), torch.from_numpy(offsets)]
+            inputs += [torch.from_numpy(self._ids(f, ids)), torch.from_numpy(offsets)]
             if f.get("weight_separator") or f.get("weight_column"):
                 inputs.append(torch.from_numpy(weights.astype(np.float32)))
         return inputs

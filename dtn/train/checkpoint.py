@@ -31,9 +31,11 @@ import torch
 
 CHECKPOINT_FORMAT = 2
 # training settings that may change when a run is resumed; every other config key must match
+# (the lr schedule's kind and warm-up, train.amp and train.task_weighting may not: the state they left in last.pt
+# -- scheduler step, GradScaler scale, learned task weights -- means nothing under other settings)
 RESUMABLE = ("train.lr", "train.weight_decay", "train.grad_clip", "train.epochs", "train.patience", "train.progress",
-             "train.num_threads", "train.device", "train.eval_batch_size", "data.path", "data.valid_path",
-             "data.test_path")
+             "train.num_threads", "train.device", "train.eval_batch_size", "train.min_lr", "train.plateau_factor",
+             "train.plateau_patience", "train.log", "data.path", "data.valid_path", "data.test_path")
 
 
 class CheckpointError(ValueError):
@@ -80,7 +82,7 @@ def code_version() -> str:
 
 # config keys that say where the data are or how the run is shown, not what is trained: a run keyed on
 # its config (dtn compare's reuse) is the same run whatever they are (the data are keyed on their content)
-NOT_IN_RUN_KEY = ("data.path", "data.valid_path", "data.test_path", "train.progress", "train.num_threads")
+NOT_IN_RUN_KEY = ("data.path", "data.valid_path", "data.test_path", "train.progress", "train.num_threads", "train.log")
 
 
 def run_config(config: dict) -> dict:
@@ -321,6 +323,19 @@ def check_encoder(ckpt: dict) -> None:
                               "(the file was altered after it was written)")
 
 
+def with_defaults(config: dict) -> dict:
+    """A checkpoint's config dict with the keys that this code added since it was written set to their
+    defaults (a new option left at its default is no change to the old run)."""
+    from ..config import Config
+
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for section, defaults in Config().to_dict().items():
+        if isinstance(out.get(section), dict):
+            for key, value in defaults.items():
+                out[section].setdefault(key, value)
+    return out
+
+
 def check_resume(ckpt: dict, model_name: str, config: dict, source: dict | None = None,
                  encoder_fp: str | None = None) -> list[tuple[str, Any, Any]]:
     """Check that ``ckpt`` (a last.pt) can be resumed as ``model_name`` with ``config`` on the data
@@ -338,7 +353,7 @@ def check_resume(ckpt: dict, model_name: str, config: dict, source: dict | None 
     if ckpt["model_name"] != model_name:
         raise CheckpointError(f"{path}: holds a {ckpt['model_name']!r} run; it cannot be resumed as {model_name!r} "
                               "(use another --out, or the same --model)")
-    diff = config_diff(ckpt["config"], config)
+    diff = config_diff(with_defaults(ckpt["config"]), config)
     fixed = [(k, a, b) for k, a, b in diff if k not in RESUMABLE and k != "model.name"]
     if fixed:
         shown = "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in fixed[:6])

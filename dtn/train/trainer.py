@@ -19,6 +19,11 @@ first non-finite step and the CUDA embedding bag's bad-id flag stay on the devic
 every ``SYNC_EVERY`` steps and at the end of the epoch; batches are validated on the host
 before they are copied (``InputLayer.check_batch``) and copied without blocking.
 
+Options (``train.*``, all off by default): mixed precision ``amp`` (:mod:`dtn.train.precision`), the lr
+``lr_schedule`` and ``warmup_steps`` (:mod:`dtn.train.schedule`), learned ``task_weighting``
+(:mod:`dtn.train.task_weighting`) and TensorBoard event files ``log`` (:mod:`dtn.train.tblog`); their
+state (scheduler step, GradScaler scale, task log-variances) is part of ``last.pt``.
+
 Files in ``out_dir``:
   last.pt       the resume point (model, optimizer, RNG, history), written after every epoch
   best.pt       the best model so far by the early-stopping metric (what ``dtn evaluate`` loads)
@@ -49,7 +54,10 @@ from ..models import DTN, build_model
 from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, FileWriteError, atomic_save, atomic_write_text, check_encoder,
                          check_resume, checkpoint_origin, clean_stale_temps, code_version, encoder_fingerprint,
                          ensure_writable, load_checkpoint)
+from . import precision
 from .metrics import task_metrics
+from .schedule import LRSchedule
+from .task_weighting import UncertaintyWeighting
 
 try:
     from tqdm.auto import tqdm
@@ -191,7 +199,15 @@ class Trainer:
             torch.set_num_threads(self.cfg.num_threads)
         if self.cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+                                          **precision.optimizer_options(self.cfg.amp))
+        self.scaler = precision.grad_scaler(self.cfg.amp, self.device)  # fp16 only
+        self.schedule = LRSchedule(self.cfg)
+        self.task_weighting = None
+        if self.cfg.task_weighting == "uncertainty":  # its log-variances: a parameter group of their own, no decay
+            self.task_weighting = UncertaintyWeighting(model.num_tasks, device=self.device)
+            self.optimizer.add_param_group({"params": list(self.task_weighting.parameters()), "weight_decay": 0.0})
+        self.events = None  # the TensorBoard event log while fit runs (train.log)
         self.train_module = self._data_parallel(model) if self.world_size > 1 else model
         self.history: list[dict] = []
         self.epoch = 0  # epochs completed
@@ -240,20 +256,31 @@ class Trainer:
         payload = self.payload()
         payload.update(optimizer_state=self.optimizer.state_dict(), epoch=self.epoch, history=self.history,
                        best_score=self.best_score, best_epoch=self.best_epoch, bad_epochs=self.bad_epochs,
-                       selection=self.selection, resumed=self.resumed,
+                       selection=self.selection, resumed=self.resumed, schedule=self.schedule.state_dict(),
+                       scaler=None if self.scaler is None else self.scaler.state_dict(),
+                       task_weighting=None if self.task_weighting is None else self.task_weighting.state_dict(),
                        torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state(), python_rng=random.getstate())
         return payload
 
     def load_state(self, ckpt: dict) -> None:
         try:
             self.model.load_state_dict(ckpt["model_state"])
+            if self.task_weighting is not None:
+                self.task_weighting.load_state_dict(ckpt["task_weighting"])
             self.optimizer.load_state_dict(ckpt["optimizer_state"])
-        except (RuntimeError, ValueError, KeyError) as exc:
+            if self.scaler is not None:
+                self.scaler.load_state_dict(ckpt["scaler"])
+            if ckpt.get("schedule") is not None:  # absent from checkpoints written before lr schedules
+                self.schedule.load_state_dict(ckpt["schedule"])
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{ckpt.get('_path', 'last.pt')}: its training state does not fit this model "
                                   f"({_state_mismatch(exc) or exc}); written by {checkpoint_origin(ckpt)}") from None
         # the optimizer state carries the old run's lr and weight decay: this run's config decides them
-        for group in self.optimizer.param_groups:
-            group["lr"], group["weight_decay"] = self.cfg.lr, self.cfg.weight_decay
+        # (the learned task weights, group 1, have no weight decay)
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = self.cfg.lr
+            if i == 0:
+                group["weight_decay"] = self.cfg.weight_decay
         self.epoch = ckpt["epoch"]
         self.history = list(ckpt["history"])
         self.best_score, self.best_epoch, self.bad_epochs = ckpt["best_score"], ckpt["best_epoch"], ckpt["bad_epochs"]
@@ -302,8 +329,11 @@ class Trainer:
     def train_step(self, batch: FeatureBatch, labels: torch.Tensor, step: int, stats: _EpochStats) -> None:
         """One optimiser step on a batch already on the device. No host sync: the loss and a
         divergence are accumulated in ``stats`` on the device and read at the next sync point."""
-        logits = self.train_module(batch)
-        loss, per_task = self.model.loss(logits, labels, self.task_weights)
+        with precision.autocast(self.cfg.amp, self.device):
+            logits = self.train_module(batch)
+        loss, per_task = self.model.loss(logits.float(), labels, self.task_weights)  # the loss in float32
+        if self.task_weighting is not None:
+            loss = self.task_weighting(per_task)
         lossd = loss.detach()
         n = labels.shape[0]
         if self.world_size > 1:
@@ -319,10 +349,21 @@ class Trainer:
             loss_sum, rows, finite, objective, step_loss = lossd.double() * n, n, torch.isfinite(lossd), loss, lossd
         stats.add(step, loss_sum, rows, finite, step_loss, per_task)
         self.optimizer.zero_grad(set_to_none=True)
-        objective.backward()
+        (objective if self.scaler is None else self.scaler.scale(objective)).backward()
+        if self.task_weighting is not None and self.world_size > 1:
+            # outside DDP: average the log-variances' gradients over the ranks (one small all-reduce)
+            g = self.task_weighting.log_var.grad
+            g.copy_(D.all_reduce_sum(g, self.device) / self.world_size)
         if self.cfg.grad_clip:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
+        self.schedule.before_step(self.optimizer)
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # skips the step on the device when a gradient is inf / NaN (fused Adam: no host sync)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
 
     def _sync_point(self, stats: _EpochStats, bar=None) -> float:
         """Raise what the device recorded since the last sync (a bad id the GPU skipped, a
@@ -359,7 +400,10 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             if (step + 1) % SYNC_EVERY == 0:
-                self._sync_point(stats, bar)
+                running = self._sync_point(stats, bar)
+                if self.events is not None:  # flushed: a crash leaves them on disk for the resume to purge
+                    self.events.scalars(self.schedule.step, {"train/loss_running": running})
+                    self.events.flush()
         mean = self._sync_point(stats, bar)
         if bar is not None:
             bar.close()
@@ -374,7 +418,9 @@ class Trainer:
         probs, labels = [], []
         for b, y in local.batches(self.cfg.eval_batch_size):
             self.check_host_batch(b)
-            probs.append(torch.sigmoid(self.model(batch_to_device(b, self.device))).float())  # stays on the device
+            with precision.autocast(self.cfg.amp, self.device):
+                logits = self.model(batch_to_device(b, self.device))
+            probs.append(torch.sigmoid(logits.float()))  # stays on the device
             labels.append(y.float().cpu())
         raise_pending_errors(self.device)
         T = self.model.num_tasks
@@ -428,9 +474,13 @@ class Trainer:
             clean_stale_temps(self.out_dir, ("last.pt", "best.pt", "history.csv", "metrics.json"))
         if resume and self.resume(resume if isinstance(resume, dict) else None, log=log):
             log(f"resumed from {self._path('last.pt')} after epoch {self.epoch}")
+        self.schedule.set_total_steps(self.cfg.epochs * train.num_batches(self.cfg.batch_size, self.world_size))
+        self._open_events()
         while self.epoch < self.cfg.epochs and self.bad_epochs < self.cfg.patience:
             t0 = time.perf_counter()
+            step0 = self.schedule.step
             train_loss = self.train_epoch(train)
+            train_s, steps = time.perf_counter() - t0, self.schedule.step - step0
             val = self.evaluate(valid)
             score = self._score(val, len(valid))
             self.epoch += 1
@@ -442,22 +492,64 @@ class Trainer:
                 self.bad_epochs += 1
             row = {"epoch": self.epoch, "train_loss": train_loss, "seconds": time.perf_counter() - t0,
                    **{f"val_{m}/{t}": v for t, d in val.items() for m, v in d.items()}, "score": score,
-                   "selection": self.selection}
+                   "selection": self.selection, **self._epoch_extras(train_s, steps)}
             self.history.append(row)
+            self._log_events(row)
             log(f"epoch {self.epoch}: loss {train_loss:.4f}  " +
                 "  ".join(f"{t} auc {d['auc']:.4f}" for t, d in val.items()) +
                 f"  ({row['seconds']:.1f}s){'  *' if improved else ''}")
+            if self.task_weighting is not None:
+                log(f"epoch {self.epoch}: task weights " +
+                    "  ".join(f"{t} {row['task_weight/' + t]:.4f}" for t in self.model.tasks))
+            cut = self.schedule.epoch_end(self.bad_epochs)  # plateau: after the row, which has this epoch's lr
+            if cut:
+                log(f"epoch {self.epoch}: {cut}")
             # without files (or on ranks other than 0, which write none) the best weights stay in memory
             if improved and (not self.out_dir or not self.is_main):
                 self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             if self.out_dir and self.is_main:
                 self._save_epoch(improved)
+        if self.events is not None:
+            self.events.close()
+            self.events = None
         # end on the best weights, which is what evaluation and prediction should use
         if self._best_state is not None:
             self.model.load_state_dict(self._best_state)
         elif self.out_dir and os.path.exists(self._path("best.pt")):
             self.model.load_state_dict(load_checkpoint(self._path("best.pt"), self.device)["model_state"])
         return self.history
+
+    def _epoch_extras(self, train_seconds: float, steps: int) -> dict:
+        """The history columns of the trainer's options: mean step time, the lr of the epoch's last
+        step, the learned task weights."""
+        extras = {"step_ms": 1000.0 * train_seconds / max(steps, 1), "lr": self.optimizer.param_groups[0]["lr"]}
+        if self.task_weighting is not None:
+            extras.update({f"task_weight/{t}": w for t, w in zip(self.model.tasks, self.task_weighting.weights())})
+        return extras
+
+    def _log_events(self, row: dict) -> None:
+        """An epoch's history row to the TensorBoard log (train.log), at the run's step count."""
+        if self.events is None:
+            return
+        self.events.scalars(self.schedule.step, {
+            "train/loss": row["train_loss"], "train/lr": row["lr"], "train/step_ms": row["step_ms"],
+            **{f"valid/{k[4:]}": v for k, v in row.items() if k.startswith("val_")},
+            **{k: v for k, v in row.items() if k.startswith("task_weight/")}})
+        self.events.flush()
+
+    def _open_events(self) -> None:
+        """The TensorBoard event log (train.log: tensorboard), on rank 0 of a run with an output folder."""
+        if self.cfg.log != "tensorboard" or not self.is_main:
+            return
+        if not self.out_dir:
+            self._warn("train.log = 'tensorboard' writes to the output folder; this run has none, so no events")
+            return
+        from .tblog import EventLog
+
+        # a resumed run drops the events an interrupted one wrote after its checkpoint (the epoch's own
+        # points sit at the checkpoint's step and are kept)
+        step = self.schedule.step
+        self.events = EventLog(self._path("tensorboard"), purge_step=step + 1 if step else None)
 
     def _save_epoch(self, improved: bool) -> None:
         """best.pt (when improved), then last.pt, then history.csv. best.pt goes first: a last.pt that names
@@ -532,6 +624,8 @@ def train_model(name: str, data, config: Config, out_dir: str | None = None, res
               "epochs_run": trainer.epoch, "train_seconds": time.perf_counter() - t0,
               "selection": trainer.selection, "valid": trainer.evaluate(data.valid), "test": trainer.evaluate(data.test)}
     result["world_size"] = trainer.world_size  # processes that trained it (torchrun), 1 without
+    if trainer.task_weighting is not None:  # the learned weights at the end of the last epoch
+        result["task_weights"] = dict(zip(model.tasks, trainer.task_weighting.weights()))
     result["fingerprint"] = run_fingerprint(trainer)
     if trainer.resumed:
         result["resumed"] = trainer.resumed
