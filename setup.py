@@ -9,6 +9,7 @@ Environment switches:
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -48,17 +49,23 @@ def _extensions():
     )
     _write_build_info(here, torch, use_cuda)
     cxx = ["-O3", "-std=c++17"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is an inline OpenMP region: without -fopenmp it runs serially.
+        # The extension then shares torch's libgomp (same soname, already loaded).
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     extra = {"cxx": cxx}
     if use_cuda:
         extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
         ext = CUDAExtension(
             "dtn_kernels._C", cpp + cu, extra_compile_args=extra, define_macros=[("DTN_WITH_CUDA", None)],
-            include_dirs=[os.path.join(here, "csrc")],
+            include_dirs=[os.path.join(here, "csrc")], extra_link_args=link,
         )
     else:
         ext = CppExtension(
             "dtn_kernels._C", cpp, extra_compile_args=extra,
-            include_dirs=[os.path.join(here, "csrc")],
+            include_dirs=[os.path.join(here, "csrc")], extra_link_args=link,
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=_flag("DTN_USE_NINJA"))}
 

@@ -271,6 +271,162 @@ def test_backward_is_deterministic_across_thread_counts(mode):
         torch.testing.assert_close(results[0][1], ref[1], atol=1e-5, rtol=1e-5)
 
 
+# ----------------------------------------------------------------------------- CPU one-id runs, streaming stores
+#
+# The CPU kernels take a loop of their own for a table whose bags in a tile of 64 samples
+# hold one id each (every categorical field), write outputs of 1 MB or more with streaming
+# stores when a slice is whole cache lines, and prefetch rows of tables above 256 KB far
+# ahead. These inputs exercise those paths against the oracle.
+
+
+def one_id_input(cards, B, d, multi_rows=0, dtype=torch.float32, pad=None, pad_rate=0.1, breaks=(), seed=0,
+                 index_dtype=torch.int64):
+    """Categorical tables with one id per bag, plus an optional multi-valued table (0-6 ids a bag).
+
+    ``breaks``: (table, sample, length) triples giving one bag of a categorical table another
+    length (0 or 2), so the tile holding it is not a one-id run.
+    """
+    g = torch.Generator().manual_seed(seed)
+    cards = list(cards) + ([multi_rows] if multi_rows else [])
+    lengths = []
+    for t, c in enumerate(cards):
+        ln = torch.ones(B, dtype=torch.long) if not (multi_rows and t == len(cards) - 1) else \
+            torch.randint(0, 7, (B,), generator=g)
+        for tt, b, n in breaks:
+            if tt == t:
+                ln[b] = n
+        lengths.append(ln)
+    lengths = torch.cat(lengths)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    rows = torch.tensor(cards).repeat_interleave(B).repeat_interleave(lengths)
+    ids = (torch.rand(int(offsets[-1]), generator=g, dtype=torch.float64) * rows).long()
+    if pad is not None:
+        ids = torch.where(torch.rand(ids.shape, generator=g) < pad_rate, torch.full_like(ids, pad), ids)
+    toff = torch.tensor([0] + cards).cumsum(0)
+    weight = torch.randn(int(toff[-1]), d, generator=g, dtype=torch.float64).to(dtype)
+    psw = torch.rand(ids.numel(), generator=g, dtype=torch.float64).to(dtype) + 0.5
+    return weight, toff, ids.to(index_dtype), offsets.to(index_dtype), psw
+
+
+def check_op_against_oracle(weight, toff, ids, offs, mode, psw=None, pad=None, tol_=1e-5):
+    w = weight.detach().clone().requires_grad_(True)
+    p = psw.detach().clone().requires_grad_(True) if psw is not None else None
+    out = torch.ops.dtn.embedding_bag(w, toff, ids, offs, mode, p, pad)
+    wr = weight.detach().clone().double().requires_grad_(True)
+    pr = psw.detach().clone().double().requires_grad_(True) if psw is not None else None
+    ref = oracle(wr, toff, ids, offs, mode, pr, pad)
+    torch.testing.assert_close(out.double(), ref, atol=tol_, rtol=tol_)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    inputs, ref_inputs = [w] + ([p] if p is not None else []), [wr] + ([pr] if pr is not None else [])
+    for a, b in zip(torch.autograd.grad(out, inputs, go.to(out.dtype)), torch.autograd.grad(ref, ref_inputs, go)):
+        torch.testing.assert_close(a.double(), b, atol=tol_, rtol=tol_)
+    return out
+
+
+@requires_ext
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("pad", [None, -1, 0])
+@pytest.mark.parametrize("d", [16, 5])
+def test_one_id_runs_match_oracle(mode, pad, d):
+    # 3 full tiles and a partial one; tiles 0 and 2 of table 1 are broken (an empty bag, a
+    # two-id bag), the other tiles are one-id runs; a multi-valued table rides along
+    weight, toff, ids, offs, psw = one_id_input([7, 1, 30, 4], B=200, d=d, multi_rows=50, pad=pad,
+                                                breaks=[(1, 10, 0), (1, 150, 2)])
+    check_op_against_oracle(weight, toff, ids, offs, mode, None, pad)
+    if mode != "max":  # weighted bags take the general loops
+        check_op_against_oracle(weight, toff, ids, offs, mode, psw, pad)
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype, d", [(torch.float32, 16), (torch.float32, 20), (torch.float64, 16),
+                                      (torch.float16, 32), (torch.bfloat16, 32)])
+def test_large_outputs_with_streaming_stores(dtype, d):
+    # outputs of at least 1 MB: whole-line slices (fp32 d=16, fp64 d=16, fp16/bf16 d=32) are
+    # written with streaming stores, fp32 d=20 with plain ones; a 5000-row table (> 256 KB
+    # at these widths) takes the far row prefetch
+    weight, toff, ids, offs, psw = one_id_input([9, 40, 3, 12, 6, 2, 25], B=2100, d=d, multi_rows=5000,
+                                                dtype=dtype, pad=-1)
+    assert 2100 * 8 * d * weight.element_size() >= 2**20
+    tol_ = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 2e-2, torch.bfloat16: 1.5e-1}[dtype]
+    for mode in ("sum", "mean", "max"):
+        out = check_op_against_oracle(weight, toff, ids, offs, mode, None, -1, tol_)
+        # one-id slices are copies of their rows, bit for bit
+        t, b = 2, 1234
+        i = int(ids[int(offs[t * 2100 + b])])
+        assert torch.equal(out[b, t * d:(t + 1) * d], weight[int(toff[t]) + i])
+
+
+@requires_ext
+@pytest.mark.parametrize("op", ["forward", "backward"])
+def test_one_id_runs_report_the_first_bad_id(op):
+    weight, toff, ids, offs, _ = one_id_input([5, 4, 6], B=300, d=16)
+    B = 300
+    bad = ids.clone()
+    bad[int(offs[2 * B + 5])] = 6       # table 2, sample 5: past its 6 rows
+    bad[int(offs[1 * B + 250])] = -2    # table 1, sample 250 (a later tile): first in bag order
+    call = {"forward": lambda i: torch.ops.dtn.embedding_bag(weight, toff, i, offs, "sum"),
+            "backward": lambda i: torch.ops.dtn.embedding_bag_backward(torch.ones(B, 48), weight, toff, i, offs,
+                                                                       "sum", None, None, False)}[op]
+    pos = int(offs[1 * B + 250])
+    with pytest.raises(RuntimeError, match=rf"table 1: id -2 at indices\[{pos}\] \(bag 250\) is outside the table's "
+                                           r"rows \[0, 4\)"):
+        call(bad)
+    bad[pos] = 1
+    with pytest.raises(RuntimeError, match=rf"table 2: id 6 at indices\[{int(offs[2 * B + 5])}\] \(bag 5\)"):
+        call(bad)
+    # padding is not an error, other negative ids are
+    with pytest.raises(RuntimeError, match=r"table 2: id 6"):
+        torch.ops.dtn.embedding_bag(weight, toff, bad, offs, "sum", None, -2)
+    bad[int(offs[2 * B + 5])] = -2
+    out = torch.ops.dtn.embedding_bag(weight, toff, bad, offs, "sum", None, -2)
+    assert bool((out[5, 32:48] == 0).all())
+
+
+@requires_ext
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("pad", [1, -1])
+def test_one_id_backward_is_bitwise_deterministic_across_thread_counts(mode, pad):
+    # one-id tables on both sides of the rows split between threads, and a 5000-row table
+    # (320 KB > 256 KB: prefetched gradient rows) next to small ones
+    weight, toff, ids, offs, _ = one_id_input([3, 50, 7, 200], B=700, d=16, multi_rows=5000, pad=pad,
+                                              breaks=[(2, 3, 2)])
+    go = torch.randn(700, 80)
+    n0 = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(torch.ops.dtn.embedding_bag_backward(go, weight, toff, ids, offs, mode, None, pad, False)[0])
+    finally:
+        torch.set_num_threads(n0)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    w = weight.double().requires_grad_(True)
+    ref = torch.autograd.grad(oracle(w, toff, ids, offs, mode, None, pad), w, go.double())[0]
+    torch.testing.assert_close(results[0].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@requires_ext
+def test_cpu_autograd_follows_needs_input_grad():
+    # the CPU autograd is registered in C++ (AutogradCPU); the formula must match the Python one
+    weight, toff, ids, offs, psw = make_input([6, 3, 9], B=7, d=4, max_len=3)
+    for w_grad, p_grad in [(True, False), (False, True), (True, True)]:
+        w = weight.clone().requires_grad_(w_grad)
+        p = psw.clone().requires_grad_(p_grad)
+        out = torch.ops.dtn.embedding_bag(w, toff, ids, offs, "mean", p)
+        assert out.requires_grad
+        out.backward(torch.ones_like(out))
+        assert (w.grad is not None) == w_grad and (p.grad is not None) == p_grad
+        wr, pr = weight.clone().requires_grad_(True), psw.clone().requires_grad_(True)
+        oracle(wr, toff, ids, offs, "mean", pr).sum().backward()
+        if w_grad:
+            torch.testing.assert_close(w.grad, wr.grad)
+        if p_grad:
+            torch.testing.assert_close(p.grad, pr.grad)
+    with torch.no_grad():
+        assert not torch.ops.dtn.embedding_bag(weight.requires_grad_(True), toff, ids, offs).requires_grad
+    assert not torch.ops.dtn.embedding_bag(weight.detach(), toff, ids, offs).requires_grad
+
+
 # ----------------------------------------------------------------------------- registration
 
 

@@ -1,22 +1,31 @@
-// CPU kernels of dtn::embedding_bag (table-batched embedding bag).
+// CPU kernels of dtn::embedding_bag (table-batched embedding bag), and its CPU autograd.
 //
-// Forward: parallel over bags, fp32 (fp64 for double) accumulation, ids and offsets
-// checked while they are read.
+// Forward: one parallel region over tiles of samples; inside a tile, table by table. A
+// table whose bags in the tile hold one id each (every categorical field) is a row copy
+// per sample with no per-bag checks; other bags are pooled in fp32 (fp64 for double). Ids
+// and offsets are checked while they are read. A large output is written with streaming
+// (non-temporal) stores, the next tile's offsets and ids are prefetched, and rows of large
+// tables are prefetched far ahead: the step is bound by memory, not arithmetic.
 // Dense backward: rows are split into one contiguous range per thread, sized by work;
 // each thread scans only the tables overlapping its range and accumulates the rows it
 // owns, bag by bag in input order. Every row is therefore summed in the same order
 // whatever the thread count: bitwise deterministic, no atomics, no sort, and each
 // gradient row is written exactly once (zeroed inside its owner, no separate fill pass).
-// The per-sample-weight gradient is fused into the same pass.
+// One-id bags take a loop of their own; the per-sample-weight gradient is fused into the
+// same pass.
 // Row-sparse backward: stable sort of the touched rows, one segment reduction per row.
 #include "embedding_bag.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 #include <cstring>
 #include <mutex>
 #include <type_traits>
@@ -106,18 +115,25 @@ struct BagAcc {
 
 // Software prefetch of an embedding row that will be needed soon. The address may be
 // bogus (an unchecked id): prefetches never fault, and no pointer is formed from it.
-inline void prefetch_row(const void* base, int64_t row, int64_t row_bytes) {
+inline void prefetch_row(const void* base, int64_t row, int64_t row_bytes, bool write = true) {
   const uintptr_t p = reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(row * row_bytes);
-  __builtin_prefetch(reinterpret_cast<const void*>(p), 1, 3);
+  if (write) {
+    __builtin_prefetch(reinterpret_cast<const void*>(p), 1, 3);
+  } else {
+    __builtin_prefetch(reinterpret_cast<const void*>(p), 0, 3);
+  }
 }
-constexpr int64_t kPrefetchAhead = 4;  // ids ahead, inside a bag
-constexpr int64_t kPrefetchBags = 8;   // ids ahead from a bag's start, across bags
-#ifndef DTN_SAMPLE_AHEAD
-#define DTN_SAMPLE_AHEAD 8
-#endif
-constexpr int64_t kSampleAhead = DTN_SAMPLE_AHEAD;  // samples ahead for a table's output / grad_output slice
-// Tables (or gradient tables) above this many bytes get software prefetch; smaller ones stay in L1/L2.
+// Tables (or gradient tables) above this many bytes get software prefetch of their rows;
+// smaller ones stay in L1/L2.
 constexpr int64_t kPrefetchMinTableBytes = 256 * 1024;
+// Rows of such a table this many ids ahead, across bags (a table's ids are contiguous): they
+// come from memory when the caches are cold, so the prefetch must run far ahead.
+constexpr int64_t kIdsAhead = 64;  // forward: weight rows
+constexpr int64_t kGradIdsAhead = 32;  // backward: gradient rows (in L2 after their zeroing)
+constexpr int64_t kPrefetchAhead = 4;  // backward, weighted / mean / max bags: ids ahead inside a bag
+// Generic paths: a table's grad_output slice this many samples ahead (one table's slices
+// lie T*d apart, across pages, where hardware prefetchers stop).
+constexpr int64_t kSampleAhead = 8;
 
 // Row kernels. With a compile-time d (kD, a multiple of 4) and fp32 rows they work on
 // 4-float vectors (GCC vector extension; memcpy loads/stores are unaligned movups): gcc
@@ -189,12 +205,15 @@ inline acc_t row_dot(const acc_t* __restrict__ a, const scalar_t* __restrict__ x
 template <int kKind, int kD, typename scalar_t, typename index_t, typename acc_t>
 inline int64_t pool_bag(const scalar_t* __restrict__ W, const index_t* __restrict__ idx,
                         const scalar_t* __restrict__ psw, int64_t s, int64_t e, int64_t base, int64_t rows,
-                        int64_t pad, int64_t D, acc_t* __restrict__ acc, int64_t& count) {
+                        int64_t pad, int64_t D, acc_t* __restrict__ acc, int64_t& count, int64_t pf_ahead,
+                        int64_t N) {
   const int64_t n = kD > 0 ? kD : D;
   for (int64_t c = 0; c < n; ++c) acc[c] = acc_t(0);
   count = 0;
   for (int64_t i = s; i < e; ++i) {
-    if (i + kPrefetchAhead < e) prefetch_row(W, base + int64_t(idx[i + kPrefetchAhead]), n * int64_t(sizeof(scalar_t)));
+    // the row pf_ahead ids on, across bags: a table's ids are contiguous (an id of the next
+    // table gives a useless prefetch, never a fault)
+    if (pf_ahead > 0 && i + pf_ahead < N) prefetch_row(W, base + int64_t(idx[i + pf_ahead]), n * int64_t(sizeof(scalar_t)), false);
     const int64_t id = idx[i];
     if (id == pad) continue;
     if (id < 0 || id >= rows) return i;
@@ -214,11 +233,110 @@ inline int64_t pool_bag(const scalar_t* __restrict__ W, const index_t* __restric
 // ------------------------------------------------------------------ forward
 
 // Samples are processed in tiles of kSampleTile: inside a tile the loop runs table by
-// table, so each table's offsets and ids are read sequentially, while the tile's output
-// rows (kSampleTile * T * d values) stay in cache. (Pure sample-major order reads 2T
-// streams of offsets/ids at once and misses the cache on them; pure table-major order
-// writes the output with a stride of T*d.)
+// table, so each table's offsets and ids are read as one run, and the next tile's run of
+// the same table is prefetched meanwhile (a run is only a few cache lines: too short for
+// the hardware prefetchers to pick up, and there are 2T of them per tile).
 constexpr int64_t kSampleTile = 64;
+
+// Non-temporal (streaming) stores of whole cache lines: the output is written once and
+// read by the next layer, so it skips the read-for-ownership of every line and does not
+// evict the tables, ids and offsets from the caches.
+#if defined(__SSE2__)
+inline void nt_line(void* dst, const void* src) {  // dst 64-byte aligned
+  const __m128i* s = reinterpret_cast<const __m128i*>(src);
+  __m128i* d = reinterpret_cast<__m128i*>(dst);
+  const __m128i x0 = _mm_loadu_si128(s), x1 = _mm_loadu_si128(s + 1), x2 = _mm_loadu_si128(s + 2),
+                x3 = _mm_loadu_si128(s + 3);
+  _mm_stream_si128(d, x0);
+  _mm_stream_si128(d + 1, x1);
+  _mm_stream_si128(d + 2, x2);
+  _mm_stream_si128(d + 3, x3);
+}
+inline void nt_fence() { _mm_sfence(); }  // streaming stores are weakly ordered
+constexpr bool kHaveStreamingStores = true;
+#else
+inline void nt_line(void* dst, const void* src) { std::memcpy(dst, src, 64); }
+inline void nt_fence() {}
+constexpr bool kHaveStreamingStores = false;
+#endif
+
+// Output slices (d values) that are whole cache lines can be streamed one slice at a time.
+template <int kD, typename scalar_t>
+constexpr bool kLineSlices = kD > 0 && (int64_t(kD) * int64_t(sizeof(scalar_t))) % 64 == 0;
+// Outputs smaller than this stay cached (the next layer reads them at once).
+constexpr int64_t kStreamMinOutputBytes = 1 << 20;
+
+// Writes one output slice from src (d values of scalar_t), streamed when `stream`.
+template <int kD, typename scalar_t>
+inline void put_slice(scalar_t* __restrict__ o, const scalar_t* __restrict__ src, bool stream, int64_t D) {
+  if constexpr (kLineSlices<kD, scalar_t>) {
+    if (stream) {
+      for (int64_t j = 0; j < int64_t(kD * sizeof(scalar_t)); j += 64)
+        nt_line(reinterpret_cast<char*>(o) + j, reinterpret_cast<const char*>(src) + j);
+      return;
+    }
+  }
+  row_copy<kD>(o, src, D);
+}
+
+// Prefetches the next tile's run of offsets and ids of one table, a line of each per
+// sample of this tile, so the prefetches are spread out rather than issued in a burst.
+struct RunPrefetch {
+  const char* p[2] = {nullptr, nullptr};
+  const char* end[2] = {nullptr, nullptr};
+  template <typename index_t>
+  RunPrefetch(const index_t* off, const index_t* idx, int64_t k0, int64_t k1, int64_t n_next, int64_t N) {
+    // bags [k1, k1 + n_next) of this table come next; their ids start where this tile's end
+    // and take about as many as this tile's did
+    if (n_next <= 0) return;
+    p[0] = reinterpret_cast<const char*>(off + k1);
+    end[0] = reinterpret_cast<const char*>(off + k1 + n_next + 1);
+    const int64_t s = off[k1], span = int64_t(off[k1]) - int64_t(off[k0]);
+    if (s >= 0 && s < N && span > 0) {
+      p[1] = reinterpret_cast<const char*>(idx + s);
+      end[1] = reinterpret_cast<const char*>(idx + std::min(N, s + span));
+    }
+  }
+  inline void burst() {  // all at once (a short run)
+    for (const char* q = p[0]; q < end[0]; q += 64) __builtin_prefetch(q, 0, 3);
+    for (const char* q = p[1]; q < end[1]; q += 64) __builtin_prefetch(q, 0, 3);
+  }
+  inline void step() {
+    if (p[0] < end[0]) __builtin_prefetch(p[0], 0, 3), p[0] += 64;
+    if (p[1] < end[1]) __builtin_prefetch(p[1], 0, 3), p[1] += 64;
+  }
+};
+
+// True when bags [k0, k0 + n) each hold exactly one id and lie inside indices: then the
+// run's ids are idx[off[k0] + j], one per bag, with no per-bag bounds checks needed.
+template <typename index_t>
+inline bool single_id_run(const index_t* __restrict__ off, int64_t k0, int64_t n, int64_t N) {
+  const int64_t s0 = off[k0];
+  if (s0 < 0 || int64_t(off[k0 + n]) != s0 + n || s0 + n > N) return false;
+  uint64_t diff = 0;  // OR of (length - 1) over the bags: zero iff every length is 1 (vectorises)
+  for (int64_t j = 0; j < n; ++j) diff |= uint64_t(int64_t(off[k0 + j + 1]) - int64_t(off[k0 + j]) - 1);
+  return diff == 0;
+}
+
+// One id per bag: out slice j (at o + j*TD) = row ids[j] of the table, zeros for padding.
+// Returns the first j whose id is outside [0, rows) (the slices before it are written), or -1.
+// A function of its own with every argument by value, so the loop keeps them in registers.
+template <int kD, bool kStream, typename scalar_t, typename index_t>
+inline int64_t copy_rows(scalar_t* __restrict__ o, int64_t TD, const index_t* __restrict__ ids, int64_t n,
+                         const scalar_t* __restrict__ Wt, int64_t rows, int64_t pad,
+                         const scalar_t* __restrict__ zero, int64_t D) {
+  const bool pad_is_row = uint64_t(pad) < uint64_t(rows);
+  for (int64_t j = 0; j < n; ++j, o += TD) {
+    const int64_t id = ids[j];
+    const scalar_t* src = Wt + id * D;
+    if (uint64_t(id) >= uint64_t(rows) || (pad_is_row && id == pad)) {
+      if (id != pad) return j;
+      src = zero;
+    }
+    put_slice<kD>(o, src, kStream, D);
+  }
+  return -1;
+}
 
 template <int kKind, typename scalar_t, typename index_t, int kD>
 void forward_kernel(const scalar_t* __restrict__ W, const int64_t* toff, const index_t* __restrict__ idx,
@@ -227,56 +345,83 @@ void forward_kernel(const scalar_t* __restrict__ W, const int64_t* toff, const i
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = kD > 0 ? kD : sh.D;
   const int64_t T = sh.T, B = sh.B, N = sh.N, TD = T * D;
+  const int64_t row_bytes = D * int64_t(sizeof(scalar_t));
+  const bool stream = kHaveStreamingStores && kLineSlices<kD, scalar_t> && reinterpret_cast<uintptr_t>(out) % 64 == 0 &&
+                      B * TD * int64_t(sizeof(scalar_t)) >= kStreamMinOutputBytes;
   const int64_t tiles = (B + kSampleTile - 1) / kSampleTile;
   const int64_t grain = std::max<int64_t>(1, bag_grain(D) / std::max<int64_t>(T * kSampleTile, 1));
   at::parallel_for(0, tiles, grain, [&](int64_t tile0, int64_t tile1) {
     BagAcc<acc_t, kD> buf(D);
     acc_t* __restrict__ acc = buf.data();
+    BagAcc<scalar_t, kD> zbuf(D);  // a zero slice (padding in a one-id bag)
+    scalar_t* __restrict__ zero = zbuf.data();
+    std::fill(zero, zero + D, scalar_t(0));
+    BagAcc<scalar_t, kD> sbuf(D);  // a pooled slice, converted to scalar_t
+    scalar_t* __restrict__ slice = sbuf.data();
     for (int64_t tile = tile0; tile < tile1; ++tile) {
-      const int64_t b0 = tile * kSampleTile, b1 = std::min(B, b0 + kSampleTile);
+      const int64_t b0 = tile * kSampleTile, b1 = std::min(B, b0 + kSampleTile), n = b1 - b0;
+      const int64_t n_next = std::min(B, b1 + kSampleTile) - b1;
       for (int64_t t = 0; t < T; ++t) {
         const int64_t base = toff[t], rows = toff[t + 1] - base;
-        const bool prefetch = rows * D * int64_t(sizeof(scalar_t)) > kPrefetchMinTableBytes;
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t k = t * B + b;
+        const scalar_t* __restrict__ Wt = W + base * D;
+        const int64_t k0 = t * B + b0;
+        scalar_t* __restrict__ ot = out + b0 * TD + t * D;
+        RunPrefetch ahead(off, idx, k0, k0 + n, n_next, N);
+        // One id per bag (every categorical field): the pooled slice is the row itself for
+        // sum, mean and max, and zeros for padding.
+        if (kKind != 1 && single_id_run(off, k0, n, N)) {
+          ahead.burst();
+          const int64_t s0 = off[k0];
+          const int64_t bad = stream ? copy_rows<kD, true>(ot, TD, idx + s0, n, Wt, rows, pad, zero, D)
+                                     : copy_rows<kD, false>(ot, TD, idx + s0, n, Wt, rows, pad, zero, D);
+          if (bad >= 0) errors.offer(bad_id(k0 + bad, s0 + bad, idx[s0 + bad], rows));
+          continue;
+        }
+        // Rows of a large table are prefetched kIdsAhead ids on (they come from memory, not
+        // from L1/L2); the run's first ones here, the others inside pool_bag.
+        const int64_t pf_ahead = rows * row_bytes > kPrefetchMinTableBytes ? kIdsAhead : 0;
+        if (pf_ahead > 0 && off[k0] >= 0) {
+          for (int64_t i = off[k0]; i < std::min<int64_t>(N, int64_t(off[k0]) + pf_ahead); ++i)
+            prefetch_row(W, base + int64_t(idx[i]), row_bytes, false);
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          ahead.step();
+          const int64_t k = k0 + j;
           const int64_t s = off[k], e = off[k + 1];
           BagError err;
           if (!bag_bounds_ok(k, s, e, N, err)) {
             errors.offer(err);
             continue;
           }
-          // rows a few ids ahead (ids of a table are contiguous, so this runs into the next bags)
-          if (prefetch && s + kPrefetchBags < N) prefetch_row(W, base + int64_t(idx[s + kPrefetchBags]), D * int64_t(sizeof(scalar_t)));
-          scalar_t* __restrict__ o = out + b * TD + t * D;
-          // this table's output slice kSampleAhead samples on: slices of one table lie T*d apart,
-          // so a table's pass over a tile strides across pages, where hardware prefetchers stop
-          if (b + kSampleAhead < B) __builtin_prefetch(o + kSampleAhead * TD, 1, 3);
-          if (kKind == 0 && e == s + 1) {  // one id (every categorical field): copy its row
+          scalar_t* __restrict__ o = ot + j * TD;
+          if (kKind == 0 && e == s + 1) {  // one id: copy its row
             const int64_t id = idx[s];
             if (id != pad) {
               if (id < 0 || id >= rows) {
                 errors.offer(bad_id(k, s, id, rows));
                 continue;
               }
-              row_copy<kD>(o, W + (base + id) * D, D);
+              put_slice<kD>(o, Wt + id * D, stream, D);
               continue;
             }
           }
           int64_t count = 0;
-          const int64_t bad = pool_bag<kKind, kD>(W, idx, psw, s, e, base, rows, pad, D, acc, count);
+          const int64_t bad = pool_bag<kKind, kD>(W, idx, psw, s, e, base, rows, pad, D, acc, count, pf_ahead, N);
           if (bad >= 0) {
             errors.offer(bad_id(k, bad, idx[bad], rows));
             continue;
           }
           if (mean) {
             const acc_t scale = count > 0 ? acc_t(1) / acc_t(count) : acc_t(1);
-            for (int64_t c = 0; c < D; ++c) o[c] = static_cast<scalar_t>(acc[c] * scale);
+            for (int64_t c = 0; c < D; ++c) slice[c] = static_cast<scalar_t>(acc[c] * scale);
           } else {
-            for (int64_t c = 0; c < D; ++c) o[c] = static_cast<scalar_t>(acc[c]);
+            for (int64_t c = 0; c < D; ++c) slice[c] = static_cast<scalar_t>(acc[c]);
           }
+          put_slice<kD>(o, slice, stream, D);
         }
       }
     }
+    if (stream) nt_fence();
   });
 }
 
@@ -434,6 +579,33 @@ struct Owned {
   int64_t t, base, rows, id_lo, id_hi;
 };
 
+// One id per bag, sum (or mean: a one-id bag's scale is exactly 1), no per-sample weights:
+// adds grad_output slice j (at g + j*TD) to row ids[j] of the table (acc_table = its row
+// 0) when this part owns it and it is not padding. Returns the first j whose id is outside
+// [0, rows) and not padding, or -1. Every argument by value (see copy_rows).
+template <int kD, typename acc_t, typename scalar_t, typename index_t>
+inline int64_t add_rows(acc_t* __restrict__ acc_table, const scalar_t* __restrict__ g, int64_t TD,
+                        const index_t* __restrict__ ids, int64_t n, int64_t id_lo, int64_t id_hi, int64_t rows,
+                        int64_t pad, int64_t D) {
+  const uint64_t span = uint64_t(id_hi - id_lo);
+  const bool pad_owned = uint64_t(pad - id_lo) < span;
+  // This table's slice one tile on: prefetched a whole tile (T runs like this one) before
+  // its use, so the latency of memory is covered; a few samples ahead is not enough when
+  // grad_output comes from memory. No pointer is formed (it may be past the end).
+  const uintptr_t ahead = uintptr_t(g) + uintptr_t(kSampleTile * TD * int64_t(sizeof(scalar_t)));
+  const uintptr_t step = uintptr_t(TD * int64_t(sizeof(scalar_t)));
+  for (int64_t j = 0; j < n; ++j, g += TD) {
+    __builtin_prefetch(reinterpret_cast<const void*>(ahead + uintptr_t(j) * step), 0, 3);
+    const int64_t id = ids[j];
+    if (uint64_t(id - id_lo) < span && !(pad_owned && id == pad)) {
+      row_add<kD>(acc_table + id * D, g, D);
+    } else if (id != pad && uint64_t(id) >= uint64_t(rows)) {
+      return j;
+    }
+  }
+  return -1;
+}
+
 // Plain-sum backward of one table for samples [b0, b1): every id in bag b adds grad_output's
 // slice of (b, table) to its row. The hot loop of the common case (categorical fields and
 // unweighted multi-valued fields), with no per-bag mode tests.
@@ -453,9 +625,9 @@ inline void sum_grad_tile(const scalar_t* __restrict__ Gt, const index_t* __rest
       continue;
     }
     const scalar_t* __restrict__ g = Gt + b * TD;
-    if (b + kSampleAhead < B) __builtin_prefetch(g + kSampleAhead * TD, 0, 3);  // see forward_kernel
+    if (b + kSampleAhead < B) __builtin_prefetch(g + kSampleAhead * TD, 0, 3);
     for (int64_t i = s; i < e; ++i) {
-      if (kPrefetch && i + kPrefetchAhead < N) prefetch_row(acc_table, int64_t(idx[i + kPrefetchAhead]), row_bytes);
+      if (kPrefetch && i + kGradIdsAhead < N) prefetch_row(acc_table, int64_t(idx[i + kGradIdsAhead]), row_bytes);
       const int64_t id = idx[i];
       if (uint64_t(id - o.id_lo) >= span) {  // another part's row, padding, or a bad id
         if (id != pad && (id < 0 || id >= o.rows)) errors.offer(bad_id(o.t * B + b, i, id, o.rows));
@@ -479,6 +651,8 @@ void backward_dense_kernel(const scalar_t* __restrict__ G, const scalar_t* __res
 
   // (a padding id >= 0 could fall inside a table, which the fast loop does not test for)
   const bool plain_sum = mode == PoolMode::Sum && psw == nullptr && gpsw == nullptr && pad < 0;
+  // one id per bag: add the slice to the row (see add_rows)
+  const bool one_id_sum = (mode == PoolMode::Sum || mode == PoolMode::Mean) && psw == nullptr && gpsw == nullptr;
   std::vector<int64_t> table_ids(T);
   for (int64_t t = 0; t < T; ++t) table_ids[t] = std::max<int64_t>(0, int64_t(off[(t + 1) * B]) - int64_t(off[t * B]));
   const int64_t work = N + sh.R;
@@ -508,13 +682,24 @@ void backward_dense_kernel(const scalar_t* __restrict__ G, const scalar_t* __res
       for (int64_t b0 = 0; b0 < B; b0 += kSampleTile) {
        const int64_t b1 = std::min(B, b0 + kSampleTile);
        for (const Owned& o : owned) {
+        acc_t* row0 = acc + (o.base - lo) * D;  // row 0 of table t (rows < id_lo are not touched)
+        if (one_id_sum) {
+          const int64_t k0 = o.t * B + b0, n = b1 - b0;
+          if (single_id_run(off, k0, n, N)) {
+            RunPrefetch(off, idx, k0, k0 + n, std::min(B, b1 + kSampleTile) - b1, N).burst();
+            const int64_t s0 = off[k0];
+            const int64_t bad =
+                add_rows<kD>(row0, G + b0 * TD + o.t * D, TD, idx + s0, n, o.id_lo, o.id_hi, o.rows, pad, D);
+            if (bad >= 0) errors.offer(bad_id(k0 + bad, s0 + bad, idx[s0 + bad], o.rows));
+            continue;
+          }
+        }
         if constexpr (kInPlace) {
           if (plain_sum) {
-            acc_t* acc_table = acc + (o.base - lo) * D;  // row 0 of table t (rows < id_lo are not touched)
             if (o.rows * row_bytes > kPrefetchMinTableBytes) {
-              sum_grad_tile<kD, true>(G + o.t * D, idx, off + o.t * B, b0, b1, o, pad, N, TD, D, acc_table, errors, B);
+              sum_grad_tile<kD, true>(G + o.t * D, idx, off + o.t * B, b0, b1, o, pad, N, TD, D, row0, errors, B);
             } else {
-              sum_grad_tile<kD, false>(G + o.t * D, idx, off + o.t * B, b0, b1, o, pad, N, TD, D, acc_table, errors, B);
+              sum_grad_tile<kD, false>(G + o.t * D, idx, off + o.t * B, b0, b1, o, pad, N, TD, D, row0, errors, B);
             }
             continue;
           }
@@ -530,8 +715,8 @@ void backward_dense_kernel(const scalar_t* __restrict__ G, const scalar_t* __res
           }
           if (s == e) continue;
           const scalar_t* __restrict__ g = G + b * TD + o.t * D;
-          if (b + kSampleAhead < B) __builtin_prefetch(g + kSampleAhead * TD, 0, 3);  // see forward_kernel
-                acc_t* __restrict__ acc_table = acc + (o.base - lo + o.id_lo) * D;  // row id_lo of table t
+          if (b + kSampleAhead < B) __builtin_prefetch(g + kSampleAhead * TD, 0, 3);
+          acc_t* __restrict__ acc_table = acc + (o.base - lo + o.id_lo) * D;  // row id_lo of table t
           if (mode == PoolMode::Max) {
             const int64_t* am = amax + k * D;
             for (int64_t c = 0; c < D; ++c) {
@@ -790,5 +975,95 @@ TORCH_LIBRARY_IMPL(dtn, CPU, m) {
   m.impl("embedding_bag_backward", &embedding_bag_backward_cpu);
   m.impl("embedding_bag_backward_sparse", &embedding_bag_backward_sparse_cpu);
 }
+
+// ------------------------------------------------------------------ autograd (CPU)
+//
+// The same formula as dtn_kernels/ops/embedding_bag.py's register_autograd (which serves
+// every other device), in C++ for CPU tensors: the Python autograd.Function path costs
+// tens of microseconds a step, and several times that when the caches are cold.
+// Registered for AutogradCPU, which takes precedence over the Python kernel registered
+// for the Autograd alias key. The ops are called through the dispatcher, so tracing
+// (fake tensors, torch.compile) sees them as before.
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class EmbeddingBagCpuFunction : public torch::autograd::Function<EmbeddingBagCpuFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& table_offsets,
+                            const at::Tensor& indices, const at::Tensor& offsets, c10::string_view mode,
+                            const std::optional<at::Tensor>& per_sample_weights, std::optional<int64_t> padding_idx,
+                            bool sparse) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("dtn::embedding_bag", "")
+                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const at::Tensor&, c10::string_view, const std::optional<at::Tensor>&,
+                                                 std::optional<int64_t>, bool)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor out = op.call(weight, table_offsets, indices, offsets, mode, per_sample_weights, padding_idx, sparse);
+    const bool has_psw = per_sample_weights.has_value() && per_sample_weights->defined();
+    ctx->save_for_backward({weight, table_offsets, indices, offsets, has_psw ? *per_sample_weights : at::Tensor()});
+    ctx->saved_data["mode"] = std::string(mode);
+    ctx->saved_data["padding_idx"] = padding_idx.has_value() ? c10::IValue(*padding_idx) : c10::IValue();
+    ctx->saved_data["sparse"] = sparse;
+    ctx->saved_data["has_psw"] = has_psw;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    using BwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                      const at::Tensor&, const at::Tensor&, c10::string_view,
+                                                      const std::optional<at::Tensor>&, std::optional<int64_t>, bool);
+    using SparseSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        c10::string_view, const std::optional<at::Tensor>&, std::optional<int64_t>, bool);
+    static const auto bwd =
+        c10::Dispatcher::singleton().findSchemaOrThrow("dtn::embedding_bag_backward", "").typed<BwdSig>();
+    static const auto bwd_sparse =
+        c10::Dispatcher::singleton().findSchemaOrThrow("dtn::embedding_bag_backward_sparse", "").typed<SparseSig>();
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& weight = saved[0];
+    const bool has_psw = ctx->saved_data["has_psw"].toBool();
+    const std::optional<at::Tensor> psw = has_psw ? std::optional<at::Tensor>(saved[4]) : std::nullopt;
+    const std::string mode = ctx->saved_data["mode"].toStringRef();
+    const c10::IValue& pad_iv = ctx->saved_data["padding_idx"];
+    const std::optional<int64_t> padding_idx = pad_iv.isNone() ? std::nullopt : std::optional<int64_t>(pad_iv.toInt());
+    // edges: weight, table_offsets, indices, offsets, then per_sample_weights when given
+    const bool want_weight = ctx->needs_input_grad(0);
+    const bool want_psw = has_psw && ctx->needs_input_grad(4);
+    // The backward ops have no autograd formula. Outside create_graph, skip the autograd
+    // fallback (it boxes every argument); with create_graph, keep it, as the Python
+    // formula does.
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
+    at::Tensor grad_weight, grad_psw;
+    if (ctx->saved_data["sparse"].toBool()) {
+      at::Tensor rows, row_grads;
+      std::tie(rows, row_grads, grad_psw) = bwd_sparse.call(grads[0], weight, saved[1], saved[2], saved[3], mode, psw,
+                                                            padding_idx, want_psw);
+      grad_weight = at::_sparse_coo_tensor_unsafe_symint(rows.unsqueeze(0), row_grads, weight.sym_sizes(),
+                                                         row_grads.options().layout(at::kSparse), /*is_coalesced=*/true);
+    } else {
+      std::tie(grad_weight, grad_psw) =
+          bwd.call(grads[0], weight, saved[1], saved[2], saved[3], mode, psw, padding_idx, want_psw);
+    }
+    return {want_weight ? grad_weight : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            want_psw ? grad_psw : at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor embedding_bag_autograd_cpu(const at::Tensor& weight, const at::Tensor& table_offsets,
+                                      const at::Tensor& indices, const at::Tensor& offsets, c10::string_view mode,
+                                      const std::optional<at::Tensor>& per_sample_weights,
+                                      std::optional<int64_t> padding_idx, bool sparse) {
+  return EmbeddingBagCpuFunction::apply(weight, table_offsets, indices, offsets, mode, per_sample_weights, padding_idx,
+                                        sparse);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dtn, AutogradCPU, m) { m.impl("embedding_bag", &embedding_bag_autograd_cpu); }
 
 }  // namespace dtn
