@@ -412,9 +412,11 @@ class Trainer:
         value = float(np.mean([metrics[t][m] for t in tasks]))
         return value if m == "auc" else -value
 
-    def fit(self, train, valid, resume: bool | dict = False, log=print) -> list[dict]:
+    def fit(self, train, valid, resume: bool | dict = False, log=print, on_epoch=None) -> list[dict]:
         """Train until ``train.epochs`` or early stopping; ``resume``: continue from ``out_dir/last.pt`` (True)
-        or from a loaded last.pt (a dict)."""
+        or from a loaded last.pt (a dict). ``on_epoch(epoch, row)``, if given, is called after each epoch
+        has been validated and saved (``row``: its history row, with the selection ``score``); an exception
+        it raises stops training there (``dtn tune``'s pruner), with this epoch's files complete."""
         if len(train) == 0:
             raise DataError("the training split is empty: no rows to train on")
         if len(valid) == 0:
@@ -452,6 +454,8 @@ class Trainer:
                 self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             if self.out_dir and self.is_main:
                 self._save_epoch(improved)
+            if on_epoch is not None:
+                on_epoch(self.epoch, row)
         # end on the best weights, which is what evaluation and prediction should use
         if self._best_state is not None:
             self.model.load_state_dict(self._best_state)
