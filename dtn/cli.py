@@ -273,13 +273,13 @@ def cmd_compare(args) -> int:
     from .compare import compare, to_markdown
     from .train.checkpoint import ensure_writable
 
-    cfg = _config(args)
     models = [_check_model_name(m) for m in args.models.split(",")]
     seeds = _seeds(args.seeds) if args.seeds else [None]
+    cfg, configs = _table_configs(args, models)
     ensure_writable(args.out, "--out")
     t0 = time.time()
     data = _load_data(cfg)
-    summary = compare(models, data, cfg, args.out, base=args.base, seeds=seeds, resume=not args.fresh)
+    summary = compare(models, data, cfg, args.out, base=args.base, seeds=seeds, resume=not args.fresh, configs=configs)
     print()
     print(to_markdown(summary))
     print(f"total {time.time() - t0:.0f}s; table in {os.path.join(args.out, 'compare.md')} and compare.json")
@@ -552,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="results/compare", help="output folder [results/compare]")
     c.add_argument("--fresh", action="store_true", help="retrain every model from scratch, replacing the runs in OUT "
                    "(without it a finished run of the same config, data and code is reused and any other run refused)")
+    c.add_argument("--tuned", metavar="DIR", help="train each model with its tuned config DIR/<model>/best.yaml "
+                   "(written by dtn tune) instead of --config")
     c.set_defaults(func=cmd_compare)
 
     i = sub.add_parser("importance", help="permutation feature importance per task (Table 1, Fig. 2)")

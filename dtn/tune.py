@@ -101,8 +101,8 @@ class Param:
             return False
         if self.kind == "int" and value != int(value):
             return False
-        return self.step is None or math.isclose(((value - self.low) / self.step) % 1, 0, abs_tol=1e-9) \
-            or math.isclose(((value - self.low) / self.step) % 1, 1, abs_tol=1e-9)
+        k = (value - self.low) / self.step if self.step else 0.0
+        return abs(k - round(k)) < 1e-9  # on the step grid
 
     def values_to_check(self) -> list:
         return list(self.choices) if self.kind == "categorical" else [self.low, self.high]
@@ -578,9 +578,13 @@ def summarize_study(name: str, study, base: Config, params: dict[str, Param], se
     best = max(complete, key=lambda t: t.value) if complete else None
     default = next((t for t in complete if t.user_attrs.get("default")), None)
     c = counts(study)
+    starts = [t.datetime_start for t in study.get_trials(deepcopy=False) if t.datetime_start]
+    ends = [t.datetime_complete for t in study.get_trials(deepcopy=False) if t.datetime_complete]
     return {"model": name, "study": os.path.basename(db), "settings": dataclasses.asdict(settings),
             "space": {k: p.to_dict() for k, p in params.items()}, "counts": c,
             "trial_seconds": sum(t["seconds"] or 0.0 for t in trials),
+            # when its first trial started and its last ended (stored in the study: the same on a rerun)
+            "started": min(starts).isoformat() if starts else None, "finished": max(ends).isoformat() if ends else None,
             "default": None if default is None else {"number": default.number, "value": default.value,
                                                      "val_auc": default.user_attrs.get("val_auc")},
             "best": None if best is None else {"number": best.number, "value": best.value,
@@ -723,8 +727,16 @@ def tune(models: list[str], base: Config, space: SearchSpace, out_dir: str, sett
             results = _run_jobs(models, base, space, out_dir, settings, jobs, fresh, progress)
     finally:
         progress.close()
+    starts = [r["started"] for r in results.values() if r["started"]]
+    ends = [r["finished"] for r in results.values() if r["finished"]]
+    span = None
+    if starts and ends:
+        from datetime import datetime
+
+        span = (datetime.fromisoformat(max(ends)) - datetime.fromisoformat(min(starts))).total_seconds()
     summary = {"models": models, "settings": dataclasses.asdict(settings), "space": space.path, "jobs": jobs,
-               "wall_seconds": time.perf_counter() - t0, "base_config": base.to_dict(),
+               "wall_seconds": time.perf_counter() - t0, "trials_span_seconds": span,
+               "trials_span": [min(starts) if starts else None, max(ends) if ends else None], "base_config": base.to_dict(),
                "studies": {m: {k: v for k, v in results[m].items() if k != "trials"} for m in models}}
     write_metrics(summary, os.path.join(out_dir, "tune.json"))
     atomic_write_text(tune_markdown(summary), os.path.join(out_dir, "tune.md"))
@@ -764,8 +776,7 @@ def tune_markdown(summary: dict) -> str:
     s = summary["settings"]
     lines = [f"Studies: {s['trials']} trials per model (TPE, median pruning on the per-epoch validation AUC), each "
              f"trial on {s['subsample']:.0%} of the train split for at most {s['max_epochs'] or 'the config'} epochs; "
-             f"score: the best mean validation AUC over the trial's epochs. Wall time {summary['wall_seconds'] / 60:.1f} "
-             f"min ({summary['jobs']} job(s)).\n",
+             f"score: the best mean validation AUC over the trial's epochs. {_span(summary)}\n",
              "| Model | trials (complete / pruned / diverged) | base config score | best score | gain | best trial | "
              "trial time (min) | best parameters |", "|---|---|---|---|---|---|---|---|"]
     for m, st in summary["studies"].items():
@@ -777,6 +788,15 @@ def tune_markdown(summary: dict) -> str:
                  f"{st['trial_seconds'] / 60:.1f}", params or "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _span(summary: dict) -> str:
+    span, (first, last) = summary.get("trials_span_seconds"), summary.get("trials_span") or (None, None)
+    if span is None:
+        return "No trial ran."
+    return (f"The trials ran from {first[:16].replace('T', ' ')} to {last[:16].replace('T', ' ')} (machine clock): "
+            f"{span / 60:.0f} min wall, pauses between sessions included; this invocation ran "
+            f"{summary['jobs']} study(ies) at a time for {summary['wall_seconds'] / 60:.1f} min.")
 
 
 def _short(v) -> str:
