@@ -431,9 +431,10 @@ def cmd_tune(args) -> int:
     ensure_writable(args.out, "--out")
     t0 = time.time()
     data = None if args.jobs > 1 else _load_data(cfg)
-    summary = tune(models, cfg, space, args.out, settings, jobs=args.jobs, fresh=args.fresh, data=data)
+    tune(models, cfg, space, args.out, settings, jobs=args.jobs, fresh=args.fresh, data=data)
     print()
-    print(open(os.path.join(args.out, "tune.md")).read())
+    with open(os.path.join(args.out, "tune.md"), encoding="utf-8") as fh:
+        print(fh.read())
     print(f"total {time.time() - t0:.0f}s; best configs in {os.path.join(args.out, '<model>', 'best.yaml')}; "
           f"table: dtn table3 --tuned {args.out}")
     return 0

@@ -276,7 +276,7 @@ def _param(key, spec, where: str, fail) -> Param:
 
 
 def _check_key(key, where: str, fail) -> None:
-    from .config import DataConfig, ModelConfig, TrainConfig
+    from .config import ModelConfig, TrainConfig
 
     parts = key.split(".") if isinstance(key, str) else []
     if len(parts) not in (2, 3) or parts[0] not in ("model", "train", "data"):
@@ -383,7 +383,8 @@ def _lock(path: str) -> None:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         try:
-            pid = int(open(path).read().strip() or 0)
+            with open(path) as fh:
+                pid = int(fh.read().strip() or 0)
         except (OSError, ValueError):
             pid = 0
         if pid and pid != os.getpid() and _alive(pid):

@@ -63,7 +63,7 @@ def min_detectable_difference(std_diff: float, n: int, alpha: float = 0.05, powe
     def gap(delta):
         nc = delta * math.sqrt(n) / std_diff
         lower = stats.nct.cdf(-crit, df, nc)  # the wrong-sign tail: negligible, and NaN in scipy for large nc
-        return stats.nct.sf(crit, df, nc) + (0.0 if lower != lower else lower) - power
+        return stats.nct.sf(crit, df, nc) + (0.0 if math.isnan(lower) else lower) - power
 
     # the power is below ``power`` at 0 and near 1 at a non-centrality of crit + 5
     return float(optimize.brentq(gap, 0.0, (crit + 5) * std_diff / math.sqrt(n)))
@@ -161,7 +161,7 @@ def compare_to(target: str, aucs: dict[str, np.ndarray], boot: dict[str, np.ndar
                          "mde80": min_detectable_difference(tests["std_diff"], tests["n"], alpha), **ci[t]})
     for r, adj in zip(rows, holm([r["p_t"] for r in rows])):
         r["p_t_holm"] = adj
-        sig = adj == adj and adj < alpha
+        sig = not math.isnan(adj) and adj < alpha
         r["verdict"] = ("better" if sig and r["ci_low"] > 0 else "worse" if sig and r["ci_high"] < 0
                         else "not significant")
     return {"target": target, "alpha": alpha, "level": level, "rows": rows}
@@ -188,6 +188,6 @@ def significance_markdown(sig: dict, display: dict) -> str:
 
 
 def _p(p: float) -> str:
-    if p != p:
+    if math.isnan(p):
         return "n/a"
     return f"{p:.2g}" if p >= 0.001 else "<0.001"
