@@ -7,7 +7,7 @@
 # study resumes (its cut-off trial runs again), an interrupted run resumes from its last.pt.
 # Steps: (1) one Optuna study per model, 16 trials each, on 25% of the train split, at most 4
 # epochs a trial, two studies at a time (one thread each); (2) every model with its tuned config
-# on the full train split, seeds 1-5, in two processes (one thread each); (3) the table: reuses
+# on the full train split, seeds 1-5, in three processes (one thread each); (3) the table: reuses
 # those runs, trims each seed's DTN, and tests DTN against every baseline (paired t / Wilcoxon
 # over seeds, paired bootstrap over test rows).
 set -euo pipefail
@@ -18,18 +18,23 @@ SEEDS=1,2,3,4,5
 $PY -u -m dtn tune --models dtn,tfi,sfm,mmoe,ple,shared_bottom --config cpu --trials 16 --subsample 0.25 \
     --max-epochs 4 --jobs 2 --seed 0 --out "$OUT/tune-cpu"
 
-# the expensive models first in each half, so the two processes take about as long
+# three processes of one thread each, about equally long: DTN + MMoE + Shared-Bottom, TFI, SFM + PLE
 mkdir -p "$OUT/table3-tuned"
-$PY -u -m dtn compare --tuned "$OUT/tune-cpu" --models dtn,mmoe,shared_bottom --seeds $SEEDS --threads 1 \
-    --out "$OUT/table3-tuned" > "$OUT/table3-tuned/train-a.log" 2>&1 & a=$!
-$PY -u -m dtn compare --tuned "$OUT/tune-cpu" --models tfi,sfm,ple --seeds $SEEDS --threads 1 \
-    --out "$OUT/table3-tuned" > "$OUT/table3-tuned/train-b.log" 2>&1 & b=$!
+lane() {
+    local log=$1; shift
+    for m in "$@"; do
+        $PY -u -m dtn compare --tuned "$OUT/tune-cpu" --models "$m" --seeds $SEEDS --threads 1 \
+            --out "$OUT/table3-tuned" >> "$OUT/table3-tuned/$log" 2>&1 || return 1
+    done
+}
+lane train-a.log dtn mmoe shared_bottom & a=$!
+lane train-b.log tfi & b=$!
+lane train-c.log sfm ple & c=$!
 status=0
-wait $a || status=$?
-wait $b || status=$?
+for p in $a $b $c; do wait $p || status=1; done
 if [ $status -ne 0 ]; then
-    echo "a training process failed (status $status): see $OUT/table3-tuned/train-a.log and train-b.log; rerun to resume" >&2
-    exit $status
+    echo "a training process failed: see $OUT/table3-tuned/train-{a,b,c}.log; rerun to resume" >&2
+    exit 1
 fi
 
 $PY -u -m dtn table3 --tuned "$OUT/tune-cpu" --seeds $SEEDS --trim-threshold 0.08 --threads 1 \
