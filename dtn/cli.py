@@ -17,6 +17,12 @@ Analyses (docs/analysis.md):
   dtn tsne       --checkpoint runs/dtn/best.pt --fim masknet --task income --out results/tsne
   dtn table3     --config cpu --seeds 1,2,3 --trim-threshold 0.08 --out results/table3-cpu
 
+Tuning (docs/tuning.md; needs optuna: pip install 'dtn-kernels[tune]'):
+  dtn tune       --models shared_bottom,mmoe,ple,sfm,tfi,dtn --config cpu --trials 16 --subsample 0.25 \
+                 --max-epochs 4 --jobs 2 --out results/tune-cpu
+  dtn train      --config results/tune-cpu/dtn/best.yaml --out runs/dtn-tuned
+  dtn table3     --tuned results/tune-cpu --seeds 1,2,3,4,5 --out results/table3-tuned
+
 Environment:
   dtn env [--device cuda] [--json]   versions, the compiled extension, the device, which kernels run
 
@@ -53,9 +59,9 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
-def _config(args):
-    """The configuration from --config, --set and the flags; every value converted and checked (and the
-    device checked to exist) before any data is read."""
+def _config(args, config: str | None = None):
+    """The configuration from ``config`` (else --config, else ``cpu``), --set and the flags; every value
+    converted and checked (and the device checked to exist) before any data is read."""
     from .config import ConfigError, config_from_dict, load_config
 
     over = _overrides(args.set)
@@ -68,7 +74,7 @@ def _config(args):
     if getattr(args, "threads", None) is not None:
         over.setdefault("train", {})["num_threads"] = args.threads
     _own_data_overrides(args, over)
-    cfg = load_config(args.config)
+    cfg = load_config(config or getattr(args, "config", None) or "cpu")
     cfg = config_from_dict(over, cfg) if over else cfg
     if getattr(args, "data", None) and cfg.data.dataset != "table":
         raise ConfigError("--data names a table file: give its data schema with --data-schema too")
@@ -165,7 +171,7 @@ def _load_data(cfg, quiet: bool = False, encoder=None):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="cpu", help="packaged config name (cpu, paper) or a YAML file [cpu]")
+    p.add_argument("--config", help="packaged config name (cpu, paper) or a YAML file [cpu]")
     p.add_argument("--dataset", choices=["census", "synthetic"], help="override data.dataset")
     p.add_argument("--data-dir", help="folder with the Census-Income files (else $DTN_CENSUS_DIR, cache, download)")
     p.add_argument("--epochs", type=int, help="override train.epochs")
@@ -197,7 +203,7 @@ def cmd_train(args) -> int:
     from .train import train_model
 
     cfg = _config(args)
-    name = _check_model_name(args.model)
+    name = _check_model_name(args.model or cfg.model.name)  # a tuned config names its model
     device = D.init_from_env(cfg.train.device)
     try:
         if device != cfg.train.device:
@@ -274,13 +280,13 @@ def cmd_compare(args) -> int:
     from .compare import compare, to_markdown
     from .train.checkpoint import ensure_writable
 
-    cfg = _config(args)
     models = [_check_model_name(m) for m in args.models.split(",")]
     seeds = _seeds(args.seeds) if args.seeds else [None]
+    cfg, configs = _table_configs(args, models)
     ensure_writable(args.out, "--out")
     t0 = time.time()
     data = _load_data(cfg)
-    summary = compare(models, data, cfg, args.out, base=args.base, seeds=seeds, resume=not args.fresh)
+    summary = compare(models, data, cfg, args.out, base=args.base, seeds=seeds, resume=not args.fresh, configs=configs)
     print()
     print(to_markdown(summary))
     print(f"total {time.time() - t0:.0f}s; table in {os.path.join(args.out, 'compare.md')} and compare.json")
@@ -371,17 +377,73 @@ def cmd_table3(args) -> int:
     from .analysis.table3 import TABLE3_MODELS, table3, table3_markdown
     from .train.checkpoint import ensure_writable
 
-    cfg = _config(args)
     seeds = _seeds(args.seeds)
     models = [_check_model_name(m) for m in args.models.split(",")] if args.models else TABLE3_MODELS
+    cfg, configs = _table_configs(args, models)
     ensure_writable(args.out, "--out")
     t0 = time.time()
     data = _load_data(cfg)
     summary = table3(data, cfg, args.out, seeds=seeds, threshold=args.trim_threshold, models=models, base=args.base,
-                     resume=not args.fresh)
+                     resume=not args.fresh, configs=configs, resamples=args.bootstrap)
     print()
     print(table3_markdown(summary))
     print(f"total {time.time() - t0:.0f}s; table in {os.path.join(args.out, 'compare.md')} and compare.json")
+    return 0
+
+
+def _table_configs(args, models: list[str]):
+    """(the config, per-model configs or None): with --tuned DIR every model trains with DIR/<model>/best.yaml
+    (--set and the flags applied to each); their data sections must agree, since the data are read once."""
+    from .config import ConfigError
+
+    if not getattr(args, "tuned", None):
+        return _config(args), None
+    if args.config:
+        raise ConfigError("give --config or --tuned, not both (--tuned takes each model's config from DIR/<model>/best.yaml)")
+    from .tune import load_tuned
+
+    paths = load_tuned(args.tuned, models)
+    configs = {m: _config(args, path) for m, path in paths.items()}
+    first = next(iter(paths))
+    for m, c in configs.items():
+        if dataclasses.asdict(c.data) != dataclasses.asdict(configs[first].data):
+            raise ConfigError(f"{paths[m]}: its data section differs from {paths[first]}'s; every model of a table "
+                              "must be trained on the same data")
+    return configs[first], configs
+
+
+def cmd_tune(args) -> int:
+    from .config import ConfigError
+    from .train.checkpoint import ensure_writable
+    from .tune import StudySettings, load_search_space, require_optuna, tune
+
+    require_optuna()
+    for flag, value, ok, allowed in (("--trials", args.trials, args.trials >= 1, "an integer >= 1"),
+                                     ("--subsample", args.subsample, 0 < args.subsample <= 1, "a fraction in (0, 1]"),
+                                     ("--max-epochs", args.max_epochs, args.max_epochs is None or args.max_epochs >= 1,
+                                      "an integer >= 1"),
+                                     ("--jobs", args.jobs, args.jobs >= 1, "an integer >= 1"),
+                                     ("--threads", args.threads, args.threads is None or args.threads >= 1,
+                                      "an integer >= 1")):
+        if not ok:
+            raise ConfigError(f"{flag} {value}: allowed: {allowed}")
+    threads, args.threads = args.threads, None  # trial threads are not part of the tuned config
+    cfg = _config(args)
+    models = [_check_model_name(m) for m in args.models.split(",")]
+    space = load_search_space(args.space)
+    if threads is None and args.jobs > 1:
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    settings = StudySettings(trials=args.trials, subsample=args.subsample, max_epochs=args.max_epochs, seed=args.seed,
+                             threads=threads)
+    ensure_writable(args.out, "--out")
+    t0 = time.time()
+    data = None if args.jobs > 1 else _load_data(cfg)
+    tune(models, cfg, space, args.out, settings, jobs=args.jobs, fresh=args.fresh, data=data)
+    print()
+    with open(os.path.join(args.out, "tune.md"), encoding="utf-8") as fh:
+        print(fh.read())
+    print(f"total {time.time() - t0:.0f}s; best configs in {os.path.join(args.out, '<model>', 'best.yaml')}; "
+          f"table: dtn table3 --tuned {args.out}")
     return 0
 
 
@@ -480,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one model")
     _common(t)
-    t.add_argument("--model", default="dtn", help="shared_bottom, mmoe, ple, cgc, sfm, tfi, dtn [dtn]")
+    t.add_argument("--model", help="shared_bottom, mmoe, ple, cgc, sfm, tfi, dtn [the config's model.name: dtn, "
+                   "or the model a dtn tune config was tuned for]")
     t.add_argument("--out", default="runs/train", help="output folder [runs/train]")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
     t.set_defaults(func=cmd_train)
@@ -519,6 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="results/compare", help="output folder [results/compare]")
     c.add_argument("--fresh", action="store_true", help="retrain every model from scratch, replacing the runs in OUT "
                    "(without it a finished run of the same config, data and code is reused and any other run refused)")
+    c.add_argument("--tuned", metavar="DIR", help="train each model with its tuned config DIR/<model>/best.yaml "
+                   "(written by dtn tune) instead of --config")
     c.set_defaults(func=cmd_compare)
 
     i = sub.add_parser("importance", help="permutation feature importance per task (Table 1, Fig. 2)")
@@ -567,7 +632,30 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--trim-threshold", type=float, default=0.08, help="DTN-trim gate-weight threshold [0.08]")
     b.add_argument("--out", default="results/table3", help="output folder [results/table3]")
     b.add_argument("--fresh", action="store_true", help="retrain every model from scratch, replacing the runs in OUT")
+    b.add_argument("--tuned", metavar="DIR", help="train each model with its tuned config DIR/<model>/best.yaml "
+                   "(written by dtn tune) instead of --config")
+    b.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples of the test rows for the "
+                   "significance of DTN's AUC differences; 0 = none [1000]")
     b.set_defaults(func=cmd_table3)
+
+    u = sub.add_parser("tune", help="hyperparameter search (Optuna TPE + median pruning), one study per model, "
+                       "same trial budget; writes OUT/<model>/best.yaml")
+    _common(u)
+    u.add_argument("--models", default="shared_bottom,mmoe,ple,sfm,tfi,dtn", help="comma-separated, one study each "
+                   "[shared_bottom,mmoe,ple,sfm,tfi,dtn]")
+    u.add_argument("--space", default="cpu", help="search-space YAML, or a packaged one: cpu [cpu]")
+    u.add_argument("--trials", type=int, default=16, help="finished trials per model (completed, pruned or diverged) "
+                   "[16]; rerunning with more extends a study")
+    u.add_argument("--subsample", type=float, default=1.0, help="fraction of the train split each trial trains on "
+                   "(a fixed random subset) [1.0]")
+    u.add_argument("--max-epochs", type=int, help="epoch cap per trial [the config's train.epochs]")
+    u.add_argument("--jobs", type=int, default=1, help="studies run at once, in worker processes [1]")
+    u.add_argument("--seed", type=int, default=0, help="sampler and subsample seed [0]")
+    u.add_argument("--out", default="results/tune", help="output folder: OUT/<model>/{study.db,best.yaml,summary.json}, "
+                   "OUT/tune.md [results/tune]")
+    u.add_argument("--fresh", action="store_true", help="delete the stored studies and start again (without it an "
+                   "interrupted study resumes)")
+    u.set_defaults(func=cmd_tune)
     return p
 
 

@@ -97,16 +97,19 @@ def run_status(run_dir: str, name: str, config, data) -> tuple[str, object]:
 
 
 def compare(models, data, config, out_dir: str, base: str = "shared_bottom", seeds=(None,), resume: bool = True,
-            log=print) -> dict:
+            log=print, configs: dict | None = None) -> dict:
     """Train each model (per seed) into ``out_dir/<model>[/seed<k>]``. With ``resume`` a finished run of the
     same config, data and code is reused and an unfinished one resumed; a run folder holding anything else
     stops everything, before any training, with a StaleRunError. ``resume=False`` retrains every run from
-    scratch. Returns the summary dict."""
+    scratch. ``configs``: a model's own config (e.g. tuned by ``dtn tune``) instead of ``config``.
+    Returns the summary dict."""
     models = [canonical_name(m) for m in models]
+    configs = {canonical_name(k): v for k, v in (configs or {}).items()}
     plan = []
     for name in models:
+        own = configs.get(name, config)
         for seed in seeds:
-            cfg = config if seed is None else dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
+            cfg = own if seed is None else dataclasses.replace(own, train=dataclasses.replace(own.train, seed=seed))
             run_dir = os.path.join(out_dir, name if seed is None else os.path.join(name, f"seed{seed}"))
             status = run_status(run_dir, name, cfg, data) if resume else ("fresh", None)
             plan.append((name, seed, cfg, run_dir, status))
@@ -136,6 +139,8 @@ def compare(models, data, config, out_dir: str, base: str = "shared_bottom", see
         log(f"reused {reused} of {len(plan)} run(s) from earlier runs in {out_dir} (not retrained)")
     summary = summarize(runs, list(data.schema.labels), base=canonical_name(base) if base else None)
     summary["config"] = config.to_dict()
+    if configs:
+        summary["configs"] = {name: c.to_dict() for name, c in configs.items()}
     summary["code_version"] = code_version()
     summary["data"] = getattr(data, "fingerprint", None)
     summary["runs"] = {name: [{"dir": r["run_dir"], "reused": r["reused"]} for r in rs] for name, rs in runs.items()}

@@ -3,11 +3,18 @@
 The trained models come from :func:`dtn.compare.compare` (finished runs are reused); the DTN-trim
 row is each seed's trained DTN (``<out>/dtn/seed<k>/best.pt``) trimmed with gate weights measured
 on the validation split and re-evaluated on test, written to ``<out>/dtn_trim/seed<k>/``.
+
+With several seeds the table says whether DTN's differences are significant
+(:mod:`dtn.analysis.significance`): paired tests over seeds on the per-seed test AUCs, and a paired
+bootstrap over test rows on every run's test predictions (``<run>/test_predictions.npz``, made from
+its best.pt and kept beside it while the run's fingerprint matches).
 """
 from __future__ import annotations
 
 import json
 import os
+
+import numpy as np
 
 from ..compare import compare, summarize, to_markdown
 from ..train import write_metrics
@@ -56,13 +63,84 @@ def trim_run(data, out_dir: str, seed, threshold: float, resume: bool = True, lo
     return result
 
 
+def test_predictions(data, run_dir: str, result: dict, log=print) -> np.ndarray:
+    """[N, T] test probabilities of the run in ``run_dir`` (its best.pt), cached in test_predictions.npz under
+    the run's fingerprint; checked to reproduce the test AUCs of its metrics.json."""
+    from ..train import Trainer, model_from_checkpoint
+    from ..train.checkpoint import atomic_write_bytes, digest
+    from ..train.metrics import auc
+
+    key = digest(result.get("fingerprint"))
+    path = os.path.join(run_dir, "test_predictions.npz")
+    probs = None
+    if os.path.exists(path):
+        try:
+            with np.load(path) as z:
+                if str(z["key"]) == key and z["probs"].shape == (len(data.test), len(data.schema.labels)):
+                    probs = z["probs"]
+        except (OSError, ValueError, KeyError):
+            probs = None
+    if probs is None:
+        model, _, cfg = model_from_checkpoint(os.path.join(run_dir, "best.pt"))
+        if cfg.train.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                import dataclasses
+
+                cfg = cfg.replace(train=dataclasses.replace(cfg.train, device="cpu"))
+        labels, probs = Trainer(model, cfg).predict_with_labels(data.test)
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, probs=probs, key=np.array(key))
+        atomic_write_bytes(buf.getvalue(), path)
+    labels = data.test.labels.numpy()
+    for t, task in enumerate(data.schema.labels):
+        want, got = result["test"][task]["auc"], auc(labels[:, t], probs[:, t])
+        if want is not None and not abs(want - got) <= 1e-4:
+            raise ValueError(f"{run_dir}: its best.pt predicts a test AUC of {got:.6f} for {task}, its metrics.json "
+                             f"says {want:.6f}; the run folder was altered (rerun with --fresh)")
+    return probs
+
+
+def significance(data, out_dir: str, runs: dict[str, list[dict]], seeds: list, target: str = "dtn",
+                 resamples: int = 1000, seed: int = 0, log=print) -> dict | None:
+    """DTN against every other trained model (not DTN-trim): paired tests over ``seeds`` and a paired bootstrap
+    over the test rows (:func:`dtn.analysis.significance.compare_to`). None with fewer than 2 seeds."""
+    import time
+
+    from .significance import bootstrap_aucs, compare_to
+
+    if len(seeds) < 2 or target not in runs:
+        return None
+    tasks = list(data.schema.labels)
+    models = [m for m in runs if m != "dtn_trim"]
+    aucs = {m: np.array([[r["test"][t]["auc"] for t in tasks] for r in runs[m]], dtype=float) for m in models}
+    t0 = time.perf_counter()
+    preds = {m: np.stack([test_predictions(data, _run_dir(out_dir, m, s), r, log) for s, r in zip(seeds, runs[m])])
+             for m in models} if resamples else None
+    if preds is not None:
+        boot = bootstrap_aucs(data.test.labels.numpy(), preds, resamples=resamples, seed=seed)
+    else:  # no bootstrap: intervals are n/a
+        boot = {m: np.full((len(seeds), 1, len(tasks)), np.nan) for m in models}
+    sig = compare_to(target, aucs, boot, tasks)
+    sig["resamples"], sig["bootstrap_seed"], sig["seconds"] = resamples, seed, time.perf_counter() - t0
+    log(f"significance: {len(models) - 1} baselines x {len(tasks)} tasks, {resamples} bootstrap resamples "
+        f"({sig['seconds']:.0f}s)")
+    return sig
+
+
 def table3(data, config, out_dir: str, seeds=(1, 2, 3), threshold: float = 0.08, models=None,
-           base: str = "shared_bottom", resume: bool = True, log=print) -> dict:
+           base: str = "shared_bottom", resume: bool = True, log=print, configs: dict | None = None,
+           resamples: int = 1000) -> dict:
+    """Train (or reuse) every model for every seed (``configs``: per-model configs, e.g. tuned ones), trim each
+    seed's DTN, tabulate, and with >= 2 seeds test DTN's differences (``resamples``: bootstrap resamples)."""
     models = list(models or TABLE3_MODELS)
     if "dtn" not in models:
         raise ValueError("table3 needs 'dtn' among the models (DTN-trim is made from it)")
     seeds = list(seeds)
-    compare(models, data, config, out_dir, base=base, seeds=seeds, resume=resume, log=log)
+    compare(models, data, config, out_dir, base=base, seeds=seeds, resume=resume, log=log, configs=configs)
     from ..models import canonical_name
 
     runs: dict[str, list[dict]] = {}
@@ -73,6 +151,8 @@ def table3(data, config, out_dir: str, seeds=(1, 2, 3), threshold: float = 0.08,
     runs["dtn_trim"] = [trim_run(data, out_dir, seed, threshold, resume=resume, log=log) for seed in seeds]
     summary = summarize(runs, list(data.schema.labels), base=canonical_name(base) if base else None)
     summary["config"] = config.to_dict()
+    if configs:
+        summary["configs"] = {m: c.to_dict() for m, c in configs.items()}
     summary["seeds"] = seeds
     summary["trim"] = {"threshold": threshold,
                        "per_seed": [{"seed": s, "removed": r["removed"], "params_before": r["params_before"],
@@ -80,6 +160,7 @@ def table3(data, config, out_dir: str, seeds=(1, 2, 3), threshold: float = 0.08,
                                      "latency_ms_after": r["latency_ms_after"],
                                      "latency_batch": r.get("latency_batch")}
                                     for s, r in zip(seeds, runs["dtn_trim"])]}
+    summary["significance"] = significance(data, out_dir, runs, seeds, resamples=resamples, log=log)
     write_metrics(summary, os.path.join(out_dir, "compare.json"))
     atomic_write_text(table3_markdown(summary), os.path.join(out_dir, "compare.md"))
     return summary
@@ -97,4 +178,13 @@ def table3_markdown(summary: dict) -> str:
                          f"params {r['params_before']:,} -> {r['params_after']:,}; median latency per batch of {r['latency_batch']} "
                          f"{r['latency_ms_before']:.1f} -> {r['latency_ms_after']:.1f} ms")
         text += "\n".join(lines) + "\n"
+    sig = summary.get("significance")
+    if sig:
+        from ..compare import DISPLAY
+        from .significance import significance_markdown
+
+        text += "\nSignificance of DTN's test AUC differences:\n\n" + significance_markdown(sig, DISPLAY)
+    if summary.get("configs"):
+        text += ("\nEach model trained with its own (tuned) configuration; compare.json holds them under "
+                 "\"configs\".\n")
     return text

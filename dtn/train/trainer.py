@@ -458,9 +458,11 @@ class Trainer:
         value = float(np.mean([metrics[t][m] for t in tasks]))
         return value if m == "auc" else -value
 
-    def fit(self, train, valid, resume: bool | dict = False, log=print) -> list[dict]:
+    def fit(self, train, valid, resume: bool | dict = False, log=print, on_epoch=None) -> list[dict]:
         """Train until ``train.epochs`` or early stopping; ``resume``: continue from ``out_dir/last.pt`` (True)
-        or from a loaded last.pt (a dict)."""
+        or from a loaded last.pt (a dict). ``on_epoch(epoch, row)``, if given, is called after each epoch
+        has been validated and saved (``row``: its history row, with the selection ``score``); an exception
+        it raises stops training there (``dtn tune``'s pruner), with this epoch's files complete."""
         if len(train) == 0:
             raise DataError("the training split is empty: no rows to train on")
         if len(valid) == 0:
@@ -476,42 +478,46 @@ class Trainer:
             log(f"resumed from {self._path('last.pt')} after epoch {self.epoch}")
         self.schedule.set_total_steps(self.cfg.epochs * train.num_batches(self.cfg.batch_size, self.world_size))
         self._open_events()
-        while self.epoch < self.cfg.epochs and self.bad_epochs < self.cfg.patience:
-            t0 = time.perf_counter()
-            step0 = self.schedule.step
-            train_loss = self.train_epoch(train)
-            train_s, steps = time.perf_counter() - t0, self.schedule.step - step0
-            val = self.evaluate(valid)
-            score = self._score(val, len(valid))
-            self.epoch += 1
-            # the first epoch is always the best so far: a run never ends without best.pt
-            improved = self.best_epoch == 0 or score > self.best_score
-            if improved:
-                self.best_score, self.best_epoch, self.bad_epochs = score, self.epoch, 0
-            else:
-                self.bad_epochs += 1
-            row = {"epoch": self.epoch, "train_loss": train_loss, "seconds": time.perf_counter() - t0,
-                   **{f"val_{m}/{t}": v for t, d in val.items() for m, v in d.items()}, "score": score,
-                   "selection": self.selection, **self._epoch_extras(train_s, steps)}
-            self.history.append(row)
-            self._log_events(row)
-            log(f"epoch {self.epoch}: loss {train_loss:.4f}  " +
-                "  ".join(f"{t} auc {d['auc']:.4f}" for t, d in val.items()) +
-                f"  ({row['seconds']:.1f}s){'  *' if improved else ''}")
-            if self.task_weighting is not None:
-                log(f"epoch {self.epoch}: task weights " +
-                    "  ".join(f"{t} {row['task_weight/' + t]:.4f}" for t in self.model.tasks))
-            cut = self.schedule.epoch_end(self.bad_epochs)  # plateau: after the row, which has this epoch's lr
-            if cut:
-                log(f"epoch {self.epoch}: {cut}")
-            # without files (or on ranks other than 0, which write none) the best weights stay in memory
-            if improved and (not self.out_dir or not self.is_main):
-                self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            if self.out_dir and self.is_main:
-                self._save_epoch(improved)
-        if self.events is not None:
-            self.events.close()
-            self.events = None
+        try:
+            while self.epoch < self.cfg.epochs and self.bad_epochs < self.cfg.patience:
+                t0 = time.perf_counter()
+                step0 = self.schedule.step
+                train_loss = self.train_epoch(train)
+                train_s, steps = time.perf_counter() - t0, self.schedule.step - step0
+                val = self.evaluate(valid)
+                score = self._score(val, len(valid))
+                self.epoch += 1
+                # the first epoch is always the best so far: a run never ends without best.pt
+                improved = self.best_epoch == 0 or score > self.best_score
+                if improved:
+                    self.best_score, self.best_epoch, self.bad_epochs = score, self.epoch, 0
+                else:
+                    self.bad_epochs += 1
+                row = {"epoch": self.epoch, "train_loss": train_loss, "seconds": time.perf_counter() - t0,
+                       **{f"val_{m}/{t}": v for t, d in val.items() for m, v in d.items()}, "score": score,
+                       "selection": self.selection, **self._epoch_extras(train_s, steps)}
+                self.history.append(row)
+                self._log_events(row)
+                log(f"epoch {self.epoch}: loss {train_loss:.4f}  " +
+                    "  ".join(f"{t} auc {d['auc']:.4f}" for t, d in val.items()) +
+                    f"  ({row['seconds']:.1f}s){'  *' if improved else ''}")
+                if self.task_weighting is not None:
+                    log(f"epoch {self.epoch}: task weights " +
+                        "  ".join(f"{t} {row['task_weight/' + t]:.4f}" for t in self.model.tasks))
+                cut = self.schedule.epoch_end(self.bad_epochs)  # plateau: after the row, which has this epoch's lr
+                if cut:
+                    log(f"epoch {self.epoch}: {cut}")
+                # without files (or on ranks other than 0, which write none) the best weights stay in memory
+                if improved and (not self.out_dir or not self.is_main):
+                    self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                if self.out_dir and self.is_main:
+                    self._save_epoch(improved)
+                if on_epoch is not None:
+                    on_epoch(self.epoch, row)
+        finally:  # an on_epoch that stops training (a pruned trial) still closes the event file
+            if self.events is not None:
+                self.events.close()
+                self.events = None
         # end on the best weights, which is what evaluation and prediction should use
         if self._best_state is not None:
             self.model.load_state_dict(self._best_state)
