@@ -12,8 +12,14 @@
 # (DTN_QUALITY_KEEP_CHECKPOINTS=1 keeps them) so the folder stays small enough to bring back as
 # one tarball; finished runs already in OUT_DIR are reused, so a second session continues.
 #
+# Significance, as in `dtn table3 --tuned` (docs/tuning.md): once DTN and a baseline share two or
+# more seeds, table3.md gets DTN's test-AUC difference against each baseline with a paired t-test
+# and Wilcoxon test over those seeds and a paired bootstrap over the test rows. Each run's test
+# predictions are kept (test_predictions.npz, ~0.4 MB) before its checkpoints are deleted.
+#
 # Settings: DTN_QUALITY_BUDGET_S (default 420: no new run starts after it; a run still training
-# is stopped 60 s later), DTN_QUALITY_SEEDS (default 1,2,3,4,5), DTN_QUALITY_MODELS (default
+# is stopped 60 s later), DTN_QUALITY_RESAMPLES (bootstrap resamples, default 1000; 0: none),
+# DTN_QUALITY_SEEDS (default 1,2,3,4,5), DTN_QUALITY_MODELS (default
 # shared_bottom,mmoe,ple,tfi,dtn; sfm also works), DTN_QUALITY_ROWS (subsample the training rows,
 # validation and test to half as many each), DTN_QUALITY_DATA (census, default, or synthetic),
 # DTN_CENSUS_DIR, PYTHON. The Census-Income files are looked up in $DTN_CENSUS_DIR when it is set,
@@ -80,6 +86,8 @@ import dataclasses, glob, json, os, sys, time
 
 import torch
 
+from dtn.analysis.significance import significance_markdown
+from dtn.analysis.table3 import significance, test_predictions
 from dtn.compare import DISPLAY, summarize, to_markdown
 from dtn.config import config_from_dict, load_config
 from dtn.data import load_dataset
@@ -94,6 +102,7 @@ deadline = float(os.environ["QUALITY_DEADLINE"])
 models = [canonical_name(m) for m in os.environ.get("DTN_QUALITY_MODELS", "shared_bottom,mmoe,ple,tfi,dtn").split(",") if m]
 seeds = [int(s) for s in os.environ.get("DTN_QUALITY_SEEDS", "1,2,3,4,5").split(",") if s]
 rows = int(os.environ.get("DTN_QUALITY_ROWS") or 0)
+resamples = int(os.environ.get("DTN_QUALITY_RESAMPLES") or (100 if check else 1000))
 t_start = time.time()
 if device == "cuda" and not torch.cuda.is_available():
     sys.exit("no CUDA device visible to torch (use DTN_SUITE_CHECK=1 for the CPU dry run)")
@@ -141,6 +150,9 @@ for m in models:  # finished runs of an earlier session are reused
             print(f"[{m} seed {s}] reusing {p}")
 
 
+sig_cache = {}  # (models, common seeds) -> significance: recomputed only when either changes
+
+
 def write_table():
     done = {m: [runs[m][s] for s in sorted(runs[m])] for m in models if runs[m]}
     if not done:
@@ -151,7 +163,21 @@ def write_table():
                    data_rows={"train": len(data.train), "valid": len(data.valid), "test": len(data.test)},
                    elapsed_s=round(time.time() - t_start, 1), not_run=not_run, config=cfg.to_dict(),
                    torch=torch.__version__, check=check)
+    common = sorted(set.intersection(*(set(runs[m]) for m in done)))  # seeds every finished model has
+    key = (tuple(sorted(done)), tuple(common))
+    sig = sig_cache.get(key)
+    if sig is None and "dtn" in done and len(done) > 1 and len(common) >= 2:
+        try:
+            sig = sig_cache[key] = significance(data, out, {m: [runs[m][s] for s in common] for m in done}, common,
+                               resamples=resamples, log=print)
+        except (OSError, ValueError, KeyError) as exc:  # a run without its predictions: say so, keep the table
+            print(f"significance skipped: {exc}")
+            not_run.append(f"significance ({exc})")
+    summary["significance"] = sig
     md = to_markdown(summary)
+    if sig is not None:
+        md += (f"\nSignificance of DTN's test AUC differences, over seeds {common} "
+               f"({resamples} bootstrap resamples):\n\n" + significance_markdown(sig, DISPLAY))
     md += "\nSeeds per model: " + "; ".join(f"{DISPLAY.get(m, m)} {sorted(runs[m])}" for m in done) + ".\n"
     md += (f"Paper configuration{' (shrunk for the CPU dry run)' if check else ''}, {dev_name}, torch "
            f"{torch.__version__}, {summary['data_rows']['train']:,} training rows; "
@@ -181,6 +207,8 @@ for si, seed in enumerate(seeds):
         _, result = train_model(m, data, scfg, out_dir=run_dir(m, seed), resume=True, log=print)
         wall.setdefault(m, time.time() - t0)
         runs[m][seed] = result
+        if resamples:  # the bootstrap needs the test predictions; keep them before best.pt goes
+            test_predictions(data, run_dir(m, seed), result, log=print)
         if os.environ.get("DTN_QUALITY_KEEP_CHECKPOINTS") != "1":
             for p in glob.glob(os.path.join(run_dir(m, seed), "*.pt")):
                 os.remove(p)

@@ -533,22 +533,32 @@ def test_suite_records_every_stage_and_goes_on_after_a_timeout(tmp_path):
 def test_quality_script_writes_the_table_per_run_and_resumes(tmp_path):
     out = tmp_path / "q"
     env = dict(os.environ, DTN_SUITE_CHECK="1", PYTHON=sys.executable, DTN_QUALITY_DATA="synthetic",
-               DTN_QUALITY_MODELS="shared_bottom,ple", DTN_QUALITY_SEEDS="1", DTN_QUALITY_ROWS="1000")
+               DTN_QUALITY_MODELS="shared_bottom,dtn", DTN_QUALITY_SEEDS="1", DTN_QUALITY_ROWS="1000")
     script = os.path.join(BENCH, "gpu_quality.sh")
     proc = subprocess.run(["bash", script, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("table written") >= 2  # after each model
     summary = json.loads((out / "table3.json").read_text())
-    assert summary["seeds"] == {"shared_bottom": [1], "ple": [1]} and summary["check"] is True
-    assert not list(out.glob("*/seed1/*.pt"))  # checkpoints removed
+    assert summary["seeds"] == {"shared_bottom": [1], "dtn": [1]} and summary["check"] is True
+    assert summary["significance"] is None  # one seed: nothing to pair
+    assert not list(out.glob("*/seed1/*.pt"))  # checkpoints removed, test predictions kept for the bootstrap
+    assert len(list(out.glob("*/seed1/test_predictions.npz"))) == 2
     env["DTN_QUALITY_SEEDS"] = "1,2"
     proc = subprocess.run(["bash", script, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[shared_bottom seed 1] reusing" in proc.stdout
     summary = json.loads((out / "table3.json").read_text())
-    assert summary["seeds"] == {"shared_bottom": [1, 2], "ple": [1, 2]}
+    assert summary["seeds"] == {"shared_bottom": [1, 2], "dtn": [1, 2]}
+    sig = summary["significance"]
+    assert [(r["model"], r["n"], r["resamples"]) for r in sig["rows"]] == [("shared_bottom", 2, 100)] * 2
+    runs = {m: [json.loads((out / m / f"seed{s}" / "metrics.json").read_text()) for s in (1, 2)]
+            for m in ("dtn", "shared_bottom")}
+    for r in sig["rows"]:  # the difference is of the runs' own test AUCs, seed k with seed k
+        diffs = [a["test"][r["task"]]["auc"] - b["test"][r["task"]]["auc"] for a, b in zip(runs["dtn"], runs["shared_bottom"])]
+        assert r["mean_diff"] == pytest.approx(sum(diffs) / 2, abs=1e-9)
     md = (out / "table3.md").read_text()
-    assert "| Shared-Bottom |" in md and "| PLE |" in md and "Seeds per model: Shared-Bottom [1, 2]" in md
+    assert "| Shared-Bottom |" in md and "| DTN |" in md and "Seeds per model: Shared-Bottom [1, 2]" in md
+    assert "Significance of DTN's test AUC differences, over seeds [1, 2] (100 bootstrap resamples)" in md
     env = dict(env, DTN_QUALITY_DATA="census", DTN_CENSUS_DIR=str(tmp_path / "nowhere"))
     (tmp_path / "nowhere").mkdir()
     proc = subprocess.run(["bash", script, str(tmp_path / "q2")], cwd=ROOT, env=env, capture_output=True, text=True,
