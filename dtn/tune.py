@@ -32,6 +32,7 @@ import yaml
 from .compare import StaleRunError
 from .config import CONFIG_DIR, FIM_OPTIONS, Config, ConfigError, config_from_dict, load_config
 from .models import MODEL_REGISTRY, canonical_name
+from .train.checkpoint import pid_alive
 
 SPACE_DIR = os.path.join(CONFIG_DIR, "tune")
 # config keys that are not hyperparameters: what is trained (model.name), how long (the study's epoch
@@ -387,22 +388,12 @@ def _lock(path: str) -> None:
                 pid = int(fh.read().strip() or 0)
         except (OSError, ValueError):
             pid = 0
-        if pid and pid != os.getpid() and _alive(pid):
+        if pid and pid != os.getpid() and pid_alive(pid):
             raise StaleStudyError(f"{path}: the study is being run by process {pid}; wait for it or stop it") from None
         os.unlink(path)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     with os.fdopen(fd, "w") as fh:
         fh.write(str(os.getpid()))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _create_study(optuna, name: str, db: str, study_cfg: dict, seed: int, finished: int):

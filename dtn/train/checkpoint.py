@@ -215,7 +215,8 @@ def atomic_write_bytes(data: bytes, path: str) -> None:
     atomic_write(path, lambda fh: fh.write(data))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -242,7 +243,7 @@ def clean_stale_temps(folder: str, names=None) -> list[str]:
         parts = entry[1:-4].rsplit(".", 2)
         if len(parts) == 3 and parts[1].isdigit():
             pid = int(parts[1])
-            if pid != os.getpid() and _pid_alive(pid):
+            if pid != os.getpid() and pid_alive(pid):
                 continue  # another live process is writing it
             if pid == os.getpid():
                 continue
