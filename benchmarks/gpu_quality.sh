@@ -165,14 +165,15 @@ def write_table():
                    torch=torch.__version__, check=check)
     common = sorted(set.intersection(*(set(runs[m]) for m in done)))  # seeds every finished model has
     key = (tuple(sorted(done)), tuple(common))
-    sig = sig_cache.get(key)
-    if sig is None and "dtn" in done and len(done) > 1 and len(common) >= 2:
+    if key not in sig_cache and "dtn" in done and len(done) > 1 and len(common) >= 2:
         try:
-            sig = sig_cache[key] = significance(data, out, {m: [runs[m][s] for s in common] for m in done}, common,
-                               resamples=resamples, log=print)
-        except (OSError, ValueError, KeyError) as exc:  # a run without its predictions: say so, keep the table
+            sig_cache[key] = significance(data, out, {m: [runs[m][s] for s in common] for m in done}, common,
+                                          resamples=resamples, log=print)
+        except (OSError, ValueError, KeyError) as exc:  # a run without its predictions: say so once, keep the table
             print(f"significance skipped: {exc}")
-            not_run.append(f"significance ({exc})")
+            not_run.append(f"significance over seeds {common} ({exc})")
+            sig_cache[key] = None
+    sig = sig_cache.get(key)
     summary["significance"] = sig
     md = to_markdown(summary)
     if sig is not None:

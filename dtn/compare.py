@@ -128,7 +128,8 @@ def compare(models, data, config, out_dir: str, base: str = "shared_bottom", see
                 "best.pt); not retrained (--fresh retrains)")
         else:
             if what == "fresh":
-                for f in ("metrics.json", "last.pt"):  # a stopped fresh run must not look finished or resumable
+                # a stopped fresh run must not look finished or resumable, nor keep the old run's test predictions
+                for f in ("metrics.json", "last.pt", "test_predictions.npz"):
                     if os.path.exists(os.path.join(run_dir, f)):
                         os.unlink(os.path.join(run_dir, f))
             log(f"{tag} {'resuming' if what == 'resume' else 'training'} in {run_dir}")

@@ -343,8 +343,10 @@ class _SealedSplit:
 
 def without_test(data):
     """``data`` with its test split (and test frame) sealed away."""
-    frames = {k: v for k, v in (getattr(data, "frames", None) or {}).items() if k != "test"}
-    return dataclasses.replace(data, test=_SealedSplit(), frames=frames)
+    kw = {"test": _SealedSplit()}
+    if any(f.name == "frames" for f in dataclasses.fields(data)):  # in-memory data; streamed data have none
+        kw["frames"] = {k: v for k, v in (data.frames or {}).items() if k != "test"}
+    return dataclasses.replace(data, **kw)
 
 
 def subsample_rows(split, fraction: float, seed: int):
@@ -353,6 +355,9 @@ def subsample_rows(split, fraction: float, seed: int):
 
     if fraction >= 1.0:
         return split
+    if not hasattr(split, "take"):
+        raise ConfigError(f"--subsample {fraction:g}: a streamed training split cannot be subsampled; load the data "
+                          "in memory (without --stream) or tune on the whole split (--subsample 1)")
     n = len(split)
     k = max(1, int(round(fraction * n)))
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values

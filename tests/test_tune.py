@@ -14,7 +14,7 @@ pytest.importorskip("optuna")
 
 from dtn.analysis import significance as S  # noqa: E402
 from dtn.cli import main  # noqa: E402
-from dtn.config import Config, DataConfig, TrainConfig, load_config  # noqa: E402
+from dtn.config import Config, ConfigError, DataConfig, TrainConfig, load_config  # noqa: E402
 from dtn.data import load_dataset  # noqa: E402
 from dtn.train.metrics import auc  # noqa: E402
 from dtn.tune import (SearchSpaceError, StaleStudyError, StudySettings, default_params, load_search_space,  # noqa: E402
@@ -212,6 +212,13 @@ def test_cli_tune_then_train_and_table3(tmp_path, capsys):
     assert main(args) == 0
     assert "] training" not in capsys.readouterr().out
     assert json.loads((t3 / "compare.json").read_text())["significance"]["rows"] == sig["rows"]
+    # a stale cache under the same fingerprint (the run retrained) is recomputed from best.pt, not trusted
+    with np.load(run / "test_predictions.npz") as z:
+        key = z["key"]
+    np.savez(run / "test_predictions.npz", probs=1.0 - probs, key=key)
+    assert main(args) == 0
+    assert json.loads((t3 / "compare.json").read_text())["significance"]["rows"] == sig["rows"]
+    assert np.array_equal(np.load(run / "test_predictions.npz")["probs"], probs)
 
 
 @pytest.mark.parametrize("argv, needles", [
@@ -369,6 +376,33 @@ def test_bootstrap_interval_known_cases():
     # the same seed draws the same resamples
     again = S.bootstrap_aucs(y, {"good": preds["good"]}, resamples=300, seed=0)
     assert np.array_equal(again["good"], boot["good"])
+
+
+def test_without_a_bootstrap_the_t_test_decides():
+    """--bootstrap 0: the intervals are n/a, and a clear t-test result still gives a verdict."""
+    rng = np.random.default_rng(3)
+    base = 0.95 + rng.normal(0, 0.0005, size=(5, 1))
+    aucs = {"dtn": base + 0.01, "sb": base, "worse_than": base + 0.02}
+    boot = {m: np.full((5, 1, 1), np.nan) for m in aucs}
+    verdict = {r["model"]: r["verdict"] for r in S.compare_to("dtn", aucs, boot, ["income"])["rows"]}
+    assert verdict == {"sb": "better", "worse_than": "worse"}
+
+
+def test_without_test_seals_streamed_data_too():
+    """Data without in-memory frames (streamed) get their test split sealed the same way."""
+    from dtn.tune import subsample_rows, without_test
+
+    @dataclasses.dataclass
+    class Streamed:
+        train: object
+        test: object
+
+    sealed = without_test(Streamed(train=[1, 2, 3], test=[4]))
+    assert sealed.train == [1, 2, 3]
+    with pytest.raises(RuntimeError, match="must not look at the test split"):
+        len(sealed.test)
+    with pytest.raises(ConfigError, match="cannot be subsampled"):
+        subsample_rows([1, 2, 3], 0.5, seed=0)
 
 
 def test_compare_to_verdicts():

@@ -162,8 +162,9 @@ def compare_to(target: str, aucs: dict[str, np.ndarray], boot: dict[str, np.ndar
     for r, adj in zip(rows, holm([r["p_t"] for r in rows])):
         r["p_t_holm"] = adj
         sig = not math.isnan(adj) and adj < alpha
-        r["verdict"] = ("better" if sig and r["ci_low"] > 0 else "worse" if sig and r["ci_high"] < 0
-                        else "not significant")
+        no_ci = math.isnan(r["ci_low"])  # no bootstrap (0 resamples): the t-test alone decides
+        r["verdict"] = ("better" if sig and r["mean_diff"] > 0 and (no_ci or r["ci_low"] > 0) else
+                        "worse" if sig and r["mean_diff"] < 0 and (no_ci or r["ci_high"] < 0) else "not significant")
     return {"target": target, "alpha": alpha, "level": level, "rows": rows}
 
 
@@ -182,7 +183,8 @@ def significance_markdown(sig: dict, display: dict) -> str:
                  f"({res} resamples, the same ones for every model and seed) and takes the difference of the "
                  f"seed-mean AUCs. Verdict: better / worse when the Holm-adjusted t-test p < {sig['alpha']} and the "
                  "bootstrap interval excludes 0. MDE: the mean difference the t-test would detect with 80% power "
-                 "given the observed spread of the per-seed differences."
+                 "given the observed spread of the per-seed differences, at the unadjusted level α (a verdict, "
+                 "judged on the Holm-adjusted p, needs more)."
                  + (f" With {n} seeds the two-sided exact Wilcoxon p is at least {2 / 2 ** n:.4f}." if n else ""))
     return "\n".join(lines) + "\n"
 
