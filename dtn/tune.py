@@ -431,7 +431,10 @@ def _prepare(optuna, study, key: dict, base: Config, params: dict[str, Param], d
         # only this process may run the study (the lock): a RUNNING trial is one an interruption cut off
         study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
     requeued = list(study.user_attrs.get("requeued", []))
-    again = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number not in requeued]
+    # each failed configuration is tried once more, not a retry of a retry: a configuration that always fails
+    # (not an interruption) must not stop every resume; the budget counts finished trials, so none is lost
+    again = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+             if t.number not in requeued and "retry_of" not in t.user_attrs]
     for t in again:
         study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number, "default": t.user_attrs.get("default", False)})
         requeued.append(t.number)

@@ -142,6 +142,16 @@ def test_interrupted_study_resumes_and_reruns_the_cut_trial(synth, lr_space, tmp
     s2 = run_study("shared_bottom", synth, base, lr_space, out, StudySettings(trials=5, max_epochs=1, seed=1),
                    log=lambda *_: None)
     assert len(s2["trials"]) == len(s["trials"])
+    # a retry that is cut off too is not queued a third time: a fresh draw takes its place
+    study = optuna.load_study(study_name="shared_bottom", storage=db)
+    cut = study.ask({"train.lr": optuna.distributions.FloatDistribution(1e-4, 3e-2, log=True)})
+    cut.set_user_attr("retry_of", 2)
+    logs = []
+    s3 = run_study("shared_bottom", synth, base, lr_space, out, StudySettings(trials=6, max_epochs=1, seed=1),
+                   log=logs.append)
+    assert "queued again" not in " ".join(logs) and s3["counts"]["finished"] == 6
+    study = optuna.load_study(study_name="shared_bottom", storage=db)
+    assert not any(t.user_attrs.get("retry_of") == cut.number for t in study.trials)
 
 
 def test_resume_refuses_other_settings_and_a_live_owner(synth, lr_space, tmp_path):
