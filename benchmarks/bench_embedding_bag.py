@@ -167,6 +167,14 @@ _WORK: dict = {}
 _COMPILED: dict = {}
 
 
+def require_op_extension(device: torch.device) -> None:
+    """Raise :class:`SkipProvider` unless dtn_kernels._C can run the op on ``device``."""
+    if not dtn_kernels.HAS_C_EXT:
+        raise SkipProvider("dtn_kernels._C is not built")
+    if device.type == "cuda" and not dtn_kernels.HAS_CUDA_EXT:
+        raise SkipProvider("dtn_kernels._C was built without CUDA")
+
+
 def suite_case(provider: str, mode: str, batch: int, precision: str = "fp32") -> Case:
     if batch not in _WORK:
         _WORK[batch] = Workload(batch=batch, device=SUITE_DEVICE)
@@ -180,10 +188,8 @@ def suite_case(provider: str, mode: str, batch: int, precision: str = "fp32") ->
             return torch.cat(outs, dim=1)
         params = [m.weight for m in w.modules]
         return Case("embedding_bag", provider, mode, batch, forward=loop, params=params, shape=shape)
-    if provider in ("fused", "compile_fused") and not dtn_kernels.HAS_C_EXT:
-        raise SkipProvider("dtn_kernels._C is not built")
-    if provider in ("fused", "compile_fused") and SUITE_DEVICE.type == "cuda" and not dtn_kernels.HAS_CUDA_EXT:
-        raise SkipProvider("dtn_kernels._C was built without CUDA")
+    if provider in ("fused", "compile_fused"):
+        require_op_extension(SUITE_DEVICE)
     fn = {"eager": pt_embedding_bag, "fused": embedding_bag,
           "compile": pt_embedding_bag, "compile_fused": embedding_bag}[provider]
     if provider.startswith("compile"):

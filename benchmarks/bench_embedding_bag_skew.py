@@ -32,15 +32,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import dtn_kernels
-from bench_embedding_bag import CENSUS_CARDINALITIES, DIM, MULTI_MAX_LEN, MULTI_ROWS
+from bench_embedding_bag import CENSUS_CARDINALITIES, DIM, MULTI_MAX_LEN, MULTI_ROWS, require_op_extension
 from dtn_kernels.ops import embedding_bag
 from harness import (PAPER_BATCHES, Case, SkipProvider, bench_device, cuda_event_times, environment, preset,
                      run_group, subset, sync)
@@ -144,10 +142,8 @@ def skew_make(kind: str, mode: str, batch: int):
     def make(provider: str) -> Case:
         if provider not in SKEW_PROVIDERS:
             raise SkipProvider(f"{provider}: the skew benchmark compares the op with one F.embedding_bag call only")
-        if provider == "fused" and not dtn_kernels.HAS_C_EXT:
-            raise SkipProvider("dtn_kernels._C is not built")
-        if provider == "fused" and SUITE_DEVICE.type == "cuda" and not dtn_kernels.HAS_CUDA_EXT:
-            raise SkipProvider("dtn_kernels._C was built without CUDA")
+        if provider == "fused":
+            require_op_extension(SUITE_DEVICE)
         return skew_case(provider, kind, mode, batch)
     return make
 
@@ -165,16 +161,10 @@ def test_embedding_bag_skew(benchmark, kind, batch, mode, request):
 
 
 def median_ms(case: Case, device: torch.device, reps: int) -> float:
+    """Median ms of ``reps`` calls after a warm-up, timed by the harness (CUDA events / CPU clock)."""
     setup, target = case.runner()
-    if device.type == "cuda":
-        return statistics.median(cuda_event_times(setup, target, device, reps)) * 1e3
-    times = []
-    for _ in range(reps + 3):
-        setup()
-        t0 = time.perf_counter()
-        target()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[3:]) * 1e3
+    warmup = 5 if device.type == "cuda" else 3
+    return statistics.median(cuda_event_times(setup, target, device, reps, warmup=warmup)) * 1e3
 
 
 def main() -> None:

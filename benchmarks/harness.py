@@ -231,7 +231,11 @@ def provider_list(extra: tuple = ()) -> list[str]:
     return [n for n in names if n in want]
 
 
-def rounds() -> int:
+def rounds(override: Optional[int] = None) -> int:
+    """Timed rounds a group gets: ``DTN_BENCH_ROUNDS``, else ``override`` (a file's own count), else
+    the preset's default."""
+    if override is not None and not os.environ.get("DTN_BENCH_ROUNDS"):
+        return override
     default = {"smoke": 3, "quick": 10, "full": 30}[preset()]
     return int(os.environ.get("DTN_BENCH_ROUNDS", default))
 
@@ -618,7 +622,7 @@ def run_group(benchmark, op: str, mode: str, batch: int, precision: str,
     base_env = environment(device)
     key = {k: group[k] for k in ("op", "mode", "batch", "precision")}
     runners = {p: c.runner() for p, c in cases.items()}
-    n = rounds() if rounds_override is None or os.environ.get("DTN_BENCH_ROUNDS") else rounds_override
+    n = rounds(rounds_override)
     first_call: dict = {}
     errors: dict = {}
 
@@ -711,7 +715,7 @@ def run_case(benchmark, case: Case, device: torch.device, dtype: torch.dtype = t
              **precision_record(case.precision, device)}
     setup, target = case.runner()
     first = {case.provider: _warm(setup, target, device)}
-    n = rounds() if rounds_override is None or os.environ.get("DTN_BENCH_ROUNDS") else rounds_override
+    n = rounds(rounds_override)
     times: dict = {case.provider: []}
     benchmark.pedantic(lambda: times[case.provider].append(time_call(setup, target, device)),
                        rounds=n, iterations=1, warmup_rounds=0)
