@@ -143,6 +143,13 @@ def _state_mismatch(exc: RuntimeError) -> str:
     return "; ".join(lines)[:400]
 
 
+def runnable_config(cfg: Config) -> Config:
+    """A checkpoint's config on this machine: a CUDA run evaluated where there is no GPU uses the CPU."""
+    if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
+        return cfg.replace(train=dataclasses.replace(cfg.train, device="cpu"))
+    return cfg
+
+
 def model_from_checkpoint(ckpt: dict | str, device="cpu"):
     """(model, encoder, config) rebuilt from a checkpoint dict or path; a checkpoint whose config,
     schema or weights do not fit this code is a CheckpointError naming the file and the difference."""
