@@ -102,6 +102,13 @@ def data_key(fingerprint: dict | None) -> str:
     return digest({**fingerprint, "files": files})
 
 
+def run_key(config: dict, data_fingerprint: dict | None, encoder_fp: str | None, code: str | None) -> dict:
+    """What ``dtn compare`` keys the reuse of a finished run on: its config (less :data:`NOT_IN_RUN_KEY`),
+    its data (:func:`data_key`), its encoders' digest and the code version."""
+    return {"config": digest(run_config(config)), "data": data_key(data_fingerprint), "encoder": encoder_fp,
+            "code": code}
+
+
 def encoder_fingerprint(encoder) -> str | None:
     """Digest of a fitted encoder's state (schema, vocabularies, statistics, bucket edges)."""
     return None if encoder is None else digest(encoder.state_dict())

@@ -616,10 +616,9 @@ def write_metrics(metrics: dict, path: str) -> None:
 
 def run_fingerprint(trainer) -> dict:
     """What ``dtn compare`` keys the reuse of a finished run on: its config, data, encoders and code."""
-    from .checkpoint import data_key, digest, run_config
+    from .checkpoint import run_key
 
-    return {"config": digest(run_config(trainer.config.to_dict())), "data": data_key(trainer.data_fingerprint),
-            "encoder": trainer._encoder_fp, "code": code_version()}
+    return run_key(trainer.config.to_dict(), trainer.data_fingerprint, trainer._encoder_fp, code_version())
 
 
 def train_model(name: str, data, config: Config, out_dir: str | None = None, resume: bool | dict = False, log=print,
