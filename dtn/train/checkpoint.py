@@ -250,10 +250,8 @@ def clean_stale_temps(folder: str, names=None) -> list[str]:
         parts = entry[1:-4].rsplit(".", 2)
         if len(parts) == 3 and parts[1].isdigit():
             pid = int(parts[1])
-            if pid != os.getpid() and pid_alive(pid):
-                continue  # another live process is writing it
-            if pid == os.getpid():
-                continue
+            if pid == os.getpid() or pid_alive(pid):
+                continue  # this process or another live one is writing it
         try:
             os.unlink(os.path.join(folder, entry))
             removed.append(os.path.join(folder, entry))
