@@ -666,7 +666,7 @@ def describe_error(exc: BaseException) -> str:
 
     kinds = ((TrainingDivergedError, "training diverged"), (ConfigError, "config error"), (StaleRunError, "stale run"),
              (SchemaError, "data schema error"), (DataError, "data error"), (CheckpointError, "checkpoint error"),
-             (FileWriteError, "cannot write"), (FileNotFoundError, "not found"), (PermissionError, "permission denied"))
+             (FileWriteError, "write error"), (FileNotFoundError, "not found"), (PermissionError, "permission denied"))
     kind = next((k for cls, k in kinds if isinstance(exc, cls)), type(exc).__name__)
     if isinstance(exc, OSError) and not isinstance(exc, FileWriteError) and exc.strerror:
         where = f"{exc.filename}: " if exc.filename else ""
@@ -679,8 +679,6 @@ def describe_error(exc: BaseException) -> str:
     if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep the original error's own line
         last = [ln for ln in msg.splitlines() if ln.strip()][-1]
         msg = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].replace(".", "").isidentifier() else last
-    if kind == "cannot write":
-        kind = "write error"
     return f"{kind}: {' '.join(msg.split())}"
 
 
