@@ -102,16 +102,6 @@ def _check_device(device: str) -> None:
                           f"allowed: 'cpu', 'cuda' or 'cuda:0'..'cuda:{torch.cuda.device_count() - 1}'")
 
 
-def _runnable(cfg):
-    """A checkpoint's config on this machine: a CUDA run evaluated where there is no GPU uses the CPU."""
-    if cfg.train.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            return cfg.replace(train=dataclasses.replace(cfg.train, device="cpu"))
-    return cfg
-
-
 def _check_model_name(name: str) -> str:
     from .models import MODEL_REGISTRY, canonical_name
 
@@ -259,10 +249,11 @@ def cmd_evaluate(args) -> int:
     from .data import load_dataset
     from .train import Trainer, load_checkpoint, model_from_checkpoint, write_metrics
     from .train.checkpoint import ensure_writable
+    from .train.trainer import runnable_config
 
     ckpt = load_checkpoint(args.checkpoint)
     model, encoder, cfg = model_from_checkpoint(ckpt)
-    cfg = _runnable(cfg)
+    cfg = runnable_config(cfg)
     if args.out:
         ensure_writable(os.path.dirname(os.path.abspath(args.out)), "--out folder")
     data = load_dataset(_checkpoint_data_config(cfg, args), encoder=encoder)
@@ -451,11 +442,12 @@ def cmd_export(args) -> int:
     from .serving import export_model
     from .train import load_checkpoint, model_from_checkpoint
     from .train.checkpoint import ensure_writable
+    from .train.trainer import runnable_config
 
     _threads(args)
     ckpt = load_checkpoint(args.checkpoint)
     model, encoder, cfg = model_from_checkpoint(ckpt)
-    cfg = _runnable(cfg)
+    cfg = runnable_config(cfg)
     if args.trim_threshold is not None and not 0.0 <= args.trim_threshold < 1.0:
         raise ValueError(f"--trim-threshold must be in [0, 1), got {args.trim_threshold}")
     ensure_writable(args.out, "--out")
@@ -674,7 +666,7 @@ def describe_error(exc: BaseException) -> str:
 
     kinds = ((TrainingDivergedError, "training diverged"), (ConfigError, "config error"), (StaleRunError, "stale run"),
              (SchemaError, "data schema error"), (DataError, "data error"), (CheckpointError, "checkpoint error"),
-             (FileWriteError, "cannot write"), (FileNotFoundError, "not found"), (PermissionError, "permission denied"))
+             (FileWriteError, "write error"), (FileNotFoundError, "not found"), (PermissionError, "permission denied"))
     kind = next((k for cls, k in kinds if isinstance(exc, cls)), type(exc).__name__)
     if isinstance(exc, OSError) and not isinstance(exc, FileWriteError) and exc.strerror:
         where = f"{exc.filename}: " if exc.filename else ""
@@ -687,8 +679,6 @@ def describe_error(exc: BaseException) -> str:
     if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep the original error's own line
         last = [ln for ln in msg.splitlines() if ln.strip()][-1]
         msg = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].replace(".", "").isidentifier() else last
-    if kind == "cannot write":
-        kind = "write error"
     return f"{kind}: {' '.join(msg.split())}"
 
 

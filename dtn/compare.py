@@ -19,9 +19,8 @@ import numpy as np
 
 from .models import canonical_name
 from .train import rela_imp, train_model, write_metrics
-from .train.checkpoint import (CheckpointError, check_resume, code_version, data_key, digest, encoder_fingerprint,
-                               load_checkpoint, run_config, source_diff)
-from .train.checkpoint import atomic_write_text
+from .train.checkpoint import (CheckpointError, atomic_write_text, check_resume, code_version, encoder_fingerprint,
+                               load_checkpoint, run_config, run_key, source_diff)
 
 DISPLAY = {"shared_bottom": "Shared-Bottom", "mmoe": "MMoE", "ple": "PLE", "cgc": "CGC", "sfm": "SFM", "tfi": "TFI",
            "dtn": "DTN"}
@@ -34,8 +33,7 @@ class StaleRunError(ValueError):
 def expected_fingerprint(name: str, config, data) -> dict:
     """The fingerprint a run of ``name`` with ``config`` on ``data`` records (see run_fingerprint)."""
     cfg = dataclasses.replace(config, model=dataclasses.replace(config.model, name=name))
-    return {"config": digest(run_config(cfg.to_dict())), "data": data_key(getattr(data, "fingerprint", None)),
-            "encoder": encoder_fingerprint(data.encoder), "code": code_version()}
+    return run_key(cfg.to_dict(), getattr(data, "fingerprint", None), encoder_fingerprint(data.encoder), code_version())
 
 
 def _why_stale(run_dir: str, have: dict | None, want: dict, ckpt: dict | None, config_dict: dict, data) -> str:
@@ -79,8 +77,7 @@ def run_status(run_dir: str, name: str, config, data) -> tuple[str, object]:
                 return "stale", f"its best.pt cannot be read ({exc})"
         if have == want and ckpt is not None:
             fp = ckpt.get("fingerprint") or {}
-            if (ckpt.get("code_version") == want["code"] and fp.get("encoder") == want["encoder"]
-                    and data_key(fp.get("data")) == want["data"] and digest(run_config(ckpt["config"])) == want["config"]):
+            if run_key(ckpt["config"], fp.get("data"), fp.get("encoder"), ckpt.get("code_version")) == want:
                 return "reuse", result
             return "stale", "its best.pt is not the checkpoint its metrics.json describes"
         if have == want:

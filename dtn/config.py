@@ -224,12 +224,7 @@ def _coerce(value, tp, key: str, check: dict, raw=None):
         if value is None or (isinstance(value, Text) and str(value).strip().lower() in ("", "null", "none", "~")):
             return None
         return _coerce(value, inner, key, check, raw)
-    if tp is Any:
-        if isinstance(value, Text):
-            try:
-                return yaml.safe_load(str(value))
-            except yaml.YAMLError as exc:
-                raise _bad(key, value, tp, check, f"not valid YAML ({str(exc).splitlines()[0]})") from None
+    if tp is Any:  # a Text value was parsed as YAML above
         return value
     if tp is bool:
         if isinstance(value, bool):

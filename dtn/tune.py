@@ -568,18 +568,19 @@ def _trial_event(name: str, study, ft) -> dict:
 def summarize_study(name: str, study, base: Config, params: dict[str, Param], settings: StudySettings, db: str) -> dict:
     from optuna.trial import TrialState
 
+    all_trials = study.get_trials(deepcopy=False)
     trials = []
-    for t in study.get_trials(deepcopy=False):
+    for t in all_trials:
         trials.append({"number": t.number, "state": t.state.name.lower(), "value": t.value,
                        "params": {k: params[k].decode(v) if k in params else v for k, v in t.params.items()},
                        **{k: t.user_attrs.get(k) for k in ("epochs", "best_epoch", "seconds", "params_count", "val_auc",
                                                            "diverged", "default", "retry_of")}})
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    complete = [t for t in all_trials if t.state == TrialState.COMPLETE]
     best = max(complete, key=lambda t: t.value) if complete else None
     default = next((t for t in complete if t.user_attrs.get("default")), None)
     c = counts(study)
-    starts = [t.datetime_start for t in study.get_trials(deepcopy=False) if t.datetime_start]
-    ends = [t.datetime_complete for t in study.get_trials(deepcopy=False) if t.datetime_complete]
+    starts = [t.datetime_start for t in all_trials if t.datetime_start]
+    ends = [t.datetime_complete for t in all_trials if t.datetime_complete]
     return {"model": name, "study": os.path.basename(db), "settings": dataclasses.asdict(settings),
             "space": {k: p.to_dict() for k, p in params.items()}, "counts": c,
             "trial_seconds": sum(t["seconds"] or 0.0 for t in trials),

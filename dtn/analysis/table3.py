@@ -69,6 +69,7 @@ def test_predictions(data, run_dir: str, result: dict, log=print) -> np.ndarray:
     from ..train import Trainer, model_from_checkpoint
     from ..train.checkpoint import atomic_write_bytes, digest
     from ..train.metrics import auc
+    from ..train.trainer import runnable_config
 
     key = digest(result.get("fingerprint"))
     path = os.path.join(run_dir, "test_predictions.npz")
@@ -94,14 +95,7 @@ def test_predictions(data, run_dir: str, result: dict, log=print) -> np.ndarray:
         probs = None  # a stale cache (the run was retrained under the same fingerprint): recompute from best.pt
     if probs is None:
         model, _, cfg = model_from_checkpoint(os.path.join(run_dir, "best.pt"))
-        if cfg.train.device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                import dataclasses
-
-                cfg = cfg.replace(train=dataclasses.replace(cfg.train, device="cpu"))
-        labels, probs = Trainer(model, cfg).predict_with_labels(data.test)
+        labels, probs = Trainer(model, runnable_config(cfg)).predict_with_labels(data.test)
         import io
 
         buf = io.BytesIO()

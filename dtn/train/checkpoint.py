@@ -102,6 +102,13 @@ def data_key(fingerprint: dict | None) -> str:
     return digest({**fingerprint, "files": files})
 
 
+def run_key(config: dict, data_fingerprint: dict | None, encoder_fp: str | None, code: str | None) -> dict:
+    """What ``dtn compare`` keys the reuse of a finished run on: its config (less :data:`NOT_IN_RUN_KEY`),
+    its data (:func:`data_key`), its encoders' digest and the code version."""
+    return {"config": digest(run_config(config)), "data": data_key(data_fingerprint), "encoder": encoder_fp,
+            "code": code}
+
+
 def encoder_fingerprint(encoder) -> str | None:
     """Digest of a fitted encoder's state (schema, vocabularies, statistics, bucket edges)."""
     return None if encoder is None else digest(encoder.state_dict())
@@ -243,10 +250,8 @@ def clean_stale_temps(folder: str, names=None) -> list[str]:
         parts = entry[1:-4].rsplit(".", 2)
         if len(parts) == 3 and parts[1].isdigit():
             pid = int(parts[1])
-            if pid != os.getpid() and pid_alive(pid):
-                continue  # another live process is writing it
-            if pid == os.getpid():
-                continue
+            if pid == os.getpid() or pid_alive(pid):
+                continue  # this process or another live one is writing it
         try:
             os.unlink(os.path.join(folder, entry))
             removed.append(os.path.join(folder, entry))

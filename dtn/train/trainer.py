@@ -143,6 +143,13 @@ def _state_mismatch(exc: RuntimeError) -> str:
     return "; ".join(lines)[:400]
 
 
+def runnable_config(cfg: Config) -> Config:
+    """A checkpoint's config on this machine: a CUDA run evaluated where there is no GPU uses the CPU."""
+    if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
+        return cfg.replace(train=dataclasses.replace(cfg.train, device="cpu"))
+    return cfg
+
+
 def model_from_checkpoint(ckpt: dict | str, device="cpu"):
     """(model, encoder, config) rebuilt from a checkpoint dict or path; a checkpoint whose config,
     schema or weights do not fit this code is a CheckpointError naming the file and the difference."""
@@ -609,10 +616,9 @@ def write_metrics(metrics: dict, path: str) -> None:
 
 def run_fingerprint(trainer) -> dict:
     """What ``dtn compare`` keys the reuse of a finished run on: its config, data, encoders and code."""
-    from .checkpoint import data_key, digest, run_config
+    from .checkpoint import run_key
 
-    return {"config": digest(run_config(trainer.config.to_dict())), "data": data_key(trainer.data_fingerprint),
-            "encoder": trainer._encoder_fp, "code": code_version()}
+    return run_key(trainer.config.to_dict(), trainer.data_fingerprint, trainer._encoder_fp, code_version())
 
 
 def train_model(name: str, data, config: Config, out_dir: str | None = None, resume: bool | dict = False, log=print,
