@@ -51,9 +51,8 @@ class CGCLevel(nn.Module):
         """(specific [T][n], shared [n]) expert outputs."""
         experts = [ex for group in self.specific for ex in group] + list(self.shared)
         paths = [t for t, group in enumerate(self.specific) for _ in group] + [len(inputs) - 1] * len(self.shared)
-        same_input = all(inputs[p] is inputs[paths[0]] for p in paths) if paths else False
         outs = None
-        if self.group_kernels and same_input:
+        if self.group_kernels and paths and all(inputs[p] is inputs[paths[0]] for p in paths):  # one input for all
             x = inputs[paths[0]]
             mlps = [ex.mlp for ex in experts if isinstance(ex, Expert)]
             if len(mlps) == len(experts) and grouped_mlps_ok(mlps, x):
