@@ -110,10 +110,12 @@ _RUNNERS = {"gdcn": lambda mods, E, ids: _gdcn_group(mods, E),
 def run_fims(fims: Sequence[nn.Module], E: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
     """Every FIM's output [B, h], in order; FIMs of one kind and configuration run as one group (a
     module that cannot be grouped, e.g. a parallel MaskNet or a removed FIM, runs on its own)."""
+    if not grouping_here(E):
+        return [m(E, ids) for m in fims]
     outs: list = [None] * len(fims)
     groups: dict = {}
     for i, m in enumerate(fims):
-        sig = _signature(m) if grouping_here(E) else None
+        sig = _signature(m)
         if sig is None:
             outs[i] = m(E, ids)
         else:

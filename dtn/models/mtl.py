@@ -51,9 +51,8 @@ class CGCLevel(nn.Module):
         """(specific [T][n], shared [n]) expert outputs."""
         experts = [ex for group in self.specific for ex in group] + list(self.shared)
         paths = [t for t, group in enumerate(self.specific) for _ in group] + [len(inputs) - 1] * len(self.shared)
-        same_input = all(inputs[p] is inputs[paths[0]] for p in paths) if paths else False
         outs = None
-        if self.group_kernels and same_input:
+        if self.group_kernels and paths and all(inputs[p] is inputs[paths[0]] for p in paths):  # one input for all
             x = inputs[paths[0]]
             mlps = [ex.mlp for ex in experts if isinstance(ex, Expert)]
             if len(mlps) == len(experts) and grouped_mlps_ok(mlps, x):
@@ -68,16 +67,16 @@ class CGCLevel(nn.Module):
 
     def forward(self, inputs, gate_inputs, cat_ids=None):
         specific, shared = self._experts(inputs, cat_ids)
-        gates = list(self.gates) + ([self.shared_gate] if self.shared_gate is not None else [])
-        g_in = list(gate_inputs[:len(gates) - 1]) + [gate_inputs[-1]] if self.shared_gate is not None \
-            else list(gate_inputs[:len(gates)])
+        gates, g_in = list(self.gates), list(gate_inputs[:self.num_tasks])
+        candidates = [torch.stack(specific[t] + shared, dim=1) for t in range(self.num_tasks)]
+        if self.shared_gate is not None:  # the shared path's gate, on the last gate input, over every expert
+            gates.append(self.shared_gate)
+            g_in.append(gate_inputs[-1])
+            candidates.append(torch.stack([o for group in specific for o in group] + shared, dim=1))
         logits = None
         if self.group_kernels and all(x is g_in[0] for x in g_in) and grouped_gates_ok(gates, g_in[0]):
             logits = gate_logits(gates, g_in[0])  # every gate's logits: one GEMM on the shared input
         outs, weights = [], []
-        candidates = [torch.stack(specific[t] + shared, dim=1) for t in range(self.num_tasks)]
-        if self.shared_gate is not None:
-            candidates.append(torch.stack([o for group in specific for o in group] + shared, dim=1))
         for i, (gate, cand) in enumerate(zip(gates, candidates)):
             o, w = mix(logits[i], cand) if logits is not None else gate(g_in[i], cand)
             outs.append(o)
