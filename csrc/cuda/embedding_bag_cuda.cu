@@ -51,6 +51,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <type_traits>
 
 namespace dtn {
 namespace {
@@ -745,20 +746,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda_impl(
         const int64_t* dest_p = dest_of.defined() ? dest_of.data_ptr<int64_t>() : nullptr;
         const scalar_t* psw_p = psw.defined() ? psw.data_ptr<scalar_t>() : nullptr;
         const int64_t* amax_p = amax.defined() ? amax.data_ptr<int64_t>() : nullptr;
+        auto reduce = [&](auto vec) {  // vec: std::integral_constant<int, VEC>
+          constexpr int VEC = decltype(vec)::value;
+          const EntryValues<scalar_t, acc_t, VEC> val{G.data_ptr<scalar_t>(), perm.data_ptr<int64_t>(),
+                                                      bag_of.data_ptr<int64_t>(), scale_of.data_ptr<acc_t>(),
+                                                      psw_p, amax_p, sh.T, sh.B, sh.D, int(pm)};
+          launch_reduction<scalar_t, acc_t, VEC>(sorted.data_ptr<int32_t>(), val, dest_p, sh.N, sh.R, sh.D,
+                                                 partials.data_ptr<acc_t>(), plan, grads_out.data_ptr<scalar_t>(),
+                                                 stream);
+        };
         if (can_vectorize<scalar_t>(sh.D, G.data_ptr())) {
-          const EntryValues<scalar_t, acc_t, 4> val{G.data_ptr<scalar_t>(), perm.data_ptr<int64_t>(),
-                                                    bag_of.data_ptr<int64_t>(), scale_of.data_ptr<acc_t>(),
-                                                    psw_p, amax_p, sh.T, sh.B, sh.D, int(pm)};
-          launch_reduction<scalar_t, acc_t, 4>(sorted.data_ptr<int32_t>(), val, dest_p, sh.N, sh.R, sh.D,
-                                               partials.data_ptr<acc_t>(), plan, grads_out.data_ptr<scalar_t>(),
-                                               stream);
+          reduce(std::integral_constant<int, 4>{});
         } else {
-          const EntryValues<scalar_t, acc_t, 1> val{G.data_ptr<scalar_t>(), perm.data_ptr<int64_t>(),
-                                                    bag_of.data_ptr<int64_t>(), scale_of.data_ptr<acc_t>(),
-                                                    psw_p, amax_p, sh.T, sh.B, sh.D, int(pm)};
-          launch_reduction<scalar_t, acc_t, 1>(sorted.data_ptr<int32_t>(), val, dest_p, sh.N, sh.R, sh.D,
-                                               partials.data_ptr<acc_t>(), plan, grads_out.data_ptr<scalar_t>(),
-                                               stream);
+          reduce(std::integral_constant<int, 1>{});
         }
       }
       if (!dense) grads_out = grads_out.slice(0, 0, keep);
