@@ -202,16 +202,16 @@ __device__ __forceinline__ void zero_vec(A (&acc)[VEC]) {
   for (int v = 0; v < VEC; ++v) acc[v] = A(0);
 }
 
-// (t, b) of bag k = t * B + b. A 32-bit division (the host checks T * B < 2^31): a 64-bit one
+// Table t of bag k = t * B + b. A 32-bit division (the host checks T * B < 2^31): a 64-bit one
 // is a subroutine call, whose register saves ptxas counts as spills.
-__device__ __forceinline__ void split_bag(int64_t k, int64_t B, int64_t& t, int64_t& b) {
-  const uint32_t q = static_cast<uint32_t>(k) / static_cast<uint32_t>(B);
-  t = q;
-  b = k - int64_t(q) * B;
-}
-
 __device__ __forceinline__ int64_t bag_table(int64_t k, int64_t B) {
   return static_cast<uint32_t>(k) / static_cast<uint32_t>(B);
+}
+
+// (t, b) of bag k.
+__device__ __forceinline__ void split_bag(int64_t k, int64_t B, int64_t& t, int64_t& b) {
+  t = bag_table(k, B);
+  b = k - t * B;
 }
 
 // Lanes per bag / chunk: a power of two covering d / VEC, at most a warp.
