@@ -725,7 +725,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda_impl(
       // stable sort: equal rows keep input order, so the sums below are deterministic
       at::Tensor sorted, perm;
       std::tie(sorted, perm) = at::sort(key_of, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-      at::Tensor dest_of;  // sparse: output row (unique-run index) of every sorted position
+      at::Tensor dest_of;  // sparse: output row (unique-run index) of every sorted position; int64, contiguous
       int64_t keep = 0;
       if (dense) {
         grads_out = at::zeros({sh.R, sh.D}, weight.options());  // rows no id touches stay zero
@@ -738,7 +738,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda_impl(
         keep = U > 0 && seg_rows[U - 1].item<int32_t>() == sh.R ? U - 1 : U;  // drop the sentinel's run (last)
         rows_out = seg_rows.slice(0, 0, keep).to(at::kLong);
         grads_out = at::empty({U, sh.D}, weight.options());
-        dest_of = dest_of.to(at::kLong).contiguous();
       }
       if (sh.N > 0 && sh.D > 0) {
         const ReductionPlan plan = plan_reduction(sh.N);
