@@ -51,6 +51,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <type_traits>
 
 namespace dtn {
 namespace {
@@ -201,16 +202,16 @@ __device__ __forceinline__ void zero_vec(A (&acc)[VEC]) {
   for (int v = 0; v < VEC; ++v) acc[v] = A(0);
 }
 
-// (t, b) of bag k = t * B + b. A 32-bit division (the host checks T * B < 2^31): a 64-bit one
+// Table t of bag k = t * B + b. A 32-bit division (the host checks T * B < 2^31): a 64-bit one
 // is a subroutine call, whose register saves ptxas counts as spills.
-__device__ __forceinline__ void split_bag(int64_t k, int64_t B, int64_t& t, int64_t& b) {
-  const uint32_t q = static_cast<uint32_t>(k) / static_cast<uint32_t>(B);
-  t = q;
-  b = k - int64_t(q) * B;
-}
-
 __device__ __forceinline__ int64_t bag_table(int64_t k, int64_t B) {
   return static_cast<uint32_t>(k) / static_cast<uint32_t>(B);
+}
+
+// (t, b) of bag k.
+__device__ __forceinline__ void split_bag(int64_t k, int64_t B, int64_t& t, int64_t& b) {
+  t = bag_table(k, B);
+  b = k - t * B;
 }
 
 // Lanes per bag / chunk: a power of two covering d / VEC, at most a warp.
@@ -724,7 +725,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda_impl(
       // stable sort: equal rows keep input order, so the sums below are deterministic
       at::Tensor sorted, perm;
       std::tie(sorted, perm) = at::sort(key_of, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-      at::Tensor dest_of;  // sparse: output row (unique-run index) of every sorted position
+      at::Tensor dest_of;  // sparse: output row (unique-run index) of every sorted position; int64, contiguous
       int64_t keep = 0;
       if (dense) {
         grads_out = at::zeros({sh.R, sh.D}, weight.options());  // rows no id touches stay zero
@@ -737,7 +738,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda_impl(
         keep = U > 0 && seg_rows[U - 1].item<int32_t>() == sh.R ? U - 1 : U;  // drop the sentinel's run (last)
         rows_out = seg_rows.slice(0, 0, keep).to(at::kLong);
         grads_out = at::empty({U, sh.D}, weight.options());
-        dest_of = dest_of.to(at::kLong).contiguous();
       }
       if (sh.N > 0 && sh.D > 0) {
         const ReductionPlan plan = plan_reduction(sh.N);
@@ -745,20 +745,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda_impl(
         const int64_t* dest_p = dest_of.defined() ? dest_of.data_ptr<int64_t>() : nullptr;
         const scalar_t* psw_p = psw.defined() ? psw.data_ptr<scalar_t>() : nullptr;
         const int64_t* amax_p = amax.defined() ? amax.data_ptr<int64_t>() : nullptr;
+        auto reduce = [&](auto vec) {  // vec: std::integral_constant<int, VEC>
+          constexpr int VEC = decltype(vec)::value;
+          const EntryValues<scalar_t, acc_t, VEC> val{G.data_ptr<scalar_t>(), perm.data_ptr<int64_t>(),
+                                                      bag_of.data_ptr<int64_t>(), scale_of.data_ptr<acc_t>(),
+                                                      psw_p, amax_p, sh.T, sh.B, sh.D, int(pm)};
+          launch_reduction<scalar_t, acc_t, VEC>(sorted.data_ptr<int32_t>(), val, dest_p, sh.N, sh.R, sh.D,
+                                                 partials.data_ptr<acc_t>(), plan, grads_out.data_ptr<scalar_t>(),
+                                                 stream);
+        };
         if (can_vectorize<scalar_t>(sh.D, G.data_ptr())) {
-          const EntryValues<scalar_t, acc_t, 4> val{G.data_ptr<scalar_t>(), perm.data_ptr<int64_t>(),
-                                                    bag_of.data_ptr<int64_t>(), scale_of.data_ptr<acc_t>(),
-                                                    psw_p, amax_p, sh.T, sh.B, sh.D, int(pm)};
-          launch_reduction<scalar_t, acc_t, 4>(sorted.data_ptr<int32_t>(), val, dest_p, sh.N, sh.R, sh.D,
-                                               partials.data_ptr<acc_t>(), plan, grads_out.data_ptr<scalar_t>(),
-                                               stream);
+          reduce(std::integral_constant<int, 4>{});
         } else {
-          const EntryValues<scalar_t, acc_t, 1> val{G.data_ptr<scalar_t>(), perm.data_ptr<int64_t>(),
-                                                    bag_of.data_ptr<int64_t>(), scale_of.data_ptr<acc_t>(),
-                                                    psw_p, amax_p, sh.T, sh.B, sh.D, int(pm)};
-          launch_reduction<scalar_t, acc_t, 1>(sorted.data_ptr<int32_t>(), val, dest_p, sh.N, sh.R, sh.D,
-                                               partials.data_ptr<acc_t>(), plan, grads_out.data_ptr<scalar_t>(),
-                                               stream);
+          reduce(std::integral_constant<int, 1>{});
         }
       }
       if (!dense) grads_out = grads_out.slice(0, 0, keep);
