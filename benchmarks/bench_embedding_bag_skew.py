@@ -141,7 +141,7 @@ def skew_case(provider: str, kind: str, mode: str, batch: int) -> Case:
 def skew_make(kind: str, mode: str, batch: int):
     def make(provider: str) -> Case:
         if provider not in SKEW_PROVIDERS:
-            raise SkipProvider(f"{provider}: the skew benchmark compares the op with one F.embedding_bag call only")
+            raise SkipProvider("the skew benchmark compares the op with one F.embedding_bag call only")
         if provider == "fused":
             require_op_extension(SUITE_DEVICE)
         return skew_case(provider, kind, mode, batch)
