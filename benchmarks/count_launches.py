@@ -15,7 +15,8 @@ metadata-only op (``view``, ``reshape`` without a copy, ``transpose``, ``empty``
 one CUDA kernel, except that an op that is a single kernel or library call on CUDA (``sum``,
 ``addmm``, ``bmm``, ``cat``, ``native_layer_norm``, the fused optimizer, ...) counts once whatever
 its CPU implementation calls below it. The input layer's host-side id check is off (on CUDA it
-runs on the CPU batch before the copy, outside the step). The compiled embedding bag (a C++ op, ``dtn::embedding_bag``) counts as one kernel
+runs on the CPU batch before the copy, outside the step), and the reference embedding bag takes its
+device path (``pt_embedding_bag.device_path``: no value checks, as for ids on a GPU). The compiled embedding bag (a C++ op, ``dtn::embedding_bag``) counts as one kernel
 forward and one backward, although its CUDA backward launches a sort and a few reduction passes.
 The optimizer is Adam with ``fused=True`` (one multi-tensor kernel on CUDA) in every mode. fp32
 under torch's ``"high"`` matmul policy (TF32: the fused GEMMs take their tensor-core route, as in
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dtn_kernels  # noqa: E402
+from dtn_kernels.reference.pt_embedding_bag import device_path  # noqa: E402
 from dtn_kernels.triton._launch import count_launches  # noqa: E402
 
 MODES = ("reference", "fused", "grouped")
@@ -118,10 +120,11 @@ def count_step(model, batch, labels, train: bool) -> dict:
             with torch.no_grad():
                 model(batch)
 
-    step()  # warm-up: lazily created state (Adam's moments) is not part of the steady state
-    with count_launches() as triton_launches:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step()
+    with device_path():  # the reference embedding bag as on a GPU: no value checks, no host sync
+        step()  # warm-up: lazily created state (Adam's moments) is not part of the steady state
+        with count_launches() as triton_launches:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step()
     aten, syncs = _kernel_ops(prof)
     triton = Counter(triton_launches)
     return {"aten": sum(aten.values()), "triton": sum(triton.values()), "kernels": sum(aten.values()) + sum(triton.values()),

@@ -3,6 +3,7 @@ import copy
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
@@ -45,7 +46,32 @@ def test_modes_issue_fewer_kernels_and_no_host_syncs():
     assert grouped["triton_by_kernel"]["_hcnet_fwd_kernel"] == 1
     assert grouped["triton_by_kernel"]["_gated_cross_fwd_kernel"] == base.cfg.gdcn["num_layers"]
     assert fused["triton_by_kernel"]["_hcnet_fwd_kernel"] == 3 * base.cfg.memonet["num_hcnets"]
-    assert fused["host_syncs"] == 0 and grouped["host_syncs"] == 0
+    # no mode reads a tensor back to the host in the step (the reference embedding bag's value checks
+    # run on the host batch, before the copy, not in the step)
+    assert {m: c["host_syncs"] for m, c in counts.items()} == {m: 0 for m in CL.MODES}
+
+
+def test_reference_embedding_bag_checks_host_ids_and_has_a_sync_free_device_path():
+    from torch.profiler import ProfilerActivity, profile
+
+    from dtn_kernels.reference.pt_embedding_bag import device_path, pt_embedding_bag
+
+    w = torch.randn(9, 3, requires_grad=True)
+    toff = torch.tensor([0, 4, 9])
+    ids, offs = torch.tensor([1, 3, 0, 2, 4, 0]), torch.tensor([0, 1, 3, 5, 6])
+    with pytest.raises(RuntimeError, match=r"table 1: id 5 at indices\[3\] \(bag 0\) is outside the table's rows \[0, 5\)"):
+        pt_embedding_bag(w, toff, torch.tensor([1, 3, 0, 5, 4, 0]), offs)  # host ids: checked, same message
+    expect = pt_embedding_bag(w, toff, ids, offs)
+    with device_path():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = pt_embedding_bag(w, toff, ids, offs)
+            out.sum().backward()
+    names = {e.name.split("::")[-1] for e in prof.events()}
+    assert not names & CL.SYNCS, names & CL.SYNCS
+    torch.testing.assert_close(out, expect)
+    with pytest.raises(RuntimeError, match="offsets must have the dtype of indices"):  # metadata still checked
+        with device_path():
+            pt_embedding_bag(w, toff, ids, offs.int())
 
 
 def test_markdown_table():

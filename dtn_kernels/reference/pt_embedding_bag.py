@@ -3,17 +3,47 @@
 It is the fallback when the compiled extension is missing, the test oracle, and the
 documentation of the semantics. The layout is described in
 :func:`dtn_kernels.ops.embedding_bag.embedding_bag`.
+
+Checks. Shapes, dtypes and devices are always checked. Values (id ranges, offsets, table offsets)
+are checked, with the compiled op's messages, when the ids are on the host (CPU tensors): reading
+a check's result back from a GPU would make the host wait for the device on every step, as a user's
+plain ``F.embedding_bag`` never does. Ids on a device take a path with no host synchronisation
+(no value checks, no data-dependent shapes): check the host batch before the copy, as
+``dtn.features.InputLayer.check_batch`` and the trainer do. It assumes what the checks establish:
+valid ids, ``offsets[0] == 0`` and ``offsets[-1] == indices.numel()``. ``padding_idx`` on a device
+still takes the checked path (dropping padding ids needs a data-dependent shape). Inside
+:func:`device_path` CPU tensors take the device path too (``benchmarks/count_launches.py`` counts
+a step's kernels and host syncs on the CPU as a GPU would run it).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pt_embedding_bag", "check_jagged_input"]
+__all__ = ["pt_embedding_bag", "check_jagged_input", "device_path", "checks_values"]
 
 _OP = "dtn::embedding_bag"
+_DEVICE_PATH = False
+
+
+@contextlib.contextmanager
+def device_path():
+    """Within this context CPU tensors take the path device tensors take: no value checks and no
+    host synchronisation (for counting what a step issues on a GPU, on the CPU)."""
+    global _DEVICE_PATH
+    prev, _DEVICE_PATH = _DEVICE_PATH, True
+    try:
+        yield
+    finally:
+        _DEVICE_PATH = prev
+
+
+def checks_values(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether the op checks values for these inputs: all on the CPU, outside :func:`device_path`."""
+    return not _DEVICE_PATH and all(t.device.type == "cpu" for t in tensors if t is not None)
 
 
 def _first_true(mask: torch.Tensor) -> int:
@@ -28,8 +58,11 @@ def check_jagged_input(
     mode: str = "sum",
     per_sample_weights: Optional[torch.Tensor] = None,
     padding_idx: Optional[int] = None,
+    values: bool = True,
 ) -> tuple[int, int]:
-    """Validates the input exactly like the compiled op (same messages); returns (T, B)."""
+    """Validates the input exactly like the compiled op (same messages); returns (T, B).
+
+    ``values=False``: shapes, dtypes and devices only (no tensor is read, so no host sync)."""
     if mode not in ("sum", "mean", "max"):
         raise RuntimeError(f"{_OP}: mode must be 'sum', 'mean' or 'max', got '{mode}'")
     if weight.dim() != 2 or not weight.is_floating_point():
@@ -57,6 +90,8 @@ def check_jagged_input(
             )
         if per_sample_weights.device != weight.device:
             raise RuntimeError(f"{_OP}: per_sample_weights must be on {weight.device}")
+    if not values:
+        return T, B
     toff = table_offsets
     bad_tables = (toff[:-1] != 0).logical_and(torch.arange(T, device=toff.device) == 0)
     bad_tables |= toff[1:] < toff[:-1]
@@ -125,8 +160,14 @@ def pt_embedding_bag(
     has no sparse max gradient). Padding ids are dropped before pooling (they neither contribute nor count towards a
     mean); ``mean`` with per-sample weights is the weighted sum divided by the number of
     non-padding ids.
+
+    Values are checked only for host (CPU) ids; ids on a device take a path without host syncs
+    (see the module docstring).
     """
     if torch.compiler.is_compiling() and padding_idx is None:
+        return _pt_embedding_bag_traceable(weight, table_offsets, indices, offsets, mode, per_sample_weights, sparse)
+    if padding_idx is None and not checks_values(table_offsets, indices, offsets):
+        check_jagged_input(weight, table_offsets, indices, offsets, mode, per_sample_weights, None, values=False)
         return _pt_embedding_bag_traceable(weight, table_offsets, indices, offsets, mode, per_sample_weights, sparse)
     T, B = check_jagged_input(weight, table_offsets, indices, offsets, mode, per_sample_weights, padding_idx)
     D = weight.shape[1]
@@ -152,7 +193,8 @@ def pt_embedding_bag(
 
 
 def _pt_embedding_bag_traceable(weight, table_offsets, indices, offsets, mode, per_sample_weights, sparse):
-    """Graph-break-free form for torch.compile: no value checks, no data-dependent shapes.
+    """Graph-break-free, host-sync-free form (torch.compile; ids on a device): no value checks, no
+    data-dependent shapes.
 
     Assumes what the eager path checks: valid ids, offsets[0] == 0 and offsets[-1] == N.
     """
