@@ -74,9 +74,9 @@ def model_for(name: str, kernels: str):
             m = build_model(name, schema(), cfg).to(DEVICE)
             dtn_kernels.set_kernels(m, "reference")
             _MODELS[(name, "reference")] = m
-        if kernels in ("fused", "grouped"):
+        if kernels != "reference":  # fused, grouped, or a *_graph provider's own copy
             m = copy.deepcopy(_MODELS[(name, "reference")])
-            dtn_kernels.set_kernels(m, kernels)
+            dtn_kernels.set_kernels(m, KERNELS.get(kernels, kernels))
             _MODELS[key] = m
     return _MODELS[key]
 
@@ -91,32 +91,70 @@ def batch_of(size: int):
     return _BATCHES[size]
 
 
+KERNELS = {"fused": "fused", "compile_fused": "fused", "grouped": "grouped", "compile_grouped": "grouped",
+           "fused_graph": "fused", "grouped_graph": "grouped"}
+
+
 def model_case(name: str, provider: str, mode: str, size: int, precision: str) -> Case:
-    kernels = {"fused": "fused", "compile_fused": "fused", "grouped": "grouped",
-               "compile_grouped": "grouped"}.get(provider, "reference")
-    model = model_for(name, kernels)
+    """The step of one provider. ``*_graph`` providers get a model of their own (the harness captures
+    the whole step, optimizer included, into one CUDA graph: Adam with ``capturable=True``, autocast
+    without its cast cache, as torch's CUDA-graph notes ask). ``check`` (the numerics gate) sets the
+    model's weights to the reference model's, then runs forward + backward without the optimizer step
+    (or replays the captured step) and returns the logits, the loss and every parameter's gradient."""
+    kernels = KERNELS.get(provider, "reference")
+    graph = provider.endswith("_graph")
+    model = model_for(name, provider if graph else kernels)
     key = (name, provider, mode, size, precision)
     fn = compiled(model, key, _COMPILED) if provider.startswith("compile") else model
     batch, labels = batch_of(size)
     shape = f"B={size} paper config, 39 fields (32 categorical + 7 numeric), 2 tasks"
+
+    def amp():
+        return autocast(precision, DEVICE, cache_enabled=not graph)
+
+    def forward_loss():
+        with amp():
+            logits = fn(batch)
+            loss = F.binary_cross_entropy_with_logits(logits, labels)
+        return {"logits": logits, "loss": loss}
+
+    def check(replay=None):
+        reference = model_for(name, "reference")
+        if model is not reference:  # in place: a captured graph keeps its addresses
+            model.load_state_dict(reference.state_dict())
+        if mode == "infer":
+            out = {"logits": replay() if replay is not None else infer()}
+            return {k: v.detach() for k, v in out.items()}
+        if replay is None:
+            model.train()
+            model.zero_grad(set_to_none=True)
+            out = forward_loss()
+            out["loss"].backward()
+        else:
+            out = replay()
+        res = {k: v.detach() for k, v in out.items()}
+        res.update({f"grad:{n}": p.grad for n, p in model.named_parameters() if p.grad is not None})
+        if replay is None:
+            model.zero_grad(set_to_none=True)
+        return res
+
     if mode == "infer":
         def infer():
             model.eval()
-            with torch.no_grad(), autocast(precision, DEVICE):
+            with torch.no_grad(), amp():
                 return fn(batch)
-        return Case(f"model:{name}", provider, mode, size, step=infer, shape=shape)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        return Case(f"model:{name}", provider, mode, size, step=infer, shape=shape, check=check)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, **({"capturable": True} if graph else {}))
 
     def train_step():
         model.train()
         opt.zero_grad(set_to_none=True)
-        with autocast(precision, DEVICE):
-            logits = fn(batch)
-            loss = F.binary_cross_entropy_with_logits(logits, labels)
-        loss.backward()
+        out = forward_loss()
+        out["loss"].backward()
         opt.step()
-        return loss
-    return Case(f"model:{name}", provider, mode, size, step=train_step, params=list(model.parameters()), shape=shape)
+        return out
+    return Case(f"model:{name}", provider, mode, size, step=train_step, params=list(model.parameters()), shape=shape,
+                check=check)
 
 
 @pytest.mark.parametrize("name,mode,batch,precision", model_grid(), ids=lambda v: str(v))
@@ -130,5 +168,5 @@ def test_model(benchmark, name, mode, batch, precision, request):
     # on CPU "fused" and "grouped" run too (the C++ embedding bag; the layers run their reference forward there,
     # see the module docstring); compile_fused needs the Triton layers
     run_group(benchmark, f"model:{name}", mode, batch, precision, make, DEVICE, request, fused_on_cpu=("fused", "grouped"),
-              extra=("grouped", "compile_grouped"),
+              extra=("grouped", "compile_grouped", "grouped_graph"),
               rounds_override=5 if preset() == "quick" else None)

@@ -50,12 +50,14 @@ import torch
 
 import dtn_kernels
 
-PROVIDERS = ("eager", "fused", "compile", "compile_fused")
+PROVIDERS = ("eager", "fused", "compile", "compile_fused", "fused_graph")
 # providers some files add: the embedding bag's per-feature loop; the fused ops with their GEMMs forced
 # onto cuBLAS (DTN_FUSED_GEMM=torch: the route A/B that decides where each GEMM runs); whole models in
-# grouped mode (dtn_kernels.set_kernels(model, "grouped")) and compiled so
-EXTRA_PROVIDERS = ("loop", "fused_cublas", "grouped", "compile_grouped")
-FUSED_PROVIDERS = ("fused", "compile_fused", "fused_cublas", "grouped", "compile_grouped")  # need Triton
+# grouped mode (dtn_kernels.set_kernels(model, "grouped")) and compiled so; *_graph: the fused / grouped
+# call captured whole in one CUDA graph (graph_case)
+EXTRA_PROVIDERS = ("loop", "fused_cublas", "grouped", "compile_grouped", "grouped_graph")
+FUSED_PROVIDERS = ("fused", "compile_fused", "fused_cublas", "grouped", "compile_grouped", "fused_graph",
+                   "grouped_graph")  # need Triton
 MODES = ("fwd", "bwd", "fwd+bwd")
 PRECISIONS = ("bf16", "fp32")  # also the run order on GPU: bf16 autocast is the headline case
 FP32_MATMUL_POLICIES = ("highest", "high", "medium")
@@ -132,10 +134,11 @@ def precision_skip_reason(precision: str, device: torch.device) -> Optional[str]
     return None
 
 
-def autocast(precision: str, device: torch.device):
-    """The context the timed forward runs in: bf16 autocast, or nothing for fp32."""
+def autocast(precision: str, device: torch.device, cache_enabled: bool = True):
+    """The context the timed forward runs in: bf16 autocast, or nothing for fp32. A step captured in
+    a CUDA graph runs it with ``cache_enabled=False`` (torch's notes on autocast and graphs)."""
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
     if precision == "fp32":
         return contextlib.nullcontext()
     raise ValueError(f"unknown precision {precision!r}; known: {list(PRECISIONS)}")
@@ -256,6 +259,8 @@ def provider_skip_reason(provider: str, device: torch.device, op: str = "",
                          fused_on_cpu: Union[bool, tuple] = False) -> Optional[str]:
     """Why ``provider`` is not timed for ``op`` here, or None. ``fused_on_cpu``: True (or the
     providers it names) when the fused provider has a CPU kernel (the C++ embedding bag)."""
+    if provider.endswith(GRAPH_SUFFIX) and device.type != "cuda":
+        return "CUDA graphs need a CUDA device (torch.cuda.CUDAGraph)"
     on_cpu = fused_on_cpu if isinstance(fused_on_cpu, bool) else provider in fused_on_cpu
     if provider in FUSED_PROVIDERS and not on_cpu:
         reason = triton_skip_reason(device)
@@ -299,11 +304,25 @@ def environment(device: torch.device, dtype: torch.dtype = torch.float32) -> dic
     if device.type == "cuda":
         info["device"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
-        info["tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+        info["tf32"] = tf32_allowed()
     else:
         info["device"] = cpu_name()
         info["cuda"] = None
     return info
+
+
+def tf32_allowed() -> Optional[bool]:
+    """Whether fp32 matmuls may use TF32 on CUDA, read as ``dtn_kernels/triton/_dispatch.py`` reads
+    it: torch >= 2.9's ``fp32_precision`` first; the legacy ``allow_tf32`` raises RuntimeError when
+    the two APIs were mixed, and then the global float32 matmul precision answers."""
+    matmul = torch.backends.cuda.matmul
+    new = getattr(matmul, "fp32_precision", None)
+    if new in ("tf32", "ieee"):
+        return new == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return torch.get_float32_matmul_precision() != "highest"
 
 
 def cpu_name() -> str:
@@ -339,6 +358,12 @@ class Case:
     precision: str = "fp32"
     device_type: str = "cpu"
     env: dict = field(default_factory=dict)  # environment set around every call (e.g. DTN_FUSED_GEMM)
+    # the numerics gate: ``check()`` returns {name: tensor} (forward output, gradients) of one call
+    # without changing what is timed; forward cases have a default (:meth:`outputs`), ``step`` cases
+    # give their own. ``compare_grads=False``: only the forward output is comparable (the embedding
+    # bag's per-feature loop has other parameters than the reference).
+    check: Optional[Callable[[], dict]] = None
+    compare_grads: bool = True
     _grad: Optional[torch.Tensor] = None
 
     def _out(self, result):
@@ -353,6 +378,25 @@ class Case:
     def zero_grads(self):
         for p in self.params:
             p.grad = None
+
+    def outputs(self) -> Optional[dict]:
+        """{name: tensor} of one forward + backward at the benchmarked shape and precision (the
+        numerics gate compares it with the eager reference's); None when the case has no check."""
+        if self.check is not None:
+            return _with_env(self.env, self.check)() if self.env else self.check()
+        if self.step is not None:
+            return None
+
+        def fwd_bwd():
+            self.zero_grads()
+            out = self._out(self._fwd())
+            out.backward(self.grad_for(out))
+            res = {"output": out.detach()}
+            if self.compare_grads:
+                res.update({f"grad[{i}]": p.grad for i, p in enumerate(self.params) if p.grad is not None})
+            self.zero_grads()
+            return res
+        return _with_env(self.env, fwd_bwd)() if self.env else fwd_bwd()
 
     def _fwd(self):
         with autocast(self.precision, torch.device(self.device_type)):
@@ -506,6 +550,182 @@ def peak_memory(setup, target, device) -> int:
     return int(peak)
 
 
+# ----------------------------------------------------------------------------- numerics gate
+
+# Element-wise tolerances per precision policy (``precision_record``'s roofline_precision): a value
+# a passes against the eager reference e when |a - e| <= atol * max|e| + rtol * |e|, max over the
+# tensor (so a gradient's tolerance does not depend on its scale). fp32-ieee: summation order only;
+# fp32-tf32: 10-bit mantissa inputs; bf16: 8-bit mantissa activations under autocast, on both sides.
+TOLERANCES = {
+    "fp32-ieee": {"rtol": 1e-4, "atol": 1e-4},
+    "fp32-tf32": {"rtol": 1e-2, "atol": 1e-2},
+    "fp32-medium": {"rtol": 5e-2, "atol": 3e-2},
+    "bf16": {"rtol": 5e-2, "atol": 3e-2},
+}
+REFERENCE_PROVIDER = "eager"
+
+
+def tolerance(roofline_precision: str) -> dict:
+    return dict(TOLERANCES.get(roofline_precision, TOLERANCES["bf16"]))
+
+
+def _dense(t):
+    if not isinstance(t, torch.Tensor):
+        return torch.as_tensor(t)
+    return (t.to_dense() if t.layout != torch.strided else t).detach().to(torch.float64)
+
+
+def compare_outputs(ref: dict, got: dict, tol: dict, compare_grads: bool = True) -> dict:
+    """The gate's verdict on one provider: ``status`` ok / FAILED, the worst tensor (largest error
+    over its bound), its max |a - e| and the number of elements over the bound."""
+    problems, worst = [], None
+    for name, e in ref.items():
+        if name.startswith("grad") and not compare_grads:
+            continue
+        if name not in got or got[name] is None:
+            problems.append(f"{name}: missing")
+            continue
+        e, a = _dense(e), _dense(got[name])
+        if a.shape != e.shape:
+            problems.append(f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}")
+            continue
+        if not e.numel():
+            continue
+        scale = float(e.abs().max()) if bool(torch.isfinite(e).all()) else float("inf")
+        bound = tol["atol"] * scale + tol["rtol"] * e.abs()
+        err = (a - e).abs()
+        bad = ~(err <= bound) & ~(a == e)  # NaN or inf where the reference is not: bad
+        ratio = float((err / bound.clamp_min(1e-30)).nan_to_num(float("inf")).max())
+        entry = {"tensor": name, "max_abs_err": float(err.nan_to_num(float("inf")).max()), "scale": scale,
+                 "over_bound": int(bad.sum()), "numel": e.numel(), "err_over_bound": ratio}
+        if worst is None or ratio > worst["err_over_bound"]:
+            worst = entry
+        if bad.any():
+            problems.append(f"{name}: {entry['over_bound']} of {e.numel()} elements over the bound "
+                            f"(max |a - e| {entry['max_abs_err']:.3g}, max |e| {scale:.3g})")
+    extra = sorted(k for k in got if k not in ref and (compare_grads or not k.startswith("grad")))
+    problems += [f"{k}: not in the reference" for k in extra]
+    return {"status": "FAILED" if problems else "ok", **tol, "worst": worst, "problems": problems[:5],
+            "compared": len(ref) if compare_grads else sum(1 for k in ref if not k.startswith("grad"))}
+
+
+class NumericsGate:
+    """Compares providers with the eager reference, once each, after their warm-up, at the
+    benchmarked shape and precision. The reference runs again for every provider: a whole model's
+    warm-up steps move its weights (the providers' checks start from the reference's weights)."""
+
+    def __init__(self, reference: Optional["Case"], roofline_precision: str):
+        self.reference, self.tol = reference, tolerance(roofline_precision)
+        self._why: Optional[str] = None if reference is not None else "no eager reference for this case"
+
+    def expected(self) -> Optional[dict]:
+        if self._why is not None:
+            return None
+        try:
+            out = self.reference.outputs()
+        except Exception as exc:  # noqa: BLE001 -- the reference failing leaves nothing to compare with
+            self._why = f"the eager reference failed: {type(exc).__name__}: {str(exc).strip()[:200]}"
+            return None
+        if out is None:
+            self._why = "the case has no numerics check"
+        return out
+
+    def verdict(self, case: "Case") -> dict:
+        """``status``: ``reference`` (the eager case itself), ``ok``, ``FAILED`` (a mismatch, or the
+        check raised) or ``unchecked`` (with the reason)."""
+        if case is self.reference:
+            return {"status": "reference", **self.tol}
+        expected = self.expected()
+        if expected is None:
+            return {"status": "unchecked", "reason": self._why}
+        try:
+            got = case.outputs()
+        except Exception as exc:  # noqa: BLE001
+            return {"status": "FAILED", **self.tol, "problems": [f"{type(exc).__name__}: {str(exc).strip()[:300]}"]}
+        if got is None:
+            return {"status": "unchecked", "reason": "the case has no numerics check"}
+        return compare_outputs(expected, got, self.tol, case.compare_grads and self.reference.compare_grads)
+
+
+def numerics_reason(verdict: dict) -> str:
+    return ("numerics FAILED against eager (|a - e| <= {atol} * max|e| + {rtol} * |e|): ".format(**verdict)
+            if "atol" in verdict else "numerics FAILED against eager: ") + "; ".join(verdict.get("problems", []))
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+
+GRAPH_SUFFIX = "_graph"
+
+
+def graph_case(case: "Case", device: torch.device, graph_factory=None) -> "Case":
+    """``case``'s whole call (forward + backward, or its ``step``: a training step with its optimizer)
+    captured once into one ``torch.cuda.CUDAGraph`` and replayed: what is left of the host's cost is
+    one graph launch. Capture follows torch's whole-network recipe: three warm-up calls on a side
+    stream, gradients set to None, then the capture (the gradients, outputs and the optimizer's state
+    become the graph's static tensors). Only ``fwd+bwd`` and whole steps are captured (a backward
+    alone would replay against the capture's forward). The numerics gate reads the static outputs
+    after a replay; a ``step`` case's ``check`` takes an optional ``replay`` callable and uses it
+    instead of its own forward + backward. ``graph_factory`` stands in for ``torch.cuda.CUDAGraph``
+    on a machine without a GPU (the tests): its objects give ``capture()`` (a context) and
+    ``replay()``; the warm-up then runs on the current stream."""
+    real = graph_factory is None
+    if real:
+        if device.type != "cuda":
+            raise SkipProvider("CUDA graphs need a CUDA device")
+        graph_factory = torch.cuda.CUDAGraph
+    if case.step is None and case.mode != "fwd+bwd":
+        raise SkipProvider(f"a CUDA graph captures forward + backward or a whole step, not {case.mode!r} alone")
+    state: dict = {}
+
+    def body():
+        if case.step is not None:
+            return case.step()
+        out = case._out(case._fwd())
+        out.backward(case.grad_for(out))
+        return out
+
+    def capture():
+        if real:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    case.zero_grads()
+                    body()
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            for _ in range(3):
+                case.zero_grads()
+                body()
+        case.zero_grads()
+        graph = graph_factory()
+        ctx = torch.cuda.graph(graph) if real else graph.capture()
+        with ctx:
+            state["out"] = body()
+        state["grads"] = [p.grad for p in case.params]
+        state["graph"] = graph
+
+    def run():
+        if "graph" not in state:
+            capture()
+        state["graph"].replay()
+        return state["out"]
+
+    def check():
+        if case.step is not None:  # the step's own check, handed the replay (it sets the weights first)
+            return case.check(run) if case.check is not None else None
+        run()
+        out = case._out(state["out"])
+        res = {"output": out.detach()}
+        if case.compare_grads:
+            res.update({f"grad[{i}]": g for i, g in enumerate(state["grads"]) if g is not None})
+        return res
+
+    return Case(op=case.op, provider=case.provider, mode=case.mode, batch=case.batch, step=run,
+                params=[], shape=case.shape, precision=case.precision, device_type=case.device_type, env=case.env,
+                check=check, compare_grads=case.compare_grads)
+
+
 # ----------------------------------------------------------------------------- budget
 
 
@@ -572,7 +792,7 @@ def _warm(setup, target, device) -> float:
 
 
 def _records(group: dict, cases: dict, times: dict, first_call: dict, device: torch.device, base: dict,
-             final: bool, memory: dict) -> list[dict]:
+             final: bool, memory: dict, numerics: Optional[dict] = None) -> list[dict]:
     out = []
     for p, ts in times.items():
         c = cases[p]
@@ -586,6 +806,9 @@ def _records(group: dict, cases: dict, times: dict, first_call: dict, device: to
                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if p in memory:
             rec["peak_mem_mb"] = memory[p]
+        verdict = (numerics or {}).get(p)
+        if verdict is not None:
+            rec["numerics"], rec["numerics_detail"] = verdict["status"], verdict
         out.append(rec)
     return out
 
@@ -612,6 +835,8 @@ def run_group(benchmark, op: str, mode: str, batch: int, precision: str,
             try:
                 case = make_case(p)
                 case.precision, case.device_type = precision, device.type
+                if p.endswith(GRAPH_SUFFIX):
+                    case = graph_case(case, device)
                 cases[p] = case
             except SkipProvider as exc:
                 why = str(exc)
@@ -635,15 +860,39 @@ def run_group(benchmark, op: str, mode: str, batch: int, precision: str,
             del runners[p]
             return False
 
+    # the numerics gate: every provider against the eager reference, once, after its warm-up
+    reference = cases.get(REFERENCE_PROVIDER)
+    if reference is None and REFERENCE_PROVIDER not in errors:
+        try:  # not timed here (DTN_BENCH_PROVIDERS), still the reference
+            reference = make_case(REFERENCE_PROVIDER)
+            reference.precision, reference.device_type = precision, device.type
+        except Exception:  # noqa: BLE001 -- no reference: the verdicts say "unchecked"
+            reference = None
+    gate = NumericsGate(reference, group["roofline_precision"])
+    numerics: dict = {}
+    failed_numerics: dict = {}
+
+    def gate_check(providers):
+        for p in providers:
+            if p not in runners:
+                continue
+            numerics[p] = gate.verdict(cases[p])
+            if numerics[p]["status"] == "FAILED":  # never timed, never a speed-up
+                errors[p] = numerics_reason(numerics[p])
+                failed_numerics[p] = numerics[p]
+                del runners[p]
+
     budget_note: dict = {}
     plain = [p for p in runners if not p.startswith("compile")]
     compiled_ = [p for p in runners if p.startswith("compile")]
     for p in plain:
         warm(p)
+    gate_check(plain)
     plain = [p for p in plain if p in runners]
     if plain and compiled_:  # on disk before any compile: a compile killed by the timeout loses nothing else
         early = interleaved_times({p: runners[p] for p in plain}, device, max(3, n // 2))
-        for rec in _records(group, cases, early, first_call, device, base_env, final=False, memory={}):
+        for rec in _records(group, cases, early, first_call, device, base_env, final=False, memory={},
+                            numerics=numerics):
             log_line({"kind": "case", **rec})
     for p in compiled_:
         need, left = compile_estimate_s(op), seconds_left()
@@ -654,8 +903,9 @@ def run_group(benchmark, op: str, mode: str, batch: int, precision: str,
             continue
         if warm(p):
             note_compile(op, first_call[p])
+            gate_check([p])
     if not runners:
-        _log_errors(test, key, errors)
+        _log_errors(test, key, errors, failed_numerics)
         pytest.fail("every provider failed: " + "; ".join(f"{p}: {e}" for p, e in errors.items()))
     # one untimed interleaved round, then as many timed rounds as the budget allows (at least 3)
     t0 = time.perf_counter()
@@ -681,16 +931,18 @@ def run_group(benchmark, op: str, mode: str, batch: int, precision: str,
         except Exception as exc:  # noqa: BLE001 -- a memory probe must not cost the group its times
             memory[p] = None
             warnings.warn(f"{op} {p}: peak memory probe failed ({type(exc).__name__}: {exc})", RuntimeWarning)
-    records = _records(group, cases, times, first_call, device, base_env, final=True, memory=memory)
+    records = _records(group, cases, times, first_call, device, base_env, final=True, memory=memory,
+                       numerics=numerics)
     for rec in records:
         log_line({"kind": "case", **rec})
     for p, why in skipped.items():
         _skip(test, key, p, why, **budget_note.get(p, {}))
-    _log_errors(test, key, errors)
+    _log_errors(test, key, errors, failed_numerics)
     info = benchmark.extra_info
     info.update({**base_env, **group, "cases": records,
                  "skipped": [{"provider": p, "reason": r} for p, r in skipped.items()],
-                 "errors": [{"provider": p, "reason": e} for p, e in errors.items()]})
+                 "errors": [{"provider": p, "reason": e} for p, e in errors.items()],
+                 "numerics": numerics})
     if request is not None:
         request.config.__dict__.setdefault("dtn_bench_results", []).extend(dict(r) for r in records)
     if errors:  # measured what could be measured; the failure still shows
@@ -698,9 +950,11 @@ def run_group(benchmark, op: str, mode: str, batch: int, precision: str,
     return {r["provider"]: r for r in records}
 
 
-def _log_errors(test: str, key: dict, errors: dict) -> None:
+def _log_errors(test: str, key: dict, errors: dict, numerics: Optional[dict] = None) -> None:
     for p, e in errors.items():
         rec = {"test": test, **key, "provider": p, "reason": f"{p} failed: {e}", "error": True}
+        if numerics and p in numerics:  # the report shows FAILED in the provider's cell
+            rec["numerics"], rec["numerics_detail"] = "FAILED", numerics[p]
         SKIPPED.append(rec)
         log_line({"kind": "error", **rec})
 
@@ -783,7 +1037,7 @@ def module_case(op: str, provider: str, mode: str, batch: int, build: Callable[[
     require grad (they stand for embeddings)."""
     import copy
 
-    key = (op, "fused" if provider in ("fused", "compile_fused", "fused_cublas") else "reference")
+    key = (op, "fused" if provider in ("fused", "compile_fused", "fused_cublas", "fused_graph") else "reference")
     if key not in _MODULES:
         if (op, "reference") not in _MODULES:
             torch.manual_seed(0)
