@@ -197,7 +197,7 @@ def suite_case(provider: str, mode: str, batch: int, precision: str = "fp32") ->
     if provider.startswith("compile"):
         fn = compiled(fn, (provider, batch, precision), _COMPILED)
     return Case("embedding_bag", provider, mode, batch, forward=lambda: fn(*args, "sum"), params=[w.weight],
-                shape=shape)
+                shape=shape, compiled=fn if provider.startswith("compile") else None)
 
 
 @pytest.mark.parametrize("batch,mode,precision", group_grid(), ids=lambda v: str(v))

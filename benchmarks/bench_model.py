@@ -44,16 +44,17 @@ _BATCHES: dict = {}
 
 def model_grid() -> list[tuple[str, str, int, str]]:
     """(model, mode, batch, precision): DTN at every paper batch size, MMoE and PLE at the first,
-    each in every precision. Core: the DTN training step at the first paper batch."""
+    each in every precision. Headline: the DTN training step at every paper batch size and precision
+    (smoke: at its one batch size); the rest is in ``rest``."""
     precs = precisions()
     if preset() == "smoke":
         grid = [("dtn", "train", SMOKE_BATCH, p) for p in precs]
-        return subset(grid, core=grid[:1])
+        return subset(grid, core=[], headline=grid)
     grid = [("dtn", mode, b, p) for b in PAPER_BATCHES for mode in ("train", "infer") for p in precs]
     grid += [(name, mode, PAPER_BATCHES[0], p) for name in MODELS[1:] for mode in ("train", "infer") for p in precs]
     if preset() == "quick":  # CPU: the first paper batch only
         grid = [g for g in grid if g[2] == PAPER_BATCHES[0]]
-    return subset(grid, core=[("dtn", "train", PAPER_BATCHES[0], p) for p in precs])
+    return subset(grid, core=[], headline=[g for g in grid if g[0] == "dtn" and g[1] == "train"])
 
 
 def schema() -> Schema:
@@ -143,7 +144,8 @@ def model_case(name: str, provider: str, mode: str, size: int, precision: str) -
             model.eval()
             with torch.no_grad(), amp():
                 return fn(batch)
-        return Case(f"model:{name}", provider, mode, size, step=infer, shape=shape, check=check)
+        return Case(f"model:{name}", provider, mode, size, step=infer, shape=shape, check=check,
+                    compiled=fn if provider.startswith("compile") else None)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, **({"capturable": True} if graph else {}))
 
     def train_step():
@@ -154,7 +156,7 @@ def model_case(name: str, provider: str, mode: str, size: int, precision: str) -
         opt.step()
         return out
     return Case(f"model:{name}", provider, mode, size, step=train_step, params=list(model.parameters()), shape=shape,
-                check=check)
+                check=check, compiled=fn if provider.startswith("compile") else None)
 
 
 @pytest.mark.parametrize("name,mode,batch,precision", model_grid(), ids=lambda v: str(v))

@@ -1,40 +1,49 @@
 #!/usr/bin/env bash
 # One command for a fresh GPU machine (torch, triton, nvcc, ninja, pytest, pytest-benchmark
-# preinstalled; no network): build the CUDA extension, run the GPU tests, measure the embedding
-# bag's bandwidth, time every op and model (fp32 under the recorded matmul policy, and bf16
-# autocast; providers interleaved), write the report. It always comes back with what it measured.
+# preinstalled; no network): build the CUDA extension, time the DTN training step first (the
+# headline), run the GPU tests, measure the embedding bag's bandwidth, time every op and model (fp32
+# under the recorded matmul policy, and bf16 autocast; providers interleaved; every provider's output
+# and gradients checked against eager first), write the report. It always comes back with what it
+# measured.
 #
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]        (default results/bench-gpu)
 #
 # Everything lands in OUT_DIR (the last line printed is the tar command that packs it into one
 # file). Stages, each under its own `timeout`, each recorded in OUT_DIR/stages.jsonl (stage,
 # status ok / failed / timeout / skipped, seconds, budget, reason) before the next starts; a
-# stage that fails or times out is recorded and the suite goes on. Budgets (seconds, planned for a
-# 16-core H100/H200 with cold caches; DTN_SUITE_BUDGET_S, default 450, bounds the whole suite and
-# every stage is cut to what is left of it, keeping 20 s for the report):
+# stage that fails or times out is recorded and the suite goes on; a test stage that selects no
+# test (pytest exit 5) is failed. Budgets (seconds, planned for a 16-core H100/H200 with cold
+# caches; DTN_SUITE_BUDGET_S, default 540, bounds the whole suite and every stage is cut to what is
+# left of it, keeping 20 s for the report):
 #
-#   env          30   versions, GPU, packages each stage needs (about 10 s;       -> env.json
+#   env           30  versions, GPU, packages each stage needs (about 10 s;       -> env.json
 #                     only a failure, not a timeout, ends the run)
-#   build       180   dtn_kernels._C with CUDA for this card; ninja, all sources   -> build.log
+#   build        180  dtn_kernels._C with CUDA for this card; ninja, all sources   -> build.log
 #                     in parallel (no ninja: says so, builds serially)
-#   tests-triton 150  GPU tests of tests/test_triton_*.py, run WHILE the build     -> tests-triton.{log,xml}
-#                     runs (they need no extension)
-#   tests-gpu    75   the other GPU tests (embedding bag CUDA kernels, CUDA       -> tests-gpu.{log,xml}
+#   compile-warm 170  WHILE the build runs: torch.compile of the reference DTN    -> compile_warm.json
+#                     at the headline's 4 shapes, into torch's on-disk caches
+#                     (benchmarks/compile_warm.py; the reference needs no extension)
+#   bench-headline 150  the DTN training step, paper config, B = 2048 and 4096,   -> cases.jsonl, results_headline.json
+#                     bf16 and TF32: eager, compile (fullgraph), fused, grouped,
+#                     grouped + CUDA graph. Starts by 30 + 180 = 210 s at the
+#                     latest, so it ends by 360 s: 6 minutes of a fresh machine
+#   tests-triton  75  GPU tests of tests/test_triton_*.py                         -> tests-triton.{log,xml}
+#   tests-gpu     45  the other GPU tests (embedding bag CUDA kernels, CUDA       -> tests-gpu.{log,xml}
 #                     graphs, convergence, ...)
-#   bandwidth    25   embedding bag forward GB/s against the copy bandwidth       -> bandwidth.json
-#   bench-core  100+  every op's forward + backward at B = 2048 (bf16, then     -> cases.jsonl, results_core.json
-#                     fp32), then the DTN training step; all providers. Gets
-#                     100 s plus what the earlier stages left unused, minus 20 s
+#   bandwidth     15  embedding bag forward GB/s against the copy bandwidth       -> bandwidth.json
+#   bench-core   30+  every op's forward + backward at B = 2048 (bf16, then       -> cases.jsonl, results_core.json
+#                     fp32), all providers. Gets what is left but 20 s
 #   bench-rest   20+  the other modes, batch sizes and models, while time lasts   -> cases.jsonl, results_rest.json
-#   report       20   report.md (+ speedups.png with matplotlib), history line    -> report.md, history.jsonl
-#   planned: 30 + 180 (tests alongside) + 75 + 25 + 100 + 20 + 20 = 450 s
+#   report        20  report.md (+ speedups.png with matplotlib), history line    -> report.md, history.jsonl
+#   planned: 30 + 180 (warm-up alongside) + 150 + 75 + 45 + 15 + 30 + 20 + 20 = 565 s at the worst;
+#   the 540 s budget cuts bench-core first. A build that takes 90 s leaves bench-core 120 s.
 #
 # A failed build skips what needs the extension (bandwidth; the embedding bag's fused providers,
 # with the reason) while the Triton tests and benchmarks still run. GPU tests are selected by
 # rule, not by list (benchmarks/gpu_test_selection.py): every test under tests/ marked
 # requires_cuda or skipped, without a GPU, by a skipif whose reason names CUDA or a GPU (in the
 # files that mention either word; tests/test_cuda_compile.py runs in the CPU check instead).
-# Benchmarks: every benchmarks/bench_*.py, models last.
+# Benchmarks: the DTN training step first (bench-headline), then every benchmarks/bench_*.py.
 #
 # DTN_SUITE_CHECK=1 runs every stage on a machine without a GPU, to check the script (CI does):
 # the CUDA sources compiled for sm_90 with nvcc (compile only: nothing runs), the CPU extension
@@ -58,7 +67,7 @@ mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-python3}"
 # the CPU check's budgets leave room for a loaded machine (CI shared with other work): no device
 # lease is at stake there
-if [ "$CHECK" = 1 ]; then BUDGET="${DTN_SUITE_BUDGET_S:-600}"; else BUDGET="${DTN_SUITE_BUDGET_S:-450}"; fi
+if [ "$CHECK" = 1 ]; then BUDGET="${DTN_SUITE_BUDGET_S:-600}"; else BUDGET="${DTN_SUITE_BUDGET_S:-540}"; fi
 REPORT_RESERVE=20
 REST_RESERVE=20  # bench-core leaves this much for bench-rest when it takes the earlier stages' slack
 start=$(date +%s)
@@ -66,7 +75,7 @@ DEADLINE=$(( start + BUDGET ))
 STAGES="$OUT/stages.jsonl"
 # a previous run's files in the same folder would mix into this one's report
 rm -f "$OUT"/stages.jsonl "$OUT"/cases.jsonl "$OUT"/results_*.json "$OUT"/*.log "$OUT"/*.xml "$OUT"/bandwidth.json \
-      "$OUT"/env.json "$OUT"/report.md "$OUT"/speedups.png "$OUT"/history.png
+      "$OUT"/env.json "$OUT"/report.md "$OUT"/speedups.png "$OUT"/history.png "$OUT"/compile_warm.json
 COMMIT="${DTN_COMMIT:-$(git -C "$ROOT" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
 if [ -z "${DTN_COMMIT:-}" ] && [ "$COMMIT" != unknown ] && [ -n "$(git -C "$ROOT" status --porcelain -uno 2>/dev/null)" ]; then
   COMMIT="$COMMIT+dirty"
@@ -146,14 +155,13 @@ run_stage() {
   secs=$(( $(date +%s) - t0 ))
   case $rc in
     0) status=ok; reason="" ;;
-    5) status=ok; reason="no tests collected" ;;  # pytest: nothing selected here
+    5) status=failed; reason="no tests selected (pytest exit 5)" ;;  # a stage that tests nothing is no pass
     124|137) status=timeout; reason="timed out after ${limit}s" ;;
     *) status=failed; reason="exit code $rc" ;;
   esac
   local summary; summary=$(log_summary "$log")
   reason="${reason:+$reason; }${summary}${note:+; $note}"
   record_stage "$name" "$status" "$secs" "$budget" "$reason" "$(basename "$log")"
-  [ "$rc" = 5 ] && return 0
   return $rc
 }
 
@@ -259,11 +267,23 @@ stage_bandwidth() {
   fi
 }
 
-stage_bench() {  # PART (core | rest) DEADLINE
+stage_bench() {  # PART (headline | core | rest) DEADLINE
   export DTN_BENCH_SUBSET=$1 DTN_BENCH_DEADLINE=$2 DTN_BENCH_LOG="$OUT/cases.jsonl"
+  local files=$BENCH_FILES
+  if [ "$1" = headline ]; then  # the DTN training step; its five providers unless DTN_BENCH_PROVIDERS says otherwise
+    files=benchmarks/bench_model.py
+    export DTN_BENCH_PROVIDERS="${DTN_BENCH_PROVIDERS:-eager,compile,fused,grouped,grouped_graph}"
+    # the compile cache was warmed alongside the build: a model compile is then a cache load
+    [ -s "$OUT/compile_warm.json" ] && grep -q '"seconds"' "$OUT/compile_warm.json" \
+      && export DTN_BENCH_MODEL_COMPILE_S="${DTN_BENCH_MODEL_COMPILE_S:-30}"
+  fi
   # shellcheck disable=SC2086
-  "$PY" -m pytest $BENCH_FILES -k "not test_embedding_bag_fwd_bwd" --benchmark-only -q -p no:cacheprovider -rs \
+  "$PY" -m pytest $files -k "not test_embedding_bag_fwd_bwd" --benchmark-only -q -p no:cacheprovider -rs \
     --benchmark-json="$OUT/results_$1.json" --benchmark-columns=median,iqr,rounds
+}
+
+stage_compile_warm() {  # the headline's model compiles into torch's on-disk caches, while the extension builds
+  "$PY" benchmarks/compile_warm.py --out "$OUT/compile_warm.json"
 }
 
 stage_report() {
@@ -275,7 +295,8 @@ stage_report() {
   echo "report written: $OUT/report.md"
 }
 
-export -f stage_env stage_build_gpu stage_build_check stage_tests stage_bandwidth stage_bench stage_report
+export -f stage_env stage_build_gpu stage_build_check stage_tests stage_bandwidth stage_bench stage_report \
+  stage_compile_warm
 export STAGES COMMIT
 
 # ---------------------------------------------------------------- the run
@@ -286,13 +307,40 @@ run_stage env "$(budget_of env 30)" "$OUT/env.log" bash -c stage_env
 env_rc=$?
 tail -4 "$OUT/env.log" | tee -a "$OUT/suite.log"
 
+# benchmark settings (every bench stage and the compile warm-up)
+if [ "$CHECK" = 1 ]; then  # compile on CPU costs 5-60 s an op: the two cheapest show the compile path works
+  export DTN_BENCH_DEVICE=cpu DTN_BENCH_PRESET=smoke DTN_BENCH_THREADS=1
+  export DTN_BENCH_COMPILE_OPS="${DTN_BENCH_COMPILE_OPS:-softmax_gate,embedding_bag}"
+else
+  export DTN_BENCH_DEVICE=cuda DTN_BENCH_PRESET="${DTN_BENCH_PRESET:-full}"
+fi
+BENCH_FILES=$(ls benchmarks/bench_*.py | grep -v '/bench_model\.py$' | tr '\n' ' ')
+bench_missing=$(missing_modules pytest pytest_benchmark)
+bench_note=""
+model_ok=0
+if [ -f benchmarks/bench_model.py ]; then
+  if [ -z "$(missing_modules yaml)" ]; then model_ok=1
+  else bench_note="bench_model.py left out: PyYAML is missing (dtn.config imports it)"; fi
+fi
+export BENCH_FILES
+
+# bench_stage PART BUDGET: a benchmark stage; the harness stops starting compiles and groups 10 s
+# before the stage's timeout
+bench_stage() {
+  local part=$1 b=$2 lim
+  if [ -n "$bench_missing" ]; then record_stage "bench-$part" skipped 0 0 "missing Python packages: $bench_missing"; return 3; fi
+  lim=$(( DEADLINE - REPORT_RESERVE - $(date +%s) )); [ "$b" -lt "$lim" ] && lim=$b
+  STAGE_NOTE="$bench_note"
+  run_stage "bench-$part" "$b" "$OUT/bench-$part.log" bash -c "stage_bench $part $(( $(date +%s) + lim - 10 ))"
+}
+
 # a failed env stage (no torch, no GPU) ends the run; a slow one (timeout) does not
 if [ "$env_rc" != 0 ] && [ "$env_rc" != 124 ] && [ "$env_rc" != 137 ] && selected env; then
-  for s in build tests-triton tests-gpu bandwidth bench-core bench-rest; do
+  for s in build compile-warm bench-headline tests-triton tests-gpu bandwidth bench-core bench-rest; do
     record_stage "$s" skipped 0 0 "the env stage failed: $(tail -1 "$OUT/env.log")"
   done
 else
-  # ---- build (in the background) alongside the Triton GPU tests, which need no extension
+  # ---- build (in the background) alongside the compile warm-up of the headline's reference model
   if ninja --version > /dev/null 2>&1; then
     export DTN_USE_NINJA=1
     STAGE_NOTE="ninja $(ninja --version), $(nproc) jobs"
@@ -304,55 +352,43 @@ else
   if [ "$CHECK" = 1 ]; then build_fn=stage_build_check; else build_fn=stage_build_gpu
     [ -z "$(command -v nvcc)" ] && STAGE_NOTE="$STAGE_NOTE; nvcc NOT FOUND: no CUDA build possible"
   fi
-  run_stage build "$(budget_of build "$([ "$CHECK" = 1 ] && echo 360 || echo 180)")" "$OUT/build.log" bash -c "$build_fn" &
+  BUILD_BUDGET=$(budget_of build "$([ "$CHECK" = 1 ] && echo 360 || echo 180)")
+  run_stage build "$BUILD_BUDGET" "$OUT/build.log" bash -c "$build_fn" &
   build_pid=$!
   STAGE_NOTE=""  # the background stage took its copy
-  test_missing=$(missing_modules pytest hypothesis)
-  [ -n "$test_missing" ] && STAGE_NOTE="missing: $test_missing (files importing it cannot be collected)"
-  run_stage tests-triton "$(budget_of tests-triton 150)" "$OUT/tests-triton.log" bash -c "stage_tests triton"
+  if [ "$model_ok" = 1 ]; then
+    run_stage compile-warm "$(budget_of compile-warm $(( BUILD_BUDGET - 10 )))" "$OUT/compile-warm.log" bash -c stage_compile_warm
+  else
+    record_stage compile-warm skipped 0 0 "${bench_note:-benchmarks/bench_model.py is not there}"
+  fi
   wait "$build_pid"
   build_rc=$?
   [ "$build_rc" = 0 ] || { say "build did not succeed (see build.log); what needs the extension is skipped"; tail -20 "$OUT/build.log" >> "$OUT/suite.log"; }
 
+  # ---- the headline: the DTN training step, eager / compile / fused / grouped / grouped + CUDA graph
+  if [ "$model_ok" = 1 ]; then bench_stage headline "$(budget_of bench-headline 150)"
+  else record_stage bench-headline skipped 0 0 "${bench_note:-benchmarks/bench_model.py is not there}"; fi
+
+  # ---- GPU tests, selected by rule (see the header)
+  test_missing=$(missing_modules pytest hypothesis)
   [ -n "$test_missing" ] && STAGE_NOTE="missing: $test_missing (files importing it cannot be collected)"
-  run_stage tests-gpu "$(budget_of tests-gpu 75)" "$OUT/tests-gpu.log" bash -c "stage_tests gpu"
+  run_stage tests-triton "$(budget_of tests-triton 75)" "$OUT/tests-triton.log" bash -c "stage_tests triton"
+  [ -n "$test_missing" ] && STAGE_NOTE="missing: $test_missing (files importing it cannot be collected)"
+  run_stage tests-gpu "$(budget_of tests-gpu 45)" "$OUT/tests-gpu.log" bash -c "stage_tests gpu"
 
   if [ "$build_rc" = 0 ] || [ "$CHECK" = 1 ]; then
-    run_stage bandwidth "$(budget_of bandwidth 25)" "$OUT/bandwidth.log" bash -c stage_bandwidth
+    run_stage bandwidth "$(budget_of bandwidth 15)" "$OUT/bandwidth.log" bash -c stage_bandwidth
   else
-    record_stage bandwidth skipped 0 "$(budget_of bandwidth 25)" "the CUDA extension did not build (see build.log)"
+    record_stage bandwidth skipped 0 "$(budget_of bandwidth 15)" "the CUDA extension did not build (see build.log)"
   fi
 
-  # ---- benchmarks: every benchmarks/bench_*.py, ops first, whole models last
-  if [ "$CHECK" = 1 ]; then  # compile on CPU costs 5-60 s an op: the two cheapest show the compile path works
-    export DTN_BENCH_DEVICE=cpu DTN_BENCH_PRESET=smoke DTN_BENCH_THREADS=1
-    export DTN_BENCH_COMPILE_OPS="${DTN_BENCH_COMPILE_OPS:-softmax_gate,embedding_bag}"
-  else
-    export DTN_BENCH_DEVICE=cuda DTN_BENCH_PRESET="${DTN_BENCH_PRESET:-full}"
-  fi
-  BENCH_FILES=$(ls benchmarks/bench_*.py | grep -v '/bench_model\.py$' | tr '\n' ' ')
-  bench_missing=$(missing_modules pytest pytest_benchmark)
-  bench_note=""
-  if [ -f benchmarks/bench_model.py ]; then
-    if [ -z "$(missing_modules yaml)" ]; then BENCH_FILES="$BENCH_FILES benchmarks/bench_model.py"
-    else bench_note="bench_model.py left out: PyYAML is missing (dtn.config imports it)"; fi
-  fi
+  # ---- per-op groups (core: forward + backward at B = 2048), then the rest (other models included)
+  [ "$model_ok" = 1 ] && BENCH_FILES="$BENCH_FILES benchmarks/bench_model.py"
   export BENCH_FILES
-  for part in core rest; do
-    if [ -n "$bench_missing" ]; then
-      record_stage "bench-$part" skipped 0 0 "missing Python packages: $bench_missing"
-      continue
-    fi
-    # core: its 100 s plus whatever the earlier stages left unused, keeping 20 s for the rest;
-    # rest: what is left
-    left=$(( DEADLINE - REPORT_RESERVE - $(date +%s) ))
-    if [ "$part" = core ]; then b=$(( left - REST_RESERVE )); [ "$b" -lt 100 ] && b=100; else b=$left; fi
-    b=$(budget_of "bench-$part" "$b")
-    lim=$(( DEADLINE - REPORT_RESERVE - $(date +%s) )); [ "$b" -lt "$lim" ] && lim=$b
-    # the harness stops starting compiles and groups 10 s before the stage's timeout
-    STAGE_NOTE="$bench_note"
-    run_stage "bench-$part" "$b" "$OUT/bench-$part.log" bash -c "stage_bench $part $(( $(date +%s) + lim - 10 ))"
-  done
+  left=$(( DEADLINE - REPORT_RESERVE - $(date +%s) ))
+  b=$(( left - REST_RESERVE )); [ "$b" -lt 30 ] && b=30  # core: what is left but REST_RESERVE for the rest
+  bench_stage core "$(budget_of bench-core "$b")"
+  bench_stage rest "$(budget_of bench-rest $(( DEADLINE - REPORT_RESERVE - $(date +%s) )))"
 fi
 
 run_stage report "$(budget_of report 20)" "$OUT/report.log" bash -c stage_report

@@ -73,6 +73,10 @@ SMOKE_BATCH = 64
 # slowest compile seen for that kind (op / model). A compile provider starts only if the estimate
 # fits in what is left of DTN_BENCH_DEADLINE.
 DEFAULT_COMPILE_S = {"op": 45.0, "model": 120.0}
+# Hard limit (seconds) on one compile provider's first call (compilation): over it, the compile is
+# interrupted, recorded as overrun, and no later group compiles that kind again (not retried).
+# DTN_BENCH_COMPILE_LIMIT_S / DTN_BENCH_MODEL_COMPILE_LIMIT_S override.
+COMPILE_LIMIT_S = {"op": 60.0, "model": 90.0}
 MIN_GROUP_S = 10.0  # a group needs at least this much of the budget to start
 
 
@@ -193,17 +197,20 @@ def shape_grid(paper: tuple = PAPER_BATCHES, sweep: tuple = (512, 8192, 16384)) 
     return subset(_shapes(paper, sweep), core=core)
 
 
-def subset(grid: list, core: list) -> list:
-    """``DTN_BENCH_SUBSET=core``: only the headline groups (forward + backward at B = 2048 in every
-    precision, the DTN training step); ``rest``: everything else; unset: all. The GPU suite runs
-    core first, so a tight time budget still measures what the targets are about."""
+def subset(grid: list, core: list, headline: list = ()) -> list:
+    """``DTN_BENCH_SUBSET``: ``headline`` (the DTN training step at the paper's batch sizes in every
+    precision; only bench_model.py has such groups), ``core`` (every op's forward + backward at
+    B = 2048 in every precision), ``rest`` (everything else); unset: all. The GPU suite runs them in
+    that order, so a tight time budget still measures what the targets are about."""
     which = os.environ.get("DTN_BENCH_SUBSET", "")
-    if which not in ("", "core", "rest"):
-        raise ValueError(f"DTN_BENCH_SUBSET must be core or rest, got {which!r}")
+    if which not in ("", "headline", "core", "rest"):
+        raise ValueError(f"DTN_BENCH_SUBSET must be headline, core or rest, got {which!r}")
+    if which == "headline":
+        return [g for g in grid if g in headline]
     if which == "core":
-        return [g for g in grid if g in core]
+        return [g for g in grid if g in core and g not in headline]
     if which == "rest":
-        return [g for g in grid if g not in core]
+        return [g for g in grid if g not in core and g not in headline]
     return grid
 
 
@@ -364,6 +371,7 @@ class Case:
     # bag's per-feature loop has other parameters than the reference).
     check: Optional[Callable[[], dict]] = None
     compare_grads: bool = True
+    compiled: Optional["Compiled"] = None  # compile providers: fullgraph / graph-break record
     _grad: Optional[torch.Tensor] = None
 
     def _out(self, result):
@@ -723,7 +731,7 @@ def graph_case(case: "Case", device: torch.device, graph_factory=None) -> "Case"
 
     return Case(op=case.op, provider=case.provider, mode=case.mode, batch=case.batch, step=run,
                 params=[], shape=case.shape, precision=case.precision, device_type=case.device_type, env=case.env,
-                check=check, compare_grads=case.compare_grads)
+                check=check, compare_grads=case.compare_grads, compiled=case.compiled)
 
 
 # ----------------------------------------------------------------------------- budget
@@ -755,6 +763,43 @@ def compile_estimate_s(op: str) -> float:
 
 def note_compile(op: str, seconds: float) -> None:
     _COMPILE_SEEN.setdefault(compile_kind(op), []).append(seconds)
+
+
+_COMPILE_OVERRAN: dict = {}  # kind -> the limit an earlier compile of that kind overran
+
+
+def compile_limit_s(op: str) -> float:
+    kind = compile_kind(op)
+    env = os.environ.get("DTN_BENCH_MODEL_COMPILE_LIMIT_S" if kind == "model" else "DTN_BENCH_COMPILE_LIMIT_S")
+    return float(env) if env else COMPILE_LIMIT_S[kind]
+
+
+class CompileOverrun(Exception):
+    """A compile provider's first call ran past its limit (raised by the timer's signal)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise :class:`CompileOverrun` in this (main) thread after ``seconds``; no limit elsewhere
+    (signals reach the main thread only) or without SIGALRM."""
+    import signal
+    import threading
+
+    if seconds == float("inf") or threading.current_thread() is not threading.main_thread() \
+            or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise CompileOverrun(f"over its {seconds:.0f} s limit")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 # ----------------------------------------------------------------------------- groups
@@ -806,6 +851,8 @@ def _records(group: dict, cases: dict, times: dict, first_call: dict, device: to
                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if p in memory:
             rec["peak_mem_mb"] = memory[p]
+        if c.compiled is not None and c.compiled.info:
+            rec["compile"] = dict(c.compiled.info)
         verdict = (numerics or {}).get(p)
         if verdict is not None:
             rec["numerics"], rec["numerics_detail"] = verdict["status"], verdict
@@ -850,11 +897,20 @@ def run_group(benchmark, op: str, mode: str, batch: int, precision: str,
     n = rounds(rounds_override)
     first_call: dict = {}
     errors: dict = {}
+    budget_note: dict = {}
 
-    def warm(p):  # a provider that raises is left out of the group (and fails the test at the end)
+    def warm(p, limit=float("inf")):  # a provider that raises is left out of the group (and fails the test)
         try:
-            first_call[p] = _warm(*runners[p], device)
+            with time_limit(limit):
+                first_call[p] = _warm(*runners[p], device)
             return True
+        except CompileOverrun:
+            kind = compile_kind(op)
+            _COMPILE_OVERRAN[kind] = limit
+            skipped[p] = f"its compile overran its {limit:.0f} s limit (interrupted; no later {kind} compile is tried)"
+            budget_note[p] = {"compile_limit_s": round(limit, 1), "compile_overran": True}
+            del runners[p]
+            return False
         except Exception as exc:  # noqa: BLE001 -- the other providers still get measured
             errors[p] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
             del runners[p]
@@ -882,7 +938,6 @@ def run_group(benchmark, op: str, mode: str, batch: int, precision: str,
                 failed_numerics[p] = numerics[p]
                 del runners[p]
 
-    budget_note: dict = {}
     plain = [p for p in runners if not p.startswith("compile")]
     compiled_ = [p for p in runners if p.startswith("compile")]
     for p in plain:
@@ -896,12 +951,18 @@ def run_group(benchmark, op: str, mode: str, batch: int, precision: str,
             log_line({"kind": "case", **rec})
     for p in compiled_:
         need, left = compile_estimate_s(op), seconds_left()
+        overran = _COMPILE_OVERRAN.get(compile_kind(op))
+        if overran is not None:  # not retried: the same kind of compile would overrun again
+            skipped[p] = (f"an earlier {compile_kind(op)} compile overran its {overran:.0f} s limit in this run "
+                          "(not retried)")
+            del runners[p]
+            continue
         if left < need + 5:  # the reason is the same text every time, so the report can count them
             skipped[p] = "its compile would not fit in what was left of the time budget (DTN_BENCH_DEADLINE)"
             budget_note[p] = {"compile_expected_s": round(need, 1), "left_s": round(max(left, 0.0), 1)}
             del runners[p]
             continue
-        if warm(p):
+        if warm(p, min(compile_limit_s(op), max(left - 5, 1.0))):
             note_compile(op, first_call[p])
             gate_check([p])
     if not runners:
@@ -993,14 +1054,44 @@ def skip_unless_available(provider: str, device: torch.device, fused_on_cpu: boo
         pytest.skip(f"{provider}: {reason}")
 
 
-def compiled(fn, key: tuple, cache: dict):
-    """torch.compile(fn, dynamic=False), once per key (op, provider, batch size, precision): every
-    batch size gets its own static-shape graph, the strongest baseline torch.compile offers (a
-    default compile would reuse a dynamic-shape graph from the second size on). The first call of
-    each case, where compilation happens, is untimed."""
+class Compiled:
+    """``torch.compile(fn, dynamic=False, fullgraph=True)``, falling back to ``fullgraph=False`` when
+    the function does not trace as one graph. ``info`` (recorded with the provider's results):
+    ``fullgraph`` (whether one graph held), ``graph_breaks`` (breaks counted by torch._dynamo in the
+    first call) and the first break's reason."""
+
+    def __init__(self, fn, backend: str = "inductor"):
+        self.fn, self.info, self.backend = fn, {}, backend
+        self._compiled = torch.compile(fn, dynamic=False, fullgraph=True, backend=backend)
+
+    def __call__(self, *args, **kwargs):
+        if self.info:
+            return self._compiled(*args, **kwargs)
+        import torch._dynamo
+        from torch._dynamo.utils import counters
+
+        try:
+            out = self._compiled(*args, **kwargs)
+            self.info.update(fullgraph=True, graph_breaks=0)
+            return out
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as exc:
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        before = sum(counters["graph_break"].values())
+        self._compiled = torch.compile(self.fn, dynamic=False, backend=self.backend)
+        out = self._compiled(*args, **kwargs)
+        self.info.update(fullgraph=False, graph_breaks=sum(counters["graph_break"].values()) - before,
+                         break_reason=reason)
+        return out
+
+
+def compiled(fn, key: tuple, cache: dict) -> Compiled:
+    """:class:`Compiled` ``fn`` (fullgraph where it traces as one graph, static shapes), once per key
+    (op, provider, batch size, precision): every batch size gets its own static-shape graph, the
+    strongest baseline torch.compile offers (a default compile would reuse a dynamic-shape graph
+    from the second size on). The first call of each case, where compilation happens, is untimed."""
     if key not in cache:
         _raise_recompile_limit()
-        cache[key] = torch.compile(fn, dynamic=False)
+        cache[key] = Compiled(fn)
     return cache[key]
 
 
@@ -1055,4 +1146,5 @@ def module_case(op: str, provider: str, mode: str, batch: int, build: Callable[[
     grads = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     env = {"DTN_FUSED_GEMM": "torch"} if provider == "fused_cublas" else {}
     return Case(op=op, provider=provider, mode=mode, batch=batch, forward=lambda: fn(*inputs),
-                params=list(module.parameters()) + grads, shape=shape, precision=precision, env=env)
+                params=list(module.parameters()) + grads, shape=shape, precision=precision, env=env,
+                compiled=fn if isinstance(fn, Compiled) else None)

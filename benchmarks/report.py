@@ -35,7 +35,8 @@ import sys
 from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PROVIDER_ORDER = ("eager", "compile", "fused", "compile_fused", "fused_cublas", "grouped", "compile_grouped", "loop")
+PROVIDER_ORDER = ("eager", "compile", "fused", "compile_fused", "fused_cublas", "fused_graph", "grouped", "compile_grouped",
+                  "grouped_graph", "loop")
 MODE_ORDER = {"fwd": 0, "bwd": 1, "fwd+bwd": 2, "train": 3, "infer": 4}
 PRECISION_ORDER = {"bf16": 0, "fp32": 1}
 PAPER_BATCHES = (2048, 4096)
@@ -161,23 +162,44 @@ def _roofline():
     return fn, None
 
 
-def table_rows(cases: list[dict], device_name: str | None = None) -> tuple[list[dict], list[str]]:
-    """One row per (op, mode, batch, precision): medians per provider, speed-ups, roofline floor."""
+def numerics_failures(skipped: list[dict]) -> dict:
+    """{group key: {provider: reason}} of the providers the harness's numerics gate FAILED."""
+    out: dict = defaultdict(dict)
+    for s in skipped:
+        if s.get("numerics") == "FAILED" and "op" in s:
+            out[(s["op"], s["mode"], int(s["batch"]), s.get("precision", "fp32"))][s["provider"]] = s.get("reason", "")
+    return out
+
+
+def table_rows(cases: list[dict], device_name: str | None = None,
+               failed: dict | None = None) -> tuple[list[dict], list[str]]:
+    """One row per (op, mode, batch, precision): medians per provider, speed-ups, roofline floor.
+    ``failed`` (:func:`numerics_failures`): providers whose numerics FAILED -- no time, no ratio."""
     floor_fn, roof_note = _roofline()
     notes = [roof_note] if roof_note else []
+    failed = failed or {}
     grouped: dict = defaultdict(dict)
     for c in cases:
+        if c.get("numerics") == "FAILED":  # never a speed-up
+            failed.setdefault(group_key(c), {})[c["provider"]] = "numerics FAILED"
+            continue
         grouped[group_key(c)][c["provider"]] = c
     rows = []
     for (op, mode, batch, precision), by in grouped.items():
         ms = {p: by[p]["median_ms"] for p in by}
+        bad = dict(failed.get((op, mode, batch, precision), {}))
+        verdicts = {p: by[p].get("numerics") for p in by}
+        unchecked = sorted(p for p, v in verdicts.items() if v in (None, "unchecked") and p != "eager")
+        numerics = ("FAILED: " + ", ".join(sorted(bad))) if bad else (
+            "unchecked: " + ", ".join(unchecked) if unchecked else "ok")
         any_rec = next(iter(by.values()))
         interleaved = all(len(r.get("interleaved_with") or []) >= len(by) for r in by.values()) if len(by) > 1 else True
         row = {"op": op, "mode": mode, "batch": batch, "precision": precision, "ms": ms,
                "mem": {p: by[p].get("peak_mem_mb") for p in by},
                "roofline_precision": any_rec.get("roofline_precision"), "fp32_matmul": any_rec.get("fp32_matmul"),
                "interleaved": interleaved, "final": all(r.get("final", True) for r in by.values()),
-               "rounds": {p: by[p].get("rounds") for p in by}}
+               "rounds": {p: by[p].get("rounds") for p in by}, "failed": bad, "numerics": numerics,
+               "compile": {p: by[p]["compile"] for p in by if by[p].get("compile")}}
         if "fused" in ms:
             row["vs_eager"] = ms["eager"] / ms["fused"] if "eager" in ms else None
             row["vs_compile"] = ms["compile"] / ms["fused"] if "compile" in ms else None
@@ -186,6 +208,11 @@ def table_rows(cases: list[dict], device_name: str | None = None) -> tuple[list[
         if "grouped" in ms:  # whole models in grouped mode
             row["g_vs_eager"] = ms["eager"] / ms["grouped"] if "eager" in ms else None
             row["g_vs_compile"] = ms["compile"] / ms["grouped"] if "compile" in ms else None
+        if "grouped_graph" in ms:  # the grouped step captured in one CUDA graph
+            row["gg_vs_eager"] = ms["eager"] / ms["grouped_graph"] if "eager" in ms else None
+            row["gg_vs_compile"] = ms["compile"] / ms["grouped_graph"] if "compile" in ms else None
+        if "fused_graph" in ms and "fused" in ms:  # > 1: the graph saves host time
+            row["graph_vs_fused"] = ms["fused"] / ms["fused_graph"]
         if "fused_cublas" in ms and "fused" in ms:  # > 1: the Triton route of the fused GEMMs is faster
             row["cublas_vs_triton"] = ms["fused_cublas"] / ms["fused"]
         row["floor_ms"] = None
@@ -247,7 +274,7 @@ def _precision_label(row: dict) -> str:
 
 def markdown(rows: list[dict], skipped: list[dict], env: dict, command: str | None = None, notes=(),
              stages: list[dict] | None = None, machine: dict | None = None, history_md: str = "") -> str:
-    providers = [p for p in PROVIDER_ORDER if any(p in r["ms"] for r in rows)]
+    providers = [p for p in PROVIDER_ORDER if any(p in r["ms"] or p in r.get("failed", {}) for r in rows)]
     dev = env.get("device_type") or "cpu"
     lines = [
         f"**Device:** {env.get('device')} · torch {env.get('torch')} · triton {env.get('triton')} · "
@@ -261,11 +288,14 @@ def markdown(rows: list[dict], skipped: list[dict], env: dict, command: str | No
     ]
     # columns only some runs have: whole models in grouped mode, the fused GEMMs' cuBLAS route
     extra = [(k, title) for k, title in (("g_vs_eager", "grouped vs eager"), ("g_vs_compile", "grouped vs compile"),
+                                         ("gg_vs_eager", "grouped+graph vs eager"),
+                                         ("gg_vs_compile", "grouped+graph vs compile"),
+                                         ("graph_vs_fused", "fused ms / fused+graph ms"),
                                          ("cublas_vs_triton", "cuBLAS route ms / Triton route ms"))
              if any(r.get(k) for r in rows)]
     head = ["op", "mode", "B", "precision"] + [f"{p} ms" for p in providers] + [
         "fused vs eager", "fused vs compile", "compile_fused vs compile"] + [t for _, t in extra] + [
-        "floor ms", "fused of floor", "peak MB (eager / fused)"]
+        "floor ms", "fused of floor", "peak MB (eager / fused)", "numerics vs eager"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|")
     flags_used = set()
@@ -279,22 +309,35 @@ def markdown(rows: list[dict], skipped: list[dict], env: dict, command: str | No
         if flag:
             flags_used.add(flag)
         cells = [r["op"], r["mode"], str(r["batch"]), _precision_label(r)]
-        cells += [f"{r['ms'][p]:.3f}" if p in r["ms"] else "—" for p in providers]
+        cells += [f"{r['ms'][p]:.3f}" if p in r["ms"] else ("**FAILED**" if p in r.get("failed", {}) else "—")
+                  for p in providers]
         cells += [_ratio(r.get("vs_eager"), tgt.get("eager") if not flag else None, flag),
                   _ratio(r.get("vs_compile"), tgt.get("compile") if not flag else None, flag),
                   _ratio(r.get("cf_vs_compile"), None, flag)]
-        grouped_tgt = {"g_vs_eager": tgt.get("eager"), "g_vs_compile": tgt.get("compile")}  # the DTN step's targets
+        grouped_tgt = {"g_vs_eager": tgt.get("eager"), "g_vs_compile": tgt.get("compile"),  # the DTN step's targets
+                       "gg_vs_eager": tgt.get("eager"), "gg_vs_compile": tgt.get("compile")}
         cells += [_ratio(r.get(k), grouped_tgt.get(k) if not flag else None, flag) for k, _ in extra]
         cells += [f"{r['floor_ms']:.3f}" if r.get("floor_ms") else "",
                   _fraction(r.get("floor_ms"), r["ms"].get("fused"), tgt.get("roofline"))]
         me, mf = r["mem"].get("eager"), r["mem"].get("fused")
         cells.append(f"{me if me is not None else '—'} / {mf if mf is not None else '—'}")
+        cells.append(f"**{r['numerics']}**" if r.get("failed") else r.get("numerics", ""))
         lines.append("| " + " | ".join(cells) + " |")
     if dev == "cuda":
         lines += ["", "✓ / ✗: the project's GPU targets at B = 2048 and 4096, both precisions: fused forward + "
                       "backward ≥ 2x eager (gated cross), 1.8x (MaskNet block), 5x (HCNet), 3x (softmax gate); "
                       "≥ 1.3x torch.compile for every op; ≥ 50% of the roofline floor for every op; DTN training "
                       "step ≥ 2x eager and ≥ 1.25x torch.compile."]
+    lines += ["", "Numerics: before timing, every provider's forward output and gradients are compared with eager's "
+                  "at the group's shape and precision, element-wise: |a - e| <= atol * max|e| + rtol * |e| "
+                  "(benchmarks/harness.py TOLERANCES). **FAILED**: over the bound (or the check raised); that provider "
+                  "was not timed and no speed-up is shown for it."]
+    breaks = sorted({(r["op"], p, c.get("fullgraph"), c.get("graph_breaks"), c.get("break_reason"))
+                     for r in rows for p, c in r.get("compile", {}).items()}, key=str)
+    if breaks:
+        lines += ["", "torch.compile (fullgraph=True where the function traces as one graph):"]
+        lines += [f"* {op} {p}: " + ("one graph (fullgraph)" if fg else f"{n} graph break(s) ({why})")
+                  for op, p, fg, n, why in breaks]
     if "†" in flags_used:
         lines += ["", "† not timed interleaved (a file on the harness's single-provider run_case): the ratio does "
                       "not meet the project's timing rule and no target is marked."]
@@ -545,7 +588,7 @@ def main(argv=None) -> int:
         return 2
     if commit:
         env["commit"] = commit
-    rows, notes = table_rows(cases, env.get("device"))
+    rows, notes = table_rows(cases, env.get("device"), numerics_failures(skipped))
     history_md = ""
     if args.history:
         written = append_history(args.history, history_lines(rows, env, commit))

@@ -179,11 +179,11 @@ def test_run_group_logs_partial_then_final_and_skips_compile_over_budget(bench_e
     # eager / fused on disk before any compile is attempted, then the final set, then the skips
     assert kinds[:2] == [("case", "eager", False), ("case", "fused", False)]
     assert kinds[2:4] == [("case", "eager", True), ("case", "fused", True)]
-    skips = [r for r in lines if r["kind"] == "skipped"]
+    skips = [r for r in lines if r["kind"] == "skipped" and r["provider"] != "fused_graph"]  # CUDA only
     assert {r["provider"] for r in skips} == {"compile", "compile_fused"}
     assert all("would not fit" in r["reason"] and r["precision"] == "fp32" for r in skips)
     assert all(r["compile_expected_s"] == 100 and 0 < r["left_s"] <= 40 for r in skips)
-    assert fb.extra_info["cases"][0]["op"] == "toy_op" and len(fb.extra_info["skipped"]) == 2
+    assert fb.extra_info["cases"][0]["op"] == "toy_op" and len(fb.extra_info["skipped"]) == 3
 
 
 def test_run_group_compiles_within_budget_and_applies_autocast(bench_env, tmp_path):
@@ -194,8 +194,10 @@ def test_run_group_compiles_within_budget_and_applies_autocast(bench_env, tmp_pa
     seen = []
     out = harness.run_group(FakeBenchmark(), "toy_op", "fwd", 8, "bf16",
                             lambda p: _sleepy_case("toy_op", p, 0.001, seen), CPU, fused_on_cpu=True)
-    assert set(out) == set(harness.PROVIDERS)
-    assert all(r["interleaved_with"] == list(harness.PROVIDERS) and r["final"] for r in out.values())
+    timed = [p for p in harness.PROVIDERS if p != "fused_graph"]  # CUDA graphs: CUDA only
+    assert set(out) == set(timed)
+    assert all(r["interleaved_with"] == timed and r["final"] for r in out.values())
+    assert all(r["numerics"] == ("reference" if p == "eager" else "ok") for p, r in out.items())
     assert seen and all(autocast for _, autocast in seen)  # every provider's forward ran under bf16 autocast
     assert harness._COMPILE_SEEN["op"]  # the compile providers' first calls feed the next estimate
     seen.clear()
@@ -226,6 +228,130 @@ def test_run_group_times_the_others_when_a_provider_raises(bench_env, tmp_path):
     assert report.main([str(log), "--out", str(tmp_path / "r"), "--no-chart"]) == 0
     md = (tmp_path / "r" / "report.md").read_text()
     assert "**Failed providers**" in md and "toy_op fwd B=8 fp32: fused failed: RuntimeError" in md
+
+
+def _toy_module_case(provider, mode="fwd+bwd", shift=0.0):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 5)
+    x = torch.randn(7, 6, requires_grad=True)
+    return harness.Case("toy_op", provider, mode, 7, forward=lambda: lin(x) + shift, params=[lin.weight, lin.bias, x])
+
+
+def test_numerics_gate_fails_a_perturbed_provider_and_never_times_it(bench_env, tmp_path):
+    log = tmp_path / "cases.jsonl"
+    bench_env.setenv("DTN_BENCH_LOG", str(log))
+    bench_env.setenv("DTN_BENCH_PRESET", "smoke")
+    bench_env.setenv("DTN_BENCH_PROVIDERS", "eager,fused,fused_cublas")
+    # fused: its output off by 1e-3 of its scale (over fp32's bound); fused_cublas: a 1e-6 relative wobble (within)
+    shifts = {"eager": 0.0, "fused": 1e-3, "fused_cublas": 1e-7}
+    fb = FakeBenchmark()
+    with pytest.raises(pytest.fail.Exception, match="fused failed: numerics FAILED against eager"):
+        harness.run_group(fb, "toy_op", "fwd+bwd", 7, "fp32", lambda p: _toy_module_case(p, shift=shifts[p]), CPU,
+                          fused_on_cpu=True, extra=("fused_cublas",))
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    timed = {r["provider"]: r for r in lines if r["kind"] == "case" and r["final"]}
+    assert set(timed) == {"eager", "fused_cublas"}  # the mismatch was never timed
+    assert timed["fused_cublas"]["numerics"] == "ok" and timed["eager"]["numerics"] == "reference"
+    err = [r for r in lines if r["kind"] == "error"]
+    assert len(err) == 1 and err[0]["provider"] == "fused" and err[0]["numerics"] == "FAILED"
+    detail = err[0]["numerics_detail"]
+    assert detail["worst"]["tensor"] == "output" and detail["worst"]["over_bound"] == 35 and detail["rtol"] == 1e-4
+    assert report.main([str(log), "--out", str(tmp_path / "r"), "--no-chart"]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    row = _row(md, "| toy_op | fwd+bwd | 7 |")
+    assert "**FAILED**" in row and "**FAILED: fused**" in row
+    assert "x" not in row.split("|")[6]  # no speed-up in "fused vs eager"
+
+
+def test_numerics_gate_compares_gradients_and_tolerances_per_precision():
+    ref = {"output": torch.tensor([1.0, -2.0, 0.0]), "grad[0]": torch.tensor([[0.5, 1e-6]])}
+    same = {k: v.clone() for k, v in ref.items()}
+    assert harness.compare_outputs(ref, same, harness.tolerance("fp32-ieee"))["status"] == "ok"
+    off = dict(same, **{"grad[0]": torch.tensor([[0.5, 2e-3]])})  # 2e-3 - 1e-6 > 1e-4 * 0.5 + 1e-4 * 1e-6
+    v = harness.compare_outputs(ref, off, harness.tolerance("fp32-ieee"))
+    assert v["status"] == "FAILED" and v["worst"]["tensor"] == "grad[0]" and "grad[0]" in v["problems"][0]
+    assert harness.compare_outputs(ref, off, harness.tolerance("bf16"))["status"] == "ok"  # 2e-3 <= 3e-2 * 0.5
+    nan = dict(same, output=torch.tensor([1.0, float("nan"), 0.0]))
+    assert harness.compare_outputs(ref, nan, harness.tolerance("bf16"))["status"] == "FAILED"
+    assert harness.compare_outputs(ref, {"output": ref["output"]}, harness.tolerance("bf16"))["problems"] == \
+        ["grad[0]: missing"]
+    assert harness.compare_outputs(ref, {"output": ref["output"]}, harness.tolerance("bf16"),
+                                   compare_grads=False)["status"] == "ok"
+    assert set(harness.TOLERANCES) >= {"fp32-ieee", "fp32-tf32", "bf16"}
+
+
+class FakeGraph:
+    """torch.cuda.CUDAGraph's part graph_case uses: capture() records the body's calls, replay() reruns it."""
+
+    def __init__(self):
+        self.captured, self.replays = None, 0
+
+    def capture(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def replay(self):
+        self.replays += 1
+
+
+def test_cuda_graph_case_captures_once_and_the_gate_reads_its_static_outputs(bench_env):
+    with pytest.raises(harness.SkipProvider, match="CUDA device"):
+        harness.graph_case(_toy_module_case("fused_graph"), CPU)
+    with pytest.raises(harness.SkipProvider, match="not 'bwd' alone"):
+        harness.graph_case(_toy_module_case("fused_graph", mode="bwd"), CPU, graph_factory=FakeGraph)
+    assert harness.provider_skip_reason("grouped_graph", CPU, "model:dtn", fused_on_cpu=True).startswith("CUDA graphs")
+    base = _toy_module_case("fused_graph")
+    calls = []
+    inner = base.forward
+    base.forward = lambda: calls.append(1) or inner()
+    case = harness.graph_case(base, CPU, graph_factory=FakeGraph)
+    setup, target = case.runner()
+    target()
+    assert len(calls) == 4  # three warm-up calls, then the capture
+    target()
+    target()
+    assert len(calls) == 4  # later calls replay
+    verdict = harness.NumericsGate(_toy_module_case("eager"), "fp32-ieee").verdict(case)
+    assert verdict["status"] == "ok" and verdict["compared"] == 4  # output + 3 static gradients
+
+
+def test_compiled_uses_fullgraph_and_records_graph_breaks(bench_env):
+    whole = harness.Compiled(lambda x: torch.sin(x) * 2, backend="eager")
+    x = torch.randn(4)
+    torch.testing.assert_close(whole(x), torch.sin(x) * 2)
+    assert whole.info == {"fullgraph": True, "graph_breaks": 0}
+
+    def breaks(x):
+        y = torch.sin(x)
+        if y.sum().item() > -100:  # a host read: a graph break
+            y = y * 2
+        return y
+
+    broken = harness.Compiled(breaks, backend="eager")
+    torch.testing.assert_close(broken(x), torch.sin(x) * 2)
+    assert broken.info["fullgraph"] is False and broken.info["graph_breaks"] >= 1 and broken.info["break_reason"]
+
+
+def test_environment_reads_tf32_with_the_guard(bench_env, monkeypatch):
+    class Mixed:  # torch raises when the legacy and new TF32 APIs were mixed
+        fp32_precision = "none"
+
+        @property
+        def allow_tf32(self):
+            raise RuntimeError("mixed legacy and new TF32 APIs")
+
+    monkeypatch.setattr(torch.backends.cuda, "matmul", Mixed())
+    prev = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert harness.tf32_allowed() is True
+        torch.set_float32_matmul_precision("highest")
+        assert harness.tf32_allowed() is False
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    monkeypatch.setattr(torch.backends.cuda, "matmul", types.SimpleNamespace(fp32_precision="tf32"))
+    assert harness.tf32_allowed() is True
 
 
 def test_run_group_skips_what_cannot_run(bench_env):
@@ -518,8 +644,10 @@ def test_suite_records_every_stage_and_goes_on_after_a_timeout(tmp_path):
     assert proc.returncode != 0  # a check run with anything not ok fails
     stages = [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]
     status = {s["stage"]: s["status"] for s in stages}
-    assert status == {"env": "ok", "build": "skipped", "tests-triton": "timeout", "tests-gpu": "ok",
-                      "bandwidth": "skipped", "bench-core": "skipped", "bench-rest": "skipped", "report": "failed"}
+    assert status == {"env": "ok", "build": "skipped", "compile-warm": "skipped", "bench-headline": "skipped",
+                      "tests-triton": "timeout", "tests-gpu": "ok", "bandwidth": "skipped", "bench-core": "skipped",
+                      "bench-rest": "skipped", "report": "failed"}
+    assert [s["stage"] for s in stages][:4] == ["env", "compile-warm", "build", "bench-headline"]
     timeout_ = next(s for s in stages if s["stage"] == "tests-triton")
     assert "timed out after 1s" in timeout_["reason"] and timeout_["budget_s"] == 1
     assert all(isinstance(s["seconds"], int) and s["seconds"] >= 0 for s in stages)
