@@ -6,7 +6,11 @@ A benchmark file defines one pytest test per **group** -- (op, mode, batch, prec
 * builds a :class:`Case` per provider (``eager``, ``fused``, ``compile``, ``compile_fused``, plus
   any baselines the file adds, e.g. the embedding bag's ``loop``) and records why any provider is
   left out (Triton off CUDA, torch.compile over the time budget, ...);
-* runs every provider's first call untimed (compilation), then times the providers in
+* runs every provider's first call untimed (compilation; a compile's first call under a hard
+  limit, see :func:`compile_limit_s`), then compares every provider's forward output and gradients
+  with the eager reference's once (:class:`NumericsGate`, per-precision tolerances in
+  :data:`TOLERANCES`): a mismatch is FAILED -- recorded, never timed, never a speed-up -- then times
+  the providers in
   **interleaved rounds**: round r runs every provider once, in turn, the starting provider rotating
   with r, so each provider runs after the others have churned the caches and none owns a position.
   The reported median of a provider is over its rounds; ratios come from those medians. On CUDA each

@@ -1,0 +1,196 @@
+"""What one DTN training step costs the host, per kernel mode, measured on the CPU (no GPU needed),
+beside the roofline's GPU time for the same step.
+
+    python benchmarks/host_cost.py [--batch 2048] [--aten-launch-us 3] [--triton-launch-us 10]
+                                   [--steps 15] [--markdown FILE] [--json FILE]
+
+**Host time** = the step's Python + dispatcher + autograd time, measured, plus its kernel count times
+a stated launch cost:
+
+* *measured*: one training step (zero_grad, forward, BCE over both tasks, backward) run the way a GPU
+  runs it -- ``dtn_kernels.triton._launch.count_launches()``: the ops take their GPU path, with the
+  same wrappers, launchers and tile choices, and every Triton launch is recorded instead of run;
+  the reference embedding bag takes its device path (no value checks) -- on CPU tensors made so small
+  that the arithmetic is negligible next to the dispatch: batch 16 and 1,000 MemoNet buckets
+  (the host does the same work per op at any size; the paper's 100,000 buckets would add CPU memsets
+  of dense codebook gradients that a GPU does on the device). The median CPU time of this process
+  over ``--steps`` steps, one thread. It is an upper bound of the dispatch cost: the remaining CPU
+  arithmetic is counted too. (Meta tensors were tried first: their shape functions run in Python,
+  about 2 ms an op here, so they measure the meta kernels, not the dispatcher.)
+* *launches*: aten kernels (counted as ``benchmarks/count_launches.py`` counts them) times
+  ``--aten-launch-us`` (default 3 µs: ``cudaLaunchKernel`` from ATen's CUDA path, on top of the
+  dispatch measured above) and Triton launches times ``--triton-launch-us`` (default 10 µs: Triton's
+  Python launcher -- argument binding, specialisation key, cache lookup -- plus the driver call).
+  Both are stated assumptions, not measurements; change them with the flags.
+
+The optimizer step is left out of the measured part (Adam's update of about 10 M parameters is
+arithmetic on the CPU, one fused multi-tensor kernel on a GPU, the same in every mode); its launch
+is in the kernel count.
+
+**GPU time** (``benchmarks/roofline.py``, H100 SXM): reference = the reference model's forward +
+backward dispatched on ``meta`` tensors at ``--batch`` (paper config, 100,000 buckets), each aten
+op's own roofline time summed (launch gaps excluded); fused / grouped = that minus, for every fused
+module of the step, its eager floor minus its fused floor at the suite's op shapes (the modules of a
+step have those shapes; the gates' candidate count is the suite's 6). Grouped mode does the same
+arithmetic as fused, in fewer launches, so it gets the same floor.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import count_launches as CL  # noqa: E402
+import dtn_kernels  # noqa: E402
+from dtn_kernels.reference.pt_embedding_bag import device_path  # noqa: E402
+from dtn_kernels.triton._launch import count_launches  # noqa: E402
+
+MODES = CL.MODES
+SMALL_BATCH, SMALL_BUCKETS = 16, 1000
+# the fused modules of a step and the roofline op each stands for
+FUSED_MODULES = {"CrossNetwork": "gated_cross", "MaskBlock": "mask_block", "HCNet": "hcnet",
+                 "SoftmaxGate": "softmax_gate"}
+
+
+def build(batch: int, buckets: int | None):
+    from bench_model import batch_of, schema
+
+    from dtn.config import load_config
+    from dtn.models import build_model
+
+    cfg = load_config("paper").model
+    if buckets is not None:
+        cfg = copy.deepcopy(cfg)
+        cfg.memonet = dict(cfg.memonet, num_buckets=buckets)
+    torch.manual_seed(0)
+    model = build_model("dtn", schema(), cfg)
+    model.input_layer.validate = False  # on a GPU the host batch is checked before the copy
+    return model, *batch_of(batch)
+
+
+def measure(model, batch, labels, steps: int) -> dict:
+    """Median CPU seconds of this process per forward + backward, on the GPU path (see the docstring)."""
+    def step():
+        model.zero_grad(set_to_none=True)
+        F.binary_cross_entropy_with_logits(model(batch), labels).backward()
+
+    times = []
+    with device_path(), count_launches():
+        step()
+        step()
+        for _ in range(steps):
+            t0 = time.process_time()
+            step()
+            times.append(time.process_time() - t0)
+    return {"median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3}
+
+
+def gpu_floor_ms(batch: int, precision: str, card: str = "H100 SXM") -> dict:
+    """The roofline's GPU time of one step per mode (see the docstring)."""
+    import roofline as R
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, fb, labels = build(batch, None)
+    counts = {op: 0 for op in FUSED_MODULES.values()}
+    for m in model.modules():
+        if type(m).__name__ in FUSED_MODULES:
+            counts[FUSED_MODULES[type(m).__name__]] += 1
+    dtype = {"bf16": torch.bfloat16}.get(precision, torch.float32)
+    model = model.to(device="meta", dtype=dtype)
+    fb = fb.to("meta")
+    kernels: list = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.__name__.split(".")[0]
+            if name not in R._FREE and not name.startswith("_foreach_"):
+                kernels.append(sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves((args, kwargs, out))
+                                   if isinstance(t, torch.Tensor)))
+            return out
+
+    flops = FlopCounterMode(display=False)
+    with device_path(), flops, Count():
+        logits = model(fb)
+        logits.float().sum().backward()
+    ref = R.eager_floor_ms({"per_kernel": [("k", b) for b in kernels], "flops": flops.get_total_flops()},
+                           precision, card)
+    saved = 0.0
+    for op, n in counts.items():
+        if n:
+            eager = R.eager_floor_ms(R.eager_profile(op, batch, precision), precision, card)
+            saved += n * (eager - R.floor_ms(op, "fwd+bwd", batch, precision, card))
+    fused = ref - saved
+    return {"reference": ref, "fused": fused, "grouped": fused, "modules": counts, "card": card}
+
+
+def host_costs(batch: int, aten_us: float, triton_us: float, steps: int) -> dict:
+    base, fb, labels = build(SMALL_BATCH, SMALL_BUCKETS)
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    torch.set_num_threads(1)
+    out = {}
+    try:
+        for mode in MODES:
+            model = copy.deepcopy(base)
+            dtn_kernels.set_kernels(model, mode)
+            with device_path():
+                counts = CL.count_step(model, fb, labels, train=True)
+            host = measure(model, fb, labels, steps)
+            launch_ms = (counts["aten"] * aten_us + counts["triton"] * triton_us) / 1e3
+            out[mode] = {"aten": counts["aten"], "triton": counts["triton"], "host_syncs": counts["host_syncs"],
+                         "dispatch_ms": host["median_ms"], "launch_ms": launch_ms,
+                         "host_ms": host["median_ms"] + launch_ms}
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    return out
+
+
+def markdown(host: dict, gpu: dict, batch: int, aten_us: float, triton_us: float) -> str:
+    lines = [f"Host cost of one DTN training step (forward + backward; paper config) against the roofline's GPU "
+             f"time at B = {batch} on an {gpu['bf16']['card']} (`python benchmarks/host_cost.py`; launch costs "
+             f"assumed: {aten_us:g} µs an aten kernel, {triton_us:g} µs a Triton launch):", "",
+             "| mode | kernels (aten + Triton) | host syncs | dispatch ms (measured) | launches ms (assumed) | host ms "
+             "| GPU floor ms bf16 | GPU floor ms TF32 | bound by (bf16) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for mode in MODES:
+        h = host[mode]
+        g16, g32 = gpu["bf16"][mode], gpu["fp32-tf32"][mode]
+        lines.append(f"| {mode} | {h['aten'] + h['triton']} ({h['aten']} + {h['triton']}) | {h['host_syncs']} | "
+                     f"{h['dispatch_ms']:.2f} | {h['launch_ms']:.2f} | {h['host_ms']:.2f} | {g16:.2f} | {g32:.2f} | "
+                     f"{'host' if h['host_ms'] > g16 else 'GPU'} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=2048)
+    ap.add_argument("--aten-launch-us", type=float, default=3.0)
+    ap.add_argument("--triton-launch-us", type=float, default=10.0)
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--markdown")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    host = host_costs(args.batch, args.aten_launch_us, args.triton_launch_us, args.steps)
+    gpu = {p: gpu_floor_ms(args.batch, p) for p in ("bf16", "fp32-tf32")}
+    text = markdown(host, gpu, args.batch, args.aten_launch_us, args.triton_launch_us)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"host": host, "gpu": gpu}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
