@@ -32,6 +32,7 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -75,10 +76,11 @@ def _is_op(name: str) -> bool:
     return name.startswith("aten::") or name.startswith("dtn::")
 
 
-def _kernel_ops(prof) -> tuple[Counter, int]:
+def _kernel_ops(prof, by_custom_op: Optional[Counter] = None) -> tuple[Counter, int]:
     """(ops counted as one CUDA kernel each, by name; host syncs). An op counts when it is in
     KERNEL_OPS and no ancestor is, or when it is a leaf (no op below it), not free, and no ancestor
-    is in KERNEL_OPS."""
+    is in KERNEL_OPS. ``by_custom_op`` (optional) gets the counted kernels by the innermost
+    ``dtn::`` custom op they were issued from (its wrapper's aten ops; "-" outside any)."""
     counts: Counter = Counter()
     syncs = 0
     for ev in prof.events():
@@ -97,6 +99,9 @@ def _kernel_ops(prof) -> tuple[Counter, int]:
             continue
         if name in KERNEL_OPS or not any(_is_op(c.name) for c in ev.cpu_children):
             counts[name] += 1
+            if by_custom_op is not None:
+                owner = next((a for a in ancestors if a.startswith("dtn::") and a not in KERNEL_OPS), "-")
+                by_custom_op[owner] += 1
     return counts, syncs
 
 
@@ -125,10 +130,12 @@ def count_step(model, batch, labels, train: bool) -> dict:
         with count_launches() as triton_launches:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 step()
-    aten, syncs = _kernel_ops(prof)
+    by_op: Counter = Counter()
+    aten, syncs = _kernel_ops(prof, by_op)
     triton = Counter(triton_launches)
     return {"aten": sum(aten.values()), "triton": sum(triton.values()), "kernels": sum(aten.values()) + sum(triton.values()),
-            "host_syncs": syncs, "top_aten": aten.most_common(12), "triton_by_kernel": dict(triton)}
+            "host_syncs": syncs, "top_aten": aten.most_common(12), "triton_by_kernel": dict(triton),
+            "aten_by_custom_op": dict(by_op.most_common())}
 
 
 def build(name: str, batch_size: int):

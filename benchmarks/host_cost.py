@@ -11,12 +11,17 @@ a stated launch cost:
   runs it -- ``dtn_kernels.triton._launch.count_launches()``: the ops take their GPU path, with the
   same wrappers, launchers and tile choices, and every Triton launch is recorded instead of run;
   the reference embedding bag takes its device path (no value checks) -- on CPU tensors made so small
-  that the arithmetic is negligible next to the dispatch: batch 16 and 1,000 MemoNet buckets
-  (the host does the same work per op at any size; the paper's 100,000 buckets would add CPU memsets
-  of dense codebook gradients that a GPU does on the device). The median CPU time of this process
-  over ``--steps`` steps, one thread. It is an upper bound of the dispatch cost: the remaining CPU
-  arithmetic is counted too. (Meta tensors were tried first: their shape functions run in Python,
-  about 2 ms an op here, so they measure the meta kernels, not the dispatcher.)
+  that the arithmetic is negligible next to the dispatch: the paper's model with every width shrunk
+  (d = 4, FIM width 8, hidden layers of 8, 37 MemoNet buckets; same fields, tasks, layer counts and
+  modules) at batch 16. The host does the same work per op at any size: the script checks that the
+  shrunk step issues the kernels of the paper's widths (the same Triton launches; aten kernels
+  within 5%: some wrappers take a size-dependent route, e.g. grouped mode's shrunk step issues 214
+  aten kernels where the paper's widths issue 205, fused 308 against 306, so the measured dispatch
+  is if anything high; the launch term uses the paper's counts). The median CPU time
+  of this process over ``--steps`` steps, one thread: an upper bound of the dispatch cost (what CPU
+  arithmetic is left is counted too). (Meta tensors were tried first: their shape functions run in
+  Python, about 2 ms an op here, so they measure the meta kernels, not the dispatcher; the paper's
+  widths at batch 16 on CPU tensors measure about 50 ms of weight-sized arithmetic per step.)
 * *launches*: aten kernels (counted as ``benchmarks/count_launches.py`` counts them) times
   ``--aten-launch-us`` (default 3 µs: ``cudaLaunchKernel`` from ATen's CUDA path, on top of the
   dispatch measured above) and Triton launches times ``--triton-launch-us`` (default 10 µs: Triton's
@@ -56,22 +61,27 @@ from dtn_kernels.reference.pt_embedding_bag import device_path  # noqa: E402
 from dtn_kernels.triton._launch import count_launches  # noqa: E402
 
 MODES = CL.MODES
-SMALL_BATCH, SMALL_BUCKETS = 16, 1000
+SMALL_BATCH = 16
 # the fused modules of a step and the roofline op each stands for
 FUSED_MODULES = {"CrossNetwork": "gated_cross", "MaskBlock": "mask_block", "HCNet": "hcnet",
                  "SoftmaxGate": "softmax_gate"}
 
 
-def build(batch: int, buckets: int | None):
+def build(batch: int, shrunk: bool):
     from bench_model import batch_of, schema
 
     from dtn.config import load_config
     from dtn.models import build_model
 
     cfg = load_config("paper").model
-    if buckets is not None:
+    if shrunk:  # same modules and layer counts, every width tiny
         cfg = copy.deepcopy(cfg)
-        cfg.memonet = dict(cfg.memonet, num_buckets=buckets)
+        cfg.embed_dim, cfg.fim_dim = 4, 8
+        cfg.tower_hidden = [8] * len(cfg.tower_hidden)
+        cfg.expert_hidden = [8] * len(cfg.expert_hidden)
+        cfg.bottom_hidden = [8] * len(cfg.bottom_hidden)
+        cfg.masknet = dict(cfg.masknet, mask_hidden=10, block_dim=8)
+        cfg.memonet = dict(cfg.memonet, num_buckets=37, codebook_dim=4)
     torch.manual_seed(0)
     model = build_model("dtn", schema(), cfg)
     model.input_layer.validate = False  # on a GPU the host batch is checked before the copy
@@ -101,7 +111,7 @@ def gpu_floor_ms(batch: int, precision: str, card: str = "H100 SXM") -> dict:
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    model, fb, labels = build(batch, None)
+    model, fb, labels = build(batch, False)
     counts = {op: 0 for op in FUSED_MODULES.values()}
     for m in model.modules():
         if type(m).__name__ in FUSED_MODULES:
@@ -136,7 +146,8 @@ def gpu_floor_ms(batch: int, precision: str, card: str = "H100 SXM") -> dict:
 
 
 def host_costs(batch: int, aten_us: float, triton_us: float, steps: int) -> dict:
-    base, fb, labels = build(SMALL_BATCH, SMALL_BUCKETS)
+    base, fb, labels = build(SMALL_BATCH, True)
+    paper, pfb, plabels = build(SMALL_BATCH, False)  # the launch count does not depend on the batch size
     prev = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     torch.set_num_threads(1)
@@ -147,9 +158,16 @@ def host_costs(batch: int, aten_us: float, triton_us: float, steps: int) -> dict
             dtn_kernels.set_kernels(model, mode)
             with device_path():
                 counts = CL.count_step(model, fb, labels, train=True)
+                full = copy.deepcopy(paper)
+                dtn_kernels.set_kernels(full, mode)
+                at_paper = CL.count_step(full, pfb, plabels, train=True)
+            if abs(at_paper["aten"] - counts["aten"]) > 0.05 * at_paper["aten"] or at_paper["triton"] != counts["triton"]:
+                raise RuntimeError(f"{mode}: the shrunk step issues {counts['aten']} + {counts['triton']} kernels, "
+                                   f"the paper's widths {at_paper['aten']} + {at_paper['triton']}: not the same work")
             host = measure(model, fb, labels, steps)
-            launch_ms = (counts["aten"] * aten_us + counts["triton"] * triton_us) / 1e3
-            out[mode] = {"aten": counts["aten"], "triton": counts["triton"], "host_syncs": counts["host_syncs"],
+            launch_ms = (at_paper["aten"] * aten_us + at_paper["triton"] * triton_us) / 1e3
+            out[mode] = {"aten": at_paper["aten"], "triton": at_paper["triton"], "host_syncs": at_paper["host_syncs"],
+                         "shrunk_aten": counts["aten"], "aten_by_custom_op": at_paper["aten_by_custom_op"],
                          "dispatch_ms": host["median_ms"], "launch_ms": launch_ms,
                          "host_ms": host["median_ms"] + launch_ms}
     finally:
