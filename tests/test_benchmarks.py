@@ -63,6 +63,23 @@ def test_group_grid_has_precision_and_core_first(bench_env):
     assert harness.shape_grid() == [(2048, "fwd"), (2048, "bwd"), (2048, "fwd+bwd"), (4096, "fwd+bwd")]
 
 
+def test_model_grid_headline_is_the_dtn_training_step(bench_env):
+    import bench_model
+
+    bench_env.setenv("DTN_BENCH_PRESET", "full")
+    every = bench_model.model_grid()
+    bench_env.setenv("DTN_BENCH_SUBSET", "headline")
+    assert bench_model.model_grid() == [("dtn", "train", b, p) for b in (2048, 4096) for p in ("bf16", "fp32")]
+    bench_env.setenv("DTN_BENCH_SUBSET", "core")
+    assert bench_model.model_grid() == []  # the ops' core stage: the DTN step was timed first
+    bench_env.setenv("DTN_BENCH_SUBSET", "rest")
+    rest = bench_model.model_grid()
+    assert len(rest) == len(every) - 4 and not [g for g in rest if g[:2] == ("dtn", "train")]
+    bench_env.setenv("DTN_BENCH_PRESET", "smoke")
+    bench_env.setenv("DTN_BENCH_SUBSET", "headline")
+    assert bench_model.model_grid() == [("dtn", "train", 64, "bf16"), ("dtn", "train", 64, "fp32")]
+
+
 def test_run_order_priority(bench_env):
     """Paper batches before the sweep, ops before whole models, then bf16 before fp32."""
     keys = [harness.priority({"batch": b, "precision": p}, model=m) for b, p, m in
