@@ -21,7 +21,8 @@ forward and one backward, although its CUDA backward launches a sort and a few r
 The optimizer is Adam with ``fused=True`` (one multi-tensor kernel on CUDA) in every mode. fp32
 under torch's ``"high"`` matmul policy (TF32: the fused GEMMs take their tensor-core route, as in
 bf16). Host synchronisations (``aten::item`` / ``_local_scalar_dense``, ``nonzero``) are reported
-beside the counts. Triton kernels' outputs stay unset while counting, so the step computes nothing
+beside the counts: the ones the step's code asks for, as aten ops; a sync inside an ATen CUDA
+kernel's own implementation has no aten op of its own and is not seen on the CPU. Triton kernels' outputs stay unset while counting, so the step computes nothing
 meaningful: it only shows what it would issue.
 """
 from __future__ import annotations

@@ -80,3 +80,22 @@ def test_markdown_table():
     counts["reference"]["train"]["kernels"] = 30
     text = CL.markdown("dtn", 2048, counts)
     assert "| fused | 10 (8 + 2) | 0.33 | 0 |" in text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_reference_embedding_bag_forward_does_not_sync_on_cuda():
+    """The device path on a real GPU: no host sync in the forward (torch's sync debug mode raises on
+    one). The backward is ATen's F.embedding_bag backward, whatever it does inside."""
+    from dtn_kernels.reference.pt_embedding_bag import pt_embedding_bag
+
+    w = torch.randn(9, 3, device="cuda", requires_grad=True)
+    args = [t.cuda() for t in (torch.tensor([0, 4, 9]), torch.tensor([1, 3, 0, 2, 4, 0]), torch.tensor([0, 1, 3, 5, 6]))]
+    expect = pt_embedding_bag(w.detach().cpu(), *[t.cpu() for t in args])
+    pt_embedding_bag(w, *args)  # warm-up (lazy CUDA initialisation)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = pt_embedding_bag(w, *args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(out.cpu(), expect)
