@@ -18,7 +18,8 @@ a stated launch cost:
   within 5%: some wrappers take a size-dependent route, e.g. grouped mode's shrunk step issues 214
   aten kernels where the paper's widths issue 205, fused 308 against 306, so the measured dispatch
   is if anything high; the launch term uses the paper's counts). The median CPU time
-  of this process over ``--steps`` steps, one thread: an upper bound of the dispatch cost (what CPU
+  of this process over ``--steps`` interleaved rounds (each runs every mode once, the first mode
+  rotating), one thread: an upper bound of the dispatch cost (what CPU
   arithmetic is left is counted too). (Meta tensors were tried first: their shape functions run in
   Python, about 2 ms an op here, so they measure the meta kernels, not the dispatcher; the paper's
   widths at batch 16 on CPU tensors measure about 50 ms of weight-sized arithmetic per step.)
@@ -88,21 +89,25 @@ def build(batch: int, shrunk: bool):
     return model, *batch_of(batch)
 
 
-def measure(model, batch, labels, steps: int) -> dict:
-    """Median CPU seconds of this process per forward + backward, on the GPU path (see the docstring)."""
-    def step():
+def measure(models: dict, batch, labels, steps: int) -> dict:
+    """{mode: median / min CPU ms of this process per forward + backward} on the GPU path (see the
+    docstring), the modes interleaved: round r runs every mode once, the first mode rotating."""
+    def step(model):
         model.zero_grad(set_to_none=True)
         F.binary_cross_entropy_with_logits(model(batch), labels).backward()
 
-    times = []
+    names = list(models)
+    times: dict = {m: [] for m in names}
     with device_path(), count_launches():
-        step()
-        step()
-        for _ in range(steps):
-            t0 = time.process_time()
-            step()
-            times.append(time.process_time() - t0)
-    return {"median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3}
+        for m in names:
+            step(models[m])
+            step(models[m])
+        for r in range(steps):
+            for m in names[r % len(names):] + names[:r % len(names)]:
+                t0 = time.process_time()
+                step(models[m])
+                times[m].append(time.process_time() - t0)
+    return {m: {"median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3} for m, ts in times.items()}
 
 
 def gpu_floor_ms(batch: int, precision: str, card: str = "H100 SXM") -> dict:
@@ -151,10 +156,10 @@ def host_costs(batch: int, aten_us: float, triton_us: float, steps: int) -> dict
     prev = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     torch.set_num_threads(1)
-    out = {}
+    out, models = {}, {}
     try:
         for mode in MODES:
-            model = copy.deepcopy(base)
+            model = models[mode] = copy.deepcopy(base)
             dtn_kernels.set_kernels(model, mode)
             with device_path():
                 counts = CL.count_step(model, fb, labels, train=True)
@@ -164,10 +169,13 @@ def host_costs(batch: int, aten_us: float, triton_us: float, steps: int) -> dict
             if abs(at_paper["aten"] - counts["aten"]) > 0.05 * at_paper["aten"] or at_paper["triton"] != counts["triton"]:
                 raise RuntimeError(f"{mode}: the shrunk step issues {counts['aten']} + {counts['triton']} kernels, "
                                    f"the paper's widths {at_paper['aten']} + {at_paper['triton']}: not the same work")
-            host = measure(model, fb, labels, steps)
+            out[mode] = {"paper": at_paper, "shrunk_aten": counts["aten"]}
+        measured = measure(models, fb, labels, steps)
+        for mode in MODES:
+            at_paper, host = out[mode]["paper"], measured[mode]
             launch_ms = (at_paper["aten"] * aten_us + at_paper["triton"] * triton_us) / 1e3
             out[mode] = {"aten": at_paper["aten"], "triton": at_paper["triton"], "host_syncs": at_paper["host_syncs"],
-                         "shrunk_aten": counts["aten"], "aten_by_custom_op": at_paper["aten_by_custom_op"],
+                         "shrunk_aten": out[mode]["shrunk_aten"], "aten_by_custom_op": at_paper["aten_by_custom_op"],
                          "dispatch_ms": host["median_ms"], "dispatch_min_ms": host["min_ms"], "launch_ms": launch_ms,
                          "host_ms": host["median_ms"] + launch_ms}
     finally:
