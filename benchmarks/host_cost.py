@@ -110,6 +110,32 @@ def measure(models: dict, batch, labels, steps: int) -> dict:
     return {m: {"median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3} for m, ts in times.items()}
 
 
+def custom_op_share(model, batch, labels) -> dict:
+    """{op: CPU ms} of one forward + backward under the torch profiler, by outermost ``dtn::`` custom
+    op (its Python implementation, launchers and wrapper aten ops included), and ``-`` for the rest
+    (the profiler's own overhead inflates both alike)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with device_path(), count_launches():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model.zero_grad(set_to_none=True)
+            F.binary_cross_entropy_with_logits(model(batch), labels).backward()
+    share: dict = {}
+    total = 0.0
+    for ev in prof.events():
+        if ev.cpu_parent is None:
+            total += ev.cpu_time_total
+        if not ev.name.startswith("dtn::"):
+            continue
+        p = ev.cpu_parent
+        while p is not None and not p.name.startswith("dtn::"):
+            p = p.cpu_parent
+        if p is None:  # outermost custom op
+            share[ev.name] = share.get(ev.name, 0.0) + ev.cpu_time_total / 1e3
+    share["-"] = total / 1e3 - sum(share.values())
+    return dict(sorted(share.items(), key=lambda kv: -kv[1]))
+
+
 def gpu_floor_ms(batch: int, precision: str, card: str = "H100 SXM") -> dict:
     """The roofline's GPU time of one step per mode (see the docstring)."""
     import roofline as R
@@ -171,13 +197,14 @@ def host_costs(batch: int, aten_us: float, triton_us: float, steps: int) -> dict
                                    f"the paper's widths {at_paper['aten']} + {at_paper['triton']}: not the same work")
             out[mode] = {"paper": at_paper, "shrunk_aten": counts["aten"]}
         measured = measure(models, fb, labels, steps)
+        shares = {mode: custom_op_share(models[mode], fb, labels) for mode in MODES}
         for mode in MODES:
             at_paper, host = out[mode]["paper"], measured[mode]
             launch_ms = (at_paper["aten"] * aten_us + at_paper["triton"] * triton_us) / 1e3
             out[mode] = {"aten": at_paper["aten"], "triton": at_paper["triton"], "host_syncs": at_paper["host_syncs"],
                          "shrunk_aten": out[mode]["shrunk_aten"], "aten_by_custom_op": at_paper["aten_by_custom_op"],
                          "dispatch_ms": host["median_ms"], "dispatch_min_ms": host["min_ms"], "launch_ms": launch_ms,
-                         "host_ms": host["median_ms"] + launch_ms}
+                         "host_ms": host["median_ms"] + launch_ms, "cpu_ms_by_custom_op": shares[mode]}
     finally:
         torch.set_float32_matmul_precision(prev)
     return out
