@@ -693,7 +693,8 @@ def graph_case(case: "Case", device: torch.device, graph_factory=None) -> "Case"
     def body():
         if case.step is not None:
             return case.step()
-        out = case._out(case._fwd())
+        with autocast(case.precision, torch.device(case.device_type), cache_enabled=False):
+            out = case._out(case.forward())
         out.backward(case.grad_for(out))
         return out
 
