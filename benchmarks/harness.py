@@ -54,6 +54,7 @@ import pytest
 import torch
 
 import dtn_kernels
+from numerics import REFERENCE_PROVIDER, TOLERANCES, NumericsGate, compare_outputs, numerics_reason, tolerance  # noqa: F401
 
 PROVIDERS = ("eager", "fused", "compile", "compile_fused", "fused_graph")
 # providers some files add: the embedding bag's per-feature loop; the fused ops with their GEMMs forced
@@ -563,181 +564,9 @@ def peak_memory(setup, target, device) -> int:
     return int(peak)
 
 
-# ----------------------------------------------------------------------------- numerics gate
-
-# Element-wise tolerances per precision policy (``precision_record``'s roofline_precision): a value
-# a passes against the eager reference e when |a - e| <= atol * max|e| + rtol * |e|, max over the
-# tensor (so a gradient's tolerance does not depend on its scale). fp32-ieee: summation order only;
-# fp32-tf32: 10-bit mantissa inputs; bf16: 8-bit mantissa activations under autocast, on both sides.
-TOLERANCES = {
-    "fp32-ieee": {"rtol": 1e-4, "atol": 1e-4},
-    "fp32-tf32": {"rtol": 1e-2, "atol": 1e-2},
-    "fp32-medium": {"rtol": 5e-2, "atol": 3e-2},
-    "bf16": {"rtol": 5e-2, "atol": 3e-2},
-}
-REFERENCE_PROVIDER = "eager"
-
-
-def tolerance(roofline_precision: str) -> dict:
-    return dict(TOLERANCES.get(roofline_precision, TOLERANCES["bf16"]))
-
-
-def _dense(t):
-    if not isinstance(t, torch.Tensor):
-        return torch.as_tensor(t)
-    return (t.to_dense() if t.layout != torch.strided else t).detach().to(torch.float64)
-
-
-def compare_outputs(ref: dict, got: dict, tol: dict, compare_grads: bool = True) -> dict:
-    """The gate's verdict on one provider: ``status`` ok / FAILED, the worst tensor (largest error
-    over its bound), its max |a - e| and the number of elements over the bound."""
-    problems, worst = [], None
-    for name, e in ref.items():
-        if name.startswith("grad") and not compare_grads:
-            continue
-        if name not in got or got[name] is None:
-            problems.append(f"{name}: missing")
-            continue
-        e, a = _dense(e), _dense(got[name])
-        if a.shape != e.shape:
-            problems.append(f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}")
-            continue
-        if not e.numel():
-            continue
-        scale = float(e.abs().max()) if bool(torch.isfinite(e).all()) else float("inf")
-        bound = tol["atol"] * scale + tol["rtol"] * e.abs()
-        err = (a - e).abs()
-        bad = ~(err <= bound) & ~(a == e)  # NaN or inf where the reference is not: bad
-        ratio = float((err / bound.clamp_min(1e-30)).nan_to_num(float("inf")).max())
-        entry = {"tensor": name, "max_abs_err": float(err.nan_to_num(float("inf")).max()), "scale": scale,
-                 "over_bound": int(bad.sum()), "numel": e.numel(), "err_over_bound": ratio}
-        if worst is None or ratio > worst["err_over_bound"]:
-            worst = entry
-        if bad.any():
-            problems.append(f"{name}: {entry['over_bound']} of {e.numel()} elements over the bound "
-                            f"(max |a - e| {entry['max_abs_err']:.3g}, max |e| {scale:.3g})")
-    extra = sorted(k for k in got if k not in ref and (compare_grads or not k.startswith("grad")))
-    problems += [f"{k}: not in the reference" for k in extra]
-    return {"status": "FAILED" if problems else "ok", **tol, "worst": worst, "problems": problems[:5],
-            "compared": len(ref) if compare_grads else sum(1 for k in ref if not k.startswith("grad"))}
-
-
-class NumericsGate:
-    """Compares providers with the eager reference, once each, after their warm-up, at the
-    benchmarked shape and precision. The reference runs again for every provider: a whole model's
-    warm-up steps move its weights (the providers' checks start from the reference's weights)."""
-
-    def __init__(self, reference: Optional["Case"], roofline_precision: str):
-        self.reference, self.tol = reference, tolerance(roofline_precision)
-        self._why: Optional[str] = None if reference is not None else "no eager reference for this case"
-
-    def expected(self) -> Optional[dict]:
-        if self._why is not None:
-            return None
-        try:
-            out = self.reference.outputs()
-        except Exception as exc:  # noqa: BLE001 -- the reference failing leaves nothing to compare with
-            self._why = f"the eager reference failed: {type(exc).__name__}: {str(exc).strip()[:200]}"
-            return None
-        if out is None:
-            self._why = "the case has no numerics check"
-        return out
-
-    def verdict(self, case: "Case") -> dict:
-        """``status``: ``reference`` (the eager case itself), ``ok``, ``FAILED`` (a mismatch, or the
-        check raised) or ``unchecked`` (with the reason)."""
-        if case is self.reference:
-            return {"status": "reference", **self.tol}
-        expected = self.expected()
-        if expected is None:
-            return {"status": "unchecked", "reason": self._why}
-        try:
-            got = case.outputs()
-        except Exception as exc:  # noqa: BLE001
-            return {"status": "FAILED", **self.tol, "problems": [f"{type(exc).__name__}: {str(exc).strip()[:300]}"]}
-        if got is None:
-            return {"status": "unchecked", "reason": "the case has no numerics check"}
-        return compare_outputs(expected, got, self.tol, case.compare_grads and self.reference.compare_grads)
-
-
-def numerics_reason(verdict: dict) -> str:
-    return ("numerics FAILED against eager (|a - e| <= {atol} * max|e| + {rtol} * |e|): ".format(**verdict)
-            if "atol" in verdict else "numerics FAILED against eager: ") + "; ".join(verdict.get("problems", []))
-
-
 # ----------------------------------------------------------------------------- CUDA graphs
 
-GRAPH_SUFFIX = "_graph"
-
-
-def graph_case(case: "Case", device: torch.device, graph_factory=None) -> "Case":
-    """``case``'s whole call (forward + backward, or its ``step``: a training step with its optimizer)
-    captured once into one ``torch.cuda.CUDAGraph`` and replayed: what is left of the host's cost is
-    one graph launch. Capture follows torch's whole-network recipe: three warm-up calls on a side
-    stream, gradients set to None, then the capture (the gradients, outputs and the optimizer's state
-    become the graph's static tensors). Only ``fwd+bwd`` and whole steps are captured (a backward
-    alone would replay against the capture's forward). The numerics gate reads the static outputs
-    after a replay; a ``step`` case's ``check`` takes an optional ``replay`` callable and uses it
-    instead of its own forward + backward. ``graph_factory`` stands in for ``torch.cuda.CUDAGraph``
-    on a machine without a GPU (the tests): its objects give ``capture()`` (a context) and
-    ``replay()``; the warm-up then runs on the current stream."""
-    real = graph_factory is None
-    if real:
-        if device.type != "cuda":
-            raise SkipProvider("CUDA graphs need a CUDA device")
-        graph_factory = torch.cuda.CUDAGraph
-    if case.step is None and case.mode != "fwd+bwd":
-        raise SkipProvider(f"a CUDA graph captures forward + backward or a whole step, not {case.mode!r} alone")
-    state: dict = {}
-
-    def body():
-        if case.step is not None:
-            return case.step()
-        with autocast(case.precision, torch.device(case.device_type), cache_enabled=False):
-            out = case._out(case.forward())
-        out.backward(case.grad_for(out))
-        return out
-
-    def capture():
-        if real:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    case.zero_grads()
-                    body()
-            torch.cuda.current_stream().wait_stream(side)
-        else:
-            for _ in range(3):
-                case.zero_grads()
-                body()
-        case.zero_grads()
-        graph = graph_factory()
-        ctx = torch.cuda.graph(graph) if real else graph.capture()
-        with ctx:
-            state["out"] = body()
-        state["grads"] = [p.grad for p in case.params]
-        state["graph"] = graph
-
-    def run():
-        if "graph" not in state:
-            capture()
-        state["graph"].replay()
-        return state["out"]
-
-    def check():
-        if case.step is not None:  # the step's own check, handed the replay (it sets the weights first)
-            return case.check(run) if case.check is not None else None
-        run()
-        out = case._out(state["out"])
-        res = {"output": out.detach()}
-        if case.compare_grads:
-            res.update({f"grad[{i}]": g for i, g in enumerate(state["grads"]) if g is not None})
-        return res
-
-    return Case(op=case.op, provider=case.provider, mode=case.mode, batch=case.batch, step=run,
-                params=[], shape=case.shape, precision=case.precision, device_type=case.device_type, env=case.env,
-                check=check, compare_grads=case.compare_grads, compiled=case.compiled)
+GRAPH_SUFFIX = "_graph"  # fused_graph, grouped_graph: benchmarks/graphs.py's graph_case
 
 
 # ----------------------------------------------------------------------------- budget
@@ -889,6 +718,8 @@ def run_group(benchmark, op: str, mode: str, batch: int, precision: str,
                 case = make_case(p)
                 case.precision, case.device_type = precision, device.type
                 if p.endswith(GRAPH_SUFFIX):
+                    from graphs import graph_case
+
                     case = graph_case(case, device)
                 cases[p] = case
             except SkipProvider as exc:

@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCH)
 
+import graphs  # noqa: E402
 import harness  # noqa: E402
 import report  # noqa: E402
 
@@ -314,15 +315,15 @@ class FakeGraph:
 
 def test_cuda_graph_case_captures_once_and_the_gate_reads_its_static_outputs(bench_env):
     with pytest.raises(harness.SkipProvider, match="CUDA device"):
-        harness.graph_case(_toy_module_case("fused_graph"), CPU)
+        graphs.graph_case(_toy_module_case("fused_graph"), CPU)
     with pytest.raises(harness.SkipProvider, match="not 'bwd' alone"):
-        harness.graph_case(_toy_module_case("fused_graph", mode="bwd"), CPU, graph_factory=FakeGraph)
+        graphs.graph_case(_toy_module_case("fused_graph", mode="bwd"), CPU, graph_factory=FakeGraph)
     assert harness.provider_skip_reason("grouped_graph", CPU, "model:dtn", fused_on_cpu=True).startswith("CUDA graphs")
     base = _toy_module_case("fused_graph")
     calls = []
     inner = base.forward
     base.forward = lambda: calls.append(1) or inner()
-    case = harness.graph_case(base, CPU, graph_factory=FakeGraph)
+    case = graphs.graph_case(base, CPU, graph_factory=FakeGraph)
     setup, target = case.runner()
     target()
     assert len(calls) == 4  # three warm-up calls, then the capture
