@@ -124,7 +124,7 @@ def test_column_patterns():
     ({"labels": ["y1", "y2"], "features": [{"name": "y1"}]}, r"\['y1'\] are label columns"),
     ({"labels": ["y1", "y2"], "features": [{"name": "a"}], "colums": 1}, r"unknown key\(s\) \['colums'\]"),
     ({"labels": ["y1", "y2"], "features": [{"name": "t", "kind": "categorical", "weight_separator": ":"}]},
-     r"weight_separator / weight_column apply to multi features only"),
+     r"weight_separator applies to multi features only"),
 ])
 def test_schema_errors_name_the_key(raw, match):
     with pytest.raises(SchemaError, match=match):
