@@ -47,11 +47,11 @@ def _config(args, config: str | None = None):
     return _request(args, config)[0]
 
 
-def _request(args, config: str | None = None):
+def _request(args, config: str | None = None, notes: bool = True):
     """(config, {key: the --set or flag that set it}) -- see :func:`dtn.request_check.request_config`."""
     from .request_check import request_config
 
-    cfg, explicit = request_config(args, config)
+    cfg, explicit = request_config(args, config, note=print if notes else None)
     _check_device(cfg.train.device)
     if cfg.train.log == "tensorboard":  # an optional package: say so before any data is read
         from .train.tblog import require_tensorboard
@@ -259,15 +259,28 @@ def cmd_compare(args) -> int:
 
     models = [_check_model_name(m) for m in args.models.split(",")]
     seeds = _seeds(args.seeds) if args.seeds else [None]
+    base = _base(args, models)
     cfg, configs = _table_configs(args, models, base=args.base, command="compare")
     ensure_writable(args.out, "--out", keep=False)
     t0 = time.time()
     data = _load_data(cfg)
-    summary = compare(models, data, cfg, args.out, base=args.base, seeds=seeds, resume=not args.fresh, configs=configs)
+    summary = compare(models, data, cfg, args.out, base=base, seeds=seeds, resume=not args.fresh, configs=configs)
     print()
     print(to_markdown(summary))
     print(f"total {time.time() - t0:.0f}s; table in {os.path.join(args.out, 'compare.md')} and compare.json")
     return 0
+
+
+def _base(args, models: list[str]) -> str | None:
+    """The RelaImp base: --base (checked to be among --models by the request check), else shared_bottom when it
+    is among --models, else none (and a note says so)."""
+    if args.base:
+        return args.base
+    if "shared_bottom" in models:
+        return "shared_bottom"
+    print(f"note: no RelaImp column: --models ({','.join(models)}) leaves out shared_bottom, the default base; name "
+          "one of them with --base")
+    return None
 
 
 def _seeds(text: str) -> list[int]:
@@ -361,11 +374,12 @@ def cmd_table3(args) -> int:
         raise ConfigError(f"--trim-threshold {args.trim_threshold}: allowed: a gate weight in [0, 1)")
     if args.bootstrap < 0:
         raise ConfigError(f"--bootstrap {args.bootstrap}: allowed: an integer >= 0 (0 = no significance test)")
+    base = _base(args, models)
     cfg, configs = _table_configs(args, models, base=args.base, command="table3")
     ensure_writable(args.out, "--out", keep=False)
     t0 = time.time()
     data = _load_data(cfg)
-    summary = table3(data, cfg, args.out, seeds=seeds, threshold=args.trim_threshold, models=models, base=args.base,
+    summary = table3(data, cfg, args.out, seeds=seeds, threshold=args.trim_threshold, models=models, base=base,
                      resume=not args.fresh, configs=configs, resamples=args.bootstrap)
     print()
     print(table3_markdown(summary))
@@ -390,9 +404,9 @@ def _table_configs(args, models: list[str], base: str | None = None, command: st
     from .tune import load_tuned
 
     paths = load_tuned(args.tuned, models)
-    requests = {m: _request(args, path) for m, path in paths.items()}
-    configs = {m: r[0] for m, r in requests.items()}
     first = next(iter(paths))
+    requests = {m: _request(args, path, notes=m == first) for m, path in paths.items()}
+    configs = {m: r[0] for m, r in requests.items()}
     for m, c in configs.items():
         if dataclasses.asdict(c.data) != dataclasses.asdict(configs[first].data):
             raise ConfigError(f"{paths[m]}: its data section differs from {paths[first]}'s; every model of a table "
@@ -597,7 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train several models and print a Table-3-style table")
     _common(c)
     c.add_argument("--models", default="shared_bottom,mmoe,ple,dtn")
-    c.add_argument("--base", default="shared_bottom", help="RelaImp base model [shared_bottom]")
+    c.add_argument("--base", help="RelaImp base model, one of --models [shared_bottom when among --models, else no "
+                   "RelaImp]")
     c.add_argument("--seeds", help="comma-separated seeds (mean ± std); default: the config's seed")
     c.add_argument("--out", default="results/compare", help="output folder [results/compare]")
     c.add_argument("--fresh", action="store_true", help="retrain every model from scratch, replacing the runs in OUT "
@@ -647,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("table3", help="Table 3: the baselines, DTN and DTN-trim, mean ± std over seeds")
     _common(b)
     b.add_argument("--models", help="comma-separated [shared_bottom,mmoe,ple,sfm,tfi,dtn]")
-    b.add_argument("--base", default="shared_bottom", help="RelaImp base model [shared_bottom]")
+    b.add_argument("--base", help="RelaImp base model, one of --models [shared_bottom when among them, else no RelaImp]")
     b.add_argument("--seeds", default="1,2,3", help="comma-separated seeds [1,2,3]")
     b.add_argument("--trim-threshold", type=float, default=0.08, help="DTN-trim gate-weight threshold [0.08]")
     b.add_argument("--out", default="results/table3", help="output folder [results/table3]")

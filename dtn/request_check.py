@@ -30,15 +30,14 @@ import yaml
 from .config import CONFIG_DIR, Config, ConfigError, Text, config_from_dict, load_config
 
 # ---- the config from the command line ---------------------------------------------------------------
-def parse_sets(pairs: list[str] | None) -> dict[str, tuple[object, str]]:
-    """``section.key=value`` pairs -> {dotted key: (value, the pair as given)}; a value stays text
+def parse_sets(pairs: list[str] | None) -> list[tuple[str, object, str]]:
+    """``section.key=value`` pairs -> [(dotted key, value, the pair as given)] in order; a value stays text
     (:class:`dtn.config.Text`) until the config converts it to its key's type. A mapping given to an option
-    mapping (``model.memonet={fields: 2}``) counts as its sub-keys, so two such --set merge; the same key given
-    twice with different values is refused (one of them would be dropped silently)."""
-    out: dict[str, tuple[object, str]] = {}
+    mapping (``model.memonet={fields: 2}``) counts as its sub-keys, so two such --set merge key by key."""
+    out: list[tuple[str, object, str]] = []
+    default = Config()
     mappings = {f"{name}.{f.name}" for name in ("model", "train", "data")
-                for f in dataclasses.fields(getattr(Config(), name)) if isinstance(getattr(getattr(Config(), name), f.name),
-                                                                                   dict)}
+                for f in dataclasses.fields(getattr(default, name)) if isinstance(getattr(getattr(default, name), f.name), dict)}
     for pair in pairs or []:
         key, eq, value = pair.partition("=")
         parts = key.strip().split(".")
@@ -54,13 +53,11 @@ def parse_sets(pairs: list[str] | None) -> dict[str, tuple[object, str]]:
             if isinstance(parsed, dict):
                 items = [(f"{dotted}.{k}", v) for k, v in parsed.items()]
         for k, v in items:
-            for other in out:
+            for other, _, other_pair in out:
                 if other.startswith(k + ".") or k.startswith(other + "."):
                     raise ConfigError(f"--set {pair!r}: {min(k, other, key=len)} is set to a value and used as a "
-                                      f"section (--set {out[other][1]!r})")
-            if k in out and str(out[k][0]).strip() != str(v).strip():
-                raise ConfigError(f"--set {k} is given twice, as {str(out[k][0])!r} and {str(v)!r}; give it once")
-            out[k] = (v, pair)
+                                      f"section (--set {other_pair!r})")
+            out.append((k, v, pair))
     return out
 
 
@@ -121,13 +118,22 @@ def config_where(args, config: str | None = None) -> str:
     return f"config {name!r} ({os.path.join(CONFIG_DIR, name + '.yaml')})"
 
 
-def request_config(args, config: str | None = None) -> tuple[Config, dict[str, str]]:
+def request_config(args, config: str | None = None, note=None) -> tuple[Config, dict[str, str]]:
     """(the config from ``config`` (else --config, else ``cpu``), --set and the flags; {dotted key: what set it on
-    the command line}). Every --set is checked on its own first; contradictions are refused."""
-    sets = parse_sets(getattr(args, "set", None))
+    the command line}). Every --set is checked on its own first; a flag and a --set or another flag that
+    contradict each other are refused; ``note`` (e.g. print) is told of a --set overridden by a later one."""
+    given = parse_sets(getattr(args, "set", None))
     flags = _flag_overrides(args)
     base = load_config(config or getattr(args, "config", None) or "cpu")
-    # 1. every --set converted and checked against its key's type and range, before any flag could hide it
+    # 1. every --set converted and checked against its key's type and range, before a later --set or a flag could
+    # hide it; a key given twice takes the later value, and a note says so
+    sets: dict[str, tuple[object, str]] = {}
+    for key, value, pair in given:
+        if key in sets and str(sets[key][0]).strip() != str(value).strip():
+            config_from_dict(nested({key: sets[key][0]}), base)
+            if note is not None:
+                note(f"note: --set {sets[key][1]} is overridden by the later --set {pair} ({key} = {value})")
+        sets[key] = (value, pair)
     with_sets = config_from_dict(nested({k: v for k, (v, _) in sets.items()}), base) if sets else base
     # 2. flags that contradict each other (--dataset census --data-schema s.yaml; --data-dir with --data)
     by_key: dict[str, tuple[str, object]] = {}
@@ -193,8 +199,8 @@ def request_schema(cfg: Config) -> RequestSchema:
         empty = {s: f"{where}: split.{s} is 0 and there is no {s} file" for s in ("valid", "test")
                  if not getattr(ts, s) and ts.fractions()[s] == 0}
         if "valid" in empty:
-            raise ConfigError(f"{empty['valid']}: the validation split would be empty, and model selection needs "
-                              "validation rows (set split.valid > 0, or give a file with --valid)")
+            raise ConfigError(f"the validation split is empty ({empty['valid']}): model selection needs validation "
+                              "rows (set split.valid > 0, or give a file with --valid)")
         return RequestSchema(ts.feature_schema(), where, empty)
     if d.dataset == "census":
         return RequestSchema(census_schema(d.bucketize, d.numeric_ids), "the Census-Income data (data.dataset = "
@@ -230,10 +236,19 @@ def _memonet_key(name: str, m) -> str | None:
     return None
 
 
-def _check_memonet(name: str, m, schema, where: str, cfg_where: str) -> None:
+def _source(key: str, explicit: dict[str, str], cfg_where: str) -> str:
+    """Where a key's value came from: the --set or flag that gave it, else the config file."""
+    for k in (key, key.rsplit(".", 1)[0]):
+        if k in explicit:
+            return explicit[k]
+    return f"in {cfg_where}"
+
+
+def _check_memonet(name: str, m, schema, where: str, cfg_where: str, explicit: dict[str, str]) -> None:
     key = _memonet_key(name, m)
     if key is None:
         return
+    fields_at = _source("model.memonet.fields", explicit, cfg_where)
     cats = [f.name for f in schema.categorical]
     kinds = {f.name: f.kind for f in schema.features}
     fields = (m.memonet or {}).get("fields")
@@ -245,47 +260,55 @@ def _check_memonet(name: str, m, schema, where: str, cfg_where: str) -> None:
         crossed = []
         for f in fields:
             if isinstance(f, int) and not 0 <= f < len(cats):
-                raise ConfigError(f"model.memonet.fields = {fields!r} in {cfg_where}: position {f} is not a categorical "
+                raise ConfigError(f"model.memonet.fields = {fields!r} ({fields_at}): position {f} is not a categorical "
                                   f"feature of {where} (it has {len(cats)}: {cats})")
             if isinstance(f, str) and f not in cats:
                 what = f"a {kinds[f]} feature" if f in kinds else "not a feature"
-                raise ConfigError(f"model.memonet.fields = {fields!r} in {cfg_where}: {f!r} is {what} of {where}; "
+                raise ConfigError(f"model.memonet.fields = {fields!r} ({fields_at}): {f!r} is {what} of {where}; "
                                   f"MemoNet crosses categorical features: {cats}")
             crossed.append(cats[f] if isinstance(f, int) else f)
         dup = sorted({c for c in crossed if crossed.count(c) > 1})
         if dup:
-            raise ConfigError(f"model.memonet.fields = {fields!r} in {cfg_where}: {dup} listed more than once")
+            raise ConfigError(f"model.memonet.fields = {fields!r} ({fields_at}): {dup} listed more than once")
     if len(crossed) < 2:
         if key == "model.fims":
             rest = [k for k in m.fims if k != "memonet"] or ["gdcn"]
             fix = f"--set model.fims=[{', '.join(rest)}]"
         else:
             fix = "--set model.tfi_fim=gdcn"
-        raise ConfigError(f"{name}: {key} in {cfg_where} includes memonet, whose HCNet crosses pairs of categorical "
-                          f"features, but {where} has {len(cats)} categorical feature(s) {cats}: at least 2 are needed; "
+        raise ConfigError(f"{name}: {key} ({_source(key, explicit, cfg_where)}) includes memonet, whose HCNet "
+                          f"crosses pairs of categorical features, but {where} has {len(cats)} categorical feature(s) {cats}: at least 2 are needed; "
                           f"add categorical features to {where}, or change {key} ({fix})")
 
 
-def check_model(name: str, cfg: Config, schema, where: str, cfg_where: str) -> None:
-    """``name`` with ``cfg`` can be built for ``schema``; else a ConfigError naming both files and the key."""
+def check_model(name: str, cfg: Config, schema, where: str, cfg_where: str, explicit: dict[str, str] | None = None
+                ) -> None:
+    """``name`` with ``cfg`` can be built for ``schema``; else a ConfigError naming both files and the key
+    (and the --set or flag that gave it)."""
     from .models import build_model
 
+    explicit = explicit or {}
     m, tasks = cfg.model, list(schema.labels)
-    _check_memonet(name, m, schema, where, cfg_where)
+
+    def at(key):
+        return _source(key, explicit, cfg_where)
+
+    _check_memonet(name, m, schema, where, cfg_where, explicit)
     if m.task_order is not None and sorted(m.task_order) != sorted(tasks):
-        raise ConfigError(f"model.task_order = {m.task_order} in {cfg_where}: allowed: an order of the tasks {tasks} "
-                          f"of {where}")
+        raise ConfigError(f"model.task_order = {m.task_order} ({at('model.task_order')}): allowed: an order of the "
+                          f"tasks {tasks} of {where}")
     uses_ple = name in ("ple", "cgc", "tfi") or (name == "sfm" and m.sfm_mtl == "ple")
     if uses_ple and m.num_specific_experts + m.num_shared_experts < 1:
-        raise ConfigError(f"{name}: model.num_specific_experts and model.num_shared_experts are both 0 in {cfg_where}; "
+        raise ConfigError(f"{name}: model.num_specific_experts and model.num_shared_experts are both 0 "
+                          f"({at('model.num_specific_experts')}; {at('model.num_shared_experts')}); "
                           "allowed: at least one expert per task (set either to >= 1)")
     t = cfg.train
     if t.task_weights is not None and len(t.task_weights) != len(tasks):
-        raise ConfigError(f"train.task_weights = {t.task_weights} in {cfg_where}: {len(t.task_weights)} weight(s) for "
-                          f"the {len(tasks)} tasks {tasks} of {where}; allowed: one weight >= 0 per task")
+        raise ConfigError(f"train.task_weights = {t.task_weights} ({at('train.task_weights')}): "
+                          f"{len(t.task_weights)} weight(s) for the {len(tasks)} tasks {tasks} of {where}; allowed: one weight >= 0 per task")
     if t.early_stop_metric != "mean_auc" and t.early_stop_metric[4:] not in tasks:
-        raise ConfigError(f"train.early_stop_metric = {t.early_stop_metric!r} in {cfg_where}: allowed: 'mean_auc' or "
-                          f"one of {['auc/' + x for x in tasks]} (the tasks of {where})")
+        raise ConfigError(f"train.early_stop_metric = {t.early_stop_metric!r} ({at('train.early_stop_metric')}): "
+                          f"allowed: 'mean_auc' or one of {['auc/' + x for x in tasks]} (the tasks of {where})")
     # anything else a module needs: build the model once without memory (meta tensors), then on the CPU if the
     # meta build is what failed
     from .features import Schema
@@ -334,9 +357,9 @@ def check_request(args, cfg: Config, explicit: dict[str, str], models: list[str]
     for name in models:
         own = (configs or {}).get(name, cfg)
         where = (config_paths or {}).get(name) or config_where(args)
-        check_model(name, own, rs.schema, rs.where, where)
+        check_model(name, own, rs.schema, rs.where, where, explicit)
     return rs
 
 
-__all__ = ["check_split", "parse_sets", "request_config", "check_applicable", "request_schema", "check_model", "check_request",
-           "RequestSchema", "config_where"]
+__all__ = ["check_split", "parse_sets", "request_config", "check_applicable", "request_schema", "check_model",
+           "check_request", "RequestSchema", "config_where"]
