@@ -157,8 +157,8 @@ def cmd_train(args) -> int:
     from .request_check import check_request
 
     cfg, explicit = _request(args)
+    request = check_request(args, cfg, explicit, [args.model or cfg.model.name])
     name = _check_model_name(args.model or cfg.model.name)  # a tuned config names its model
-    request = check_request(args, cfg, explicit, [name])
     if "test" in request.empty_splits:
         print(f"note: the test split is empty ({request.empty_splits['test']}): there will be no test metrics")
     device = D.init_from_env(cfg.train.device)

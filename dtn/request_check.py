@@ -343,7 +343,14 @@ def check_request(args, cfg: Config, explicit: dict[str, str], models: list[str]
         if "model.name" in explicit and getattr(args, "model", None) and \
                 canonical_name(cfg.model.name) != canonical_name(args.model):
             raise ConfigError(f"{explicit['model.name']} contradicts --model {args.model}; drop one of them")
-        check_model_name(cfg, explicit)
+        if getattr(args, "model", None):
+            from .models import MODEL_REGISTRY
+
+            if canonical_name(args.model) not in MODEL_REGISTRY:
+                raise ConfigError(f"unknown model {args.model!r}; known: {sorted(MODEL_REGISTRY)}")
+        else:
+            check_model_name(cfg, explicit)
+        models = [canonical_name(m) for m in models]
     elif "model.name" in explicit:
         raise ConfigError(f"{explicit['model.name']}: dtn {command} trains the models of --models; model.name is "
                           "not used (drop it)")
