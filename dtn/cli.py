@@ -295,6 +295,15 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+def _check_flags(*rules) -> None:
+    """(flag, value, ok, allowed) for each numeric flag: one that is not ok is refused before anything is read."""
+    from .config import ConfigError
+
+    for flag, value, ok, allowed in rules:
+        if not ok:
+            raise ConfigError(f"{flag} {value}: allowed: {allowed}")
+
+
 def _threads(args) -> None:
     if getattr(args, "threads", None) is not None:
         from .config import ConfigError
@@ -310,6 +319,8 @@ def cmd_importance(args) -> int:
     from .analysis import load_checkpoint_data
     from .analysis.importance import run_importance
 
+    _check_flags(("--repeats", args.repeats, args.repeats >= 1, "an integer >= 1"),
+                 ("--max-rows", args.max_rows, args.max_rows >= 0, "an integer >= 0 (0 = all rows)"))
     _threads(args)
     model, cfg, data, ckpt = load_checkpoint_data(args.checkpoint, args.data_dir)
     tasks = args.tasks.split(",") if args.tasks else None
@@ -339,6 +350,9 @@ def cmd_trim(args) -> int:
     from .analysis import load_checkpoint_data
     from .analysis.gates import require_dtn, trim_markdown, trim_model, write_trim
 
+    _check_flags(("--threshold", args.threshold, 0.0 <= args.threshold < 1.0, "a gate weight in [0, 1)"),
+                 ("--latency-batch", args.latency_batch, args.latency_batch >= 1, "an integer >= 1"),
+                 ("--repeats", args.repeats, args.repeats >= 1, "an integer >= 1"))
     _threads(args)
     model, cfg, data, ckpt = load_checkpoint_data(args.checkpoint, args.data_dir)
     require_dtn(model, "dtn trim")
@@ -355,6 +369,9 @@ def cmd_tsne(args) -> int:
     from .analysis import get_split, load_checkpoint_data
     from .analysis.tsne import run_tsne
 
+    _check_flags(("--samples", args.samples, args.samples >= 5, "an integer >= 5"),
+                 ("--perplexity", args.perplexity, 0 < args.perplexity < args.samples,
+                  f"a number > 0 and below --samples ({args.samples})"))
     _threads(args)
     model, cfg, data, ckpt = load_checkpoint_data(args.checkpoint, args.data_dir)
     paths = run_tsne(model, get_split(data, args.split), args.out, fim=args.fim, task=args.task, n=args.samples,
@@ -557,8 +574,15 @@ def _analysis_common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument error is one line and exit status 2, like every other error (``--help`` shows the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: argument error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dtn", description="DTN and multi-task baselines: train, evaluate, compare, export; the "
+    p = _Parser(prog="dtn", description="DTN and multi-task baselines: train, evaluate, compare, export; the "
                                 "paper's analyses: importance, gates, trim, tsne, table3 (docs/analysis.md); your own "
                                 "CSV / Parquet data (docs/own-data.md). An expected failure prints one line and exits "
                                 "with status 2 (README, Errors).")

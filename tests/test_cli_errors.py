@@ -626,6 +626,43 @@ def test_evaluate_flags_against_the_checkpoint(env, capsys, tmp_path):
                           tmp_path / "gone.csv"], "gone.csv", absent=[tmp_path / "new"])
 
 
+@pytest.mark.parametrize("argv, needles", [
+    (["importance", "--max-rows", "-1"], ["--max-rows -1", ">= 0"]),
+    (["importance", "--repeats", "0"], ["--repeats 0", ">= 1"]),
+    (["trim", "--threshold", "1.5"], ["--threshold 1.5", "[0, 1)"]),
+    (["trim", "--threshold", "0.1", "--repeats", "0"], ["--repeats 0", ">= 1"]),
+    (["trim", "--threshold", "0.1", "--latency-batch", "0"], ["--latency-batch 0", ">= 1"]),
+    (["tsne", "--perplexity", "-1"], ["--perplexity -1.0", "> 0"]),
+    (["tsne", "--samples", "50", "--perplexity", "80"], ["--perplexity 80.0", "below --samples (50)"]),
+], ids=["importance rows", "importance repeats", "trim threshold", "trim repeats", "trim batch", "tsne perplexity",
+        "tsne perplexity over samples"])
+def test_analysis_flags_before_any_work(env, capsys, tmp_path, argv, needles):
+    expect_error(capsys, [*argv, "--checkpoint", env["run"] / "best.pt", "--out", tmp_path / "a"], *needles,
+                 protect=[env["run"]], absent=[tmp_path / "a"])
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["train", "--epochs", "abc"], ["dtn train: argument error", "--epochs", "'abc'", "--help"]),
+    (["example-data", "--layout", "criteo", "--out", "x.csv"], ["dtn example-data: argument error", "'criteo'"]),
+    (["evaluate"], ["--checkpoint"]),
+], ids=["int", "choice", "required"])
+def test_argument_errors_are_one_line(capsys, argv, needles):
+    expect_error(capsys, argv, *needles)
+
+
+@pytest.mark.parametrize("what, needles", [
+    ("data folder", ["a folder, not a data file"]),
+    ("empty schema", ["req.yaml: the schema must be a mapping", "got an empty file"]),
+    ("list schema", ["req.yaml: the schema must be a mapping", "got a list"]),
+])
+def test_files_of_the_wrong_kind(env, capsys, tmp_path, what, needles):
+    if what == "data folder":
+        argv = ["train", "--data-schema", env["dir"] / "s.yaml", "--data", tmp_path, *SMALL, "--out", tmp_path / "r"]
+    else:
+        argv = _request(env, tmp_path, schema="" if what == "empty schema" else "- labels\n")
+    expect_error(capsys, argv, *needles, absent=[tmp_path / "r"])
+
+
 def test_repeated_set_takes_the_later_value_with_a_note(env):
     from dtn.cli import build_parser
     from dtn.request_check import request_config

@@ -142,7 +142,8 @@ def table_schema_from_dict(raw: dict, path: str | None = None) -> TableSchema:
     """Validate a data schema mapping; errors name ``path`` and the key."""
     at = path or "data schema"
     if not isinstance(raw, dict):
-        raise SchemaError(f"{at}: the schema must be a mapping, got {type(raw).__name__}")
+        got = "an empty file" if raw is None else "a list" if isinstance(raw, list) else "a single value"
+        raise SchemaError(f"{at}: the schema must be a mapping of keys (labels, features, ...), got {got}")
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
         raise SchemaError(f"{at}: unknown key(s) {unknown}; known: {sorted(_TOP_KEYS)}")
@@ -262,6 +263,14 @@ def table_schema_from_dict(raw: dict, path: str | None = None) -> TableSchema:
     return ts
 
 
+def _head(text: str, delimiter: str, limit: int = 200) -> str:
+    """A raw line for a message: whole up to ``limit`` characters, else its fields up to there and ``...``."""
+    if len(text) <= limit:
+        return repr(text)
+    cut = text.rfind(delimiter, 0, limit)
+    return f"{text[:cut if cut > 0 else limit]!r} ... ({len(text):,} characters)"
+
+
 def first_sentence(exc: BaseException) -> str:
     """An exception's own words on one line, up to its first sentence end (never cut mid-word), without
     the class name a library may prefix."""
@@ -343,6 +352,8 @@ class Chunk:
 
 
 def _format_of(path: str, fmt: str | None) -> str:
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a folder, not a data file (name a CSV or Parquet file)")
     low = path.lower()
     packed = next((ext for ext in COMPRESSED if low.endswith(ext)), None)
     if packed:  # whatever format: says, the chunked reader cannot seek in a compressed stream
@@ -539,7 +550,7 @@ class TableSource:
             else:
                 detail = f"column {names[counts[i]]!r} (field {counts[i] + 1}) and after are missing"
             raise DataError(f"{chunk.file}: line {chunk.first + i}: {counts[i]} fields, expected {width}: {detail}; "
-                            f"line: {text[:200]!r} ({len(bad)} malformed line(s) in this chunk)")
+                            f"line: {_head(text, d)} ({len(bad)} malformed line(s) in this chunk)")
         keep = [chunk.first + i for i, c in enumerate(counts) if c]
         needed = self.needed(chunk.role)
         numeric = {f.source for f in self.encoder_schema.features if f.kind == "numeric" or f.bins}
