@@ -40,7 +40,7 @@ class Text(str):
 
 def _f(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, **check):
     """A dataclass field with its valid range in ``metadata``: ge / gt / le (numbers, also every
-    item of a list), choices, min_len (lists), options (the sub-keys of an option mapping); and
+    item of a list), choices, min_len and distinct (lists), options (the sub-keys of an option mapping); and
     applies ({other key of the section: values}: where the key has an effect at all)."""
     return field(default=default, default_factory=factory, metadata=check)
 
@@ -72,7 +72,7 @@ class ModelConfig:
     num_levels: int = _f(1, ge=1)  # PLE levels (1 = CGC)
     # FIMs
     fim_dim: int = _f(512, ge=1)  # h, the output width of every FIM
-    fims: list[str] = _f(factory=lambda: ["gdcn", "masknet", "memonet"], choices=FIM_KINDS, min_len=1)  # DTN's MFI, SFM's FIMs
+    fims: list[str] = _f(factory=lambda: ["gdcn", "masknet", "memonet"], choices=FIM_KINDS, min_len=1, distinct=True)  # DTN's MFI, SFM's FIMs
     tfi_fim: str = _f("gdcn", choices=FIM_KINDS)  # the single FIM kind of TFI
     sfm_mtl: str = _f("ple", choices=("mmoe", "ple"))  # SFM's multi-task network on top of the FIMs
     gdcn: dict[str, Any] = _f(factory=lambda: {"num_layers": 2}, options=FIM_OPTIONS["gdcn"])
@@ -208,6 +208,8 @@ def _range_text(tp, check: dict) -> str:
             parts.append(f"{sym} {check[k]}")
     if check.get("min_len"):
         parts.append(f"at least {check['min_len']} item(s)")
+    if check.get("distinct"):
+        parts.append("each at most once")
     return _describe(tp) + (" " + ", ".join(parts) if parts else "")
 
 
@@ -287,7 +289,11 @@ def _coerce(value, tp, key: str, check: dict, raw=None):
             raise _bad(key, value, tp, check, "not a list")
         if len(value) < check.get("min_len", 0):
             raise _bad(key, value, tp, check, "too few items")
-        item_check = {k: v for k, v in check.items() if k != "min_len"}
+        if check.get("distinct"):
+            dup = sorted({str(v) for v in value if value.count(v) > 1})
+            if dup:
+                raise _bad(key, value, tp, check, f"{dup} listed more than once")
+        item_check = {k: v for k, v in check.items() if k not in ("min_len", "distinct")}
         return [_coerce(v, args[0], f"{key}[{i}]", item_check) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):

@@ -494,6 +494,11 @@ REQUEST_CASES = {
                                        "['c1', 'c2']"]),
     "memonet field position": (["--model", "sfm", "--set", "model.memonet={fields: [0, 5]}"],
                                ["model.memonet.fields = [0, 5]", "position 5 is not a categorical feature"]),
+    "a FIM kind twice": (["--set", "model.fims=[gdcn, gdcn]"], ["model.fims = ['gdcn', 'gdcn']", "more than once"]),
+    "the train file as the valid file": (["--valid", "{missing}"], ["missing.csv: named as both the train and the "
+                                                                    "valid file"]),
+    "the test file as the valid file": (["--valid", "{t}", "--test", "{t}"], ["t.csv: named as both the valid and "
+                                                                             "the test file"]),
     "option without a space": (["--set", "model.gdcn={num_layers:3}"], ["model.gdcn: unknown option(s) ['num_layers:3']",
                                                                        "a space after the colon"]),
 }
@@ -503,6 +508,8 @@ REQUEST_CASES = {
 def test_request_refused_before_data(env, capsys, tmp_path, case):
     extra, needles = REQUEST_CASES[case]
     small = _without("model.memonet") if "memonet" in case else SMALL
+    extra = [a.replace("{missing}", str(tmp_path / "missing.csv")).replace("{t}", str(env["dir"] / "t.csv"))
+             for a in extra]
     expect_error(capsys, _request(env, tmp_path, *extra, small=small), *needles, absent=[tmp_path / "r"])
 
 

@@ -330,6 +330,15 @@ def load_table_schema(name_or_path: str, train=None, valid=None, test=None, chun
         ts.chunk_rows = int(chunk_rows)
     if not ts.train:
         raise SchemaError(f"{path}: no train file: name one under train: in the schema or pass --data FILE")
+    seen: dict[str, str] = {}
+    for role in SPLITS:
+        for f in getattr(ts, role):
+            real = os.path.realpath(f)
+            if real in seen and seen[real] != role:
+                raise SchemaError(f"{f}: named as both the {seen[real]} and the {role} file (in {path} or by --data / "
+                                  f"--valid / --test); the {role} rows must be rows the model is not trained or selected "
+                                  "on: give another file, or leave it out to hold out rows of the train file")
+            seen.setdefault(real, role)
     return ts
 
 
