@@ -259,8 +259,8 @@ def cmd_compare(args) -> int:
 
     models = [_check_model_name(m) for m in args.models.split(",")]
     seeds = _seeds(args.seeds) if args.seeds else [None]
-    base = _base(args, models)
     cfg, configs = _table_configs(args, models, base=args.base, command="compare")
+    base = _base(args, models)
     ensure_writable(args.out, "--out", keep=False)
     t0 = time.time()
     data = _load_data(cfg)
@@ -391,8 +391,8 @@ def cmd_table3(args) -> int:
         raise ConfigError(f"--trim-threshold {args.trim_threshold}: allowed: a gate weight in [0, 1)")
     if args.bootstrap < 0:
         raise ConfigError(f"--bootstrap {args.bootstrap}: allowed: an integer >= 0 (0 = no significance test)")
-    base = _base(args, models)
     cfg, configs = _table_configs(args, models, base=args.base, command="table3")
+    base = _base(args, models)
     ensure_writable(args.out, "--out", keep=False)
     t0 = time.time()
     data = _load_data(cfg)

@@ -1,9 +1,12 @@
 """The CLI against bad inputs and faults, as a hostile but fair user would try them.
 
 Every case must end with exit status 2, one line on stderr naming the file, key or value, no
-traceback, and every file that existed before untouched (and no temp file left). Classes:
-config values, data and schema, checkpoints, resume, compare's reuse, output folders and the
-disk, the exported predictor. Then the successes the issue asked for: model selection without a
+traceback, no Python warning, no exception class name, every file that existed before untouched
+(and no temp file left) and no output folder created for a refused request. Classes: config
+values, data and schema, checkpoints, resume, compare's reuse, the whole request checked before
+any data is read (kind-specific schema keys, label columns, contradicting or ineffective settings,
+each model's needs against the schema, --base), empty splits, example-data and analysis flags,
+argument errors, output folders and the disk, the exported predictor. Then the successes the issue asked for: model selection without a
 defined AUC, `--set train.lr=1e-3`, resume applying a new lr, stale temp files, file modes, and a
 real `kill -9` during training followed by `--resume`, bit-exact with an uninterrupted run.
 """
