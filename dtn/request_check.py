@@ -7,14 +7,16 @@ the key and the value in one line; the CLI's error boundary prints it with exit 
 
 The checks are driven by the definitions, so a key added to the config or the schema is covered as well:
 
-* every ``--set`` is converted and checked on its own (before a flag could override it), a key given twice with
-  different values is refused, and so is a ``--set`` or flag that contradicts another flag (``--epochs 2 --set
-  train.epochs=5``; ``--data-schema`` with ``--set data.dataset=census``);
+* every ``--set`` is converted and checked on its own, also one that a later ``--set`` of the same key overrides
+  (the later one wins, and a note says so) or that a flag would hide; a ``--set`` or flag that contradicts
+  another flag is refused (``--epochs 2 --set train.epochs=5``; ``--data-schema`` with ``--set
+  data.dataset=census``; ``--dataset`` with ``--data-schema``);
 * a key given on the command line that has no effect in this run is refused: config fields carry
   ``metadata["applies"]`` (e.g. ``data.bucketize`` applies to ``data.dataset: census`` only; ``train.min_lr`` to the
   cosine and plateau schedules);
-* the data schema: kind-specific feature keys (``dtn.features.schema.kind_keys``), distinct label columns, and
-  (here) an empty validation split, refused before any row is read;
+* the data schema (``dtn.data.tabular``): kind-specific feature keys (``dtn.features.schema.kind_keys``), the
+  keys' types, distinct label columns, a file named for two splits; and (here) an empty validation split, refused
+  before any row is read, and an empty test split announced;
 * each model's needs against the schema: the categorical fields MemoNet's HCNet crosses, ``model.memonet.fields``,
   ``model.task_order``, the experts of PLE / CGC / TFI / SFM, ``train.early_stop_metric`` and
   ``train.task_weights`` against the tasks; then the model is built once on the meta device (no memory), so any
@@ -28,6 +30,7 @@ import os
 import yaml
 
 from .config import CONFIG_DIR, Config, ConfigError, Text, config_from_dict, load_config
+
 
 # ---- the config from the command line ---------------------------------------------------------------
 def parse_sets(pairs: list[str] | None) -> list[tuple[str, object, str]]:
