@@ -205,19 +205,10 @@ def _resume_point(args, name: str, cfg):
 
 def _checkpoint_data_config(cfg, args):
     """The checkpoint's data config with --data-dir / --data (a moved data set) applied."""
-    from .config import ConfigError
+    from .request_check import check_data_flags
 
+    check_data_flags(args, cfg)
     data_cfg = cfg.data
-    ckpt = getattr(args, "checkpoint", "the checkpoint")
-    if getattr(args, "data", None) and getattr(args, "data_dir", None):
-        raise ConfigError("--data and --data-dir both give the data's place; give one of them")
-    if getattr(args, "data", None) and cfg.data.dataset != "table":
-        raise ConfigError(f"--data {args.data}: {ckpt} was trained on data.dataset = {cfg.data.dataset!r}, not a table "
-                          "file" + (" (its folder is --data-dir)" if cfg.data.dataset == "census" else ""))
-    if getattr(args, "data_dir", None) and cfg.data.dataset != "census":
-        raise ConfigError(f"--data-dir {args.data_dir}: {ckpt} was trained on data.dataset = {cfg.data.dataset!r}, "
-                          "not the Census-Income folder" + (" (its train file is --data)" if cfg.data.dataset == "table"
-                                                            else ""))
     path = getattr(args, "data", None) or getattr(args, "data_dir", None)
     if path:
         data_cfg = dataclasses.replace(data_cfg, path=os.path.abspath(path) if cfg.data.dataset == "table" else path)
@@ -255,12 +246,13 @@ def cmd_evaluate(args) -> int:
 
 def cmd_compare(args) -> int:
     from .compare import compare, to_markdown
+    from .request_check import relaimp_base
     from .train.checkpoint import ensure_writable
 
     models = [_check_model_name(m) for m in args.models.split(",")]
     seeds = _seeds(args.seeds) if args.seeds else [None]
     cfg, configs = _table_configs(args, models, base=args.base, command="compare")
-    base = _base(args, models)
+    base = relaimp_base(args, models)
     ensure_writable(args.out, "--out", keep=False)
     t0 = time.time()
     data = _load_data(cfg)
@@ -269,18 +261,6 @@ def cmd_compare(args) -> int:
     print(to_markdown(summary))
     print(f"total {time.time() - t0:.0f}s; table in {os.path.join(args.out, 'compare.md')} and compare.json")
     return 0
-
-
-def _base(args, models: list[str]) -> str | None:
-    """The RelaImp base: --base (checked to be among --models by the request check), else shared_bottom when it
-    is among --models, else none (and a note says so)."""
-    if args.base:
-        return args.base
-    if "shared_bottom" in models:
-        return "shared_bottom"
-    print(f"note: no RelaImp column: --models ({','.join(models)}) leaves out shared_bottom, the default base; name "
-          "one of them with --base")
-    return None
 
 
 def _seeds(text: str) -> list[int]:
@@ -383,6 +363,7 @@ def cmd_tsne(args) -> int:
 def cmd_table3(args) -> int:
     from .analysis.table3 import TABLE3_MODELS, table3, table3_markdown
     from .config import ConfigError
+    from .request_check import relaimp_base
     from .train.checkpoint import ensure_writable
 
     seeds = _seeds(args.seeds)
@@ -392,7 +373,7 @@ def cmd_table3(args) -> int:
     if args.bootstrap < 0:
         raise ConfigError(f"--bootstrap {args.bootstrap}: allowed: an integer >= 0 (0 = no significance test)")
     cfg, configs = _table_configs(args, models, base=args.base, command="table3")
-    base = _base(args, models)
+    base = relaimp_base(args, models)
     ensure_writable(args.out, "--out", keep=False)
     t0 = time.time()
     data = _load_data(cfg)

@@ -211,6 +211,33 @@ def request_schema(cfg: Config) -> RequestSchema:
     return RequestSchema(synthetic_schema(), "the synthetic data (data.dataset = 'synthetic')", {})
 
 
+def check_data_flags(args, cfg: Config) -> None:
+    """--data / --data-dir of a command that reads a checkpoint's data (evaluate, export --trim-threshold) must
+    fit the data set the checkpoint was trained on."""
+    data, data_dir, dataset = getattr(args, "data", None), getattr(args, "data_dir", None), cfg.data.dataset
+    ckpt = getattr(args, "checkpoint", "the checkpoint")
+    if data and data_dir:
+        raise ConfigError("--data and --data-dir both give the data's place; give one of them")
+    if data and dataset != "table":
+        raise ConfigError(f"--data {data}: {ckpt} was trained on data.dataset = {dataset!r}, not a table file"
+                          + (" (its folder is --data-dir)" if dataset == "census" else ""))
+    if data_dir and dataset != "census":
+        raise ConfigError(f"--data-dir {data_dir}: {ckpt} was trained on data.dataset = {dataset!r}, not the "
+                          "Census-Income folder" + (" (its train file is --data)" if dataset == "table" else ""))
+
+
+def relaimp_base(args, models: list[str], note=print) -> str | None:
+    """The RelaImp base of compare / table3: --base (checked to be among --models by :func:`check_request`), else
+    shared_bottom when it is among --models, else none (and a note says so)."""
+    if args.base:
+        return args.base
+    if "shared_bottom" in models:
+        return "shared_bottom"
+    note(f"note: no RelaImp column: --models ({','.join(models)}) leaves out shared_bottom, the default base; name "
+         "one of them with --base")
+    return None
+
+
 def check_split(data_cfg, split: str, context: str, rows: int | None = None) -> None:
     """A split a command works on must hold rows: refused before any data is read where the data schema says it
     will be empty (``split.test: 0`` and no test file), else once read (``rows`` == 0)."""
@@ -373,5 +400,5 @@ def check_request(args, cfg: Config, explicit: dict[str, str], models: list[str]
     return rs
 
 
-__all__ = ["check_split", "parse_sets", "request_config", "check_applicable", "request_schema", "check_model",
+__all__ = ["check_data_flags", "relaimp_base", "check_split", "parse_sets", "request_config", "check_applicable", "request_schema", "check_model",
            "check_request", "RequestSchema", "config_where"]
