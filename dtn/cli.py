@@ -34,56 +34,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import sys
 import time
 
 
-def _overrides(pairs: list[str]) -> dict:
-    """``section.key=value`` pairs -> a nested override dict; each value stays text (:class:`dtn.config.Text`)
-    until the config converts it to its field's type."""
-    from .config import ConfigError, Text
-
-    out: dict = {}
-    for pair in pairs or []:
-        key, eq, value = pair.partition("=")
-        parts = key.strip().split(".")
-        if not eq or len(parts) < 2 or not all(parts):
-            raise ConfigError(f"--set {pair!r}: expected section.key=value, e.g. train.lr=0.001")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {pair!r}: {p} is set to a value and used as a section")
-        node[parts[-1]] = Text(value)
-    return out
-
-
 def _config(args, config: str | None = None):
     """The configuration from ``config`` (else --config, else ``cpu``), --set and the flags; every value
-    converted and checked (and the device checked to exist) before any data is read."""
-    from .config import ConfigError, config_from_dict, load_config
+    converted and checked, contradictions and settings without effect refused (dtn.request_check), and the
+    device checked to exist, before any data is read."""
+    return _request(args, config)[0]
 
-    over = _overrides(args.set)
-    if getattr(args, "data_dir", None):
-        over.setdefault("data", {})["path"] = args.data_dir
-    if getattr(args, "dataset", None):
-        over.setdefault("data", {})["dataset"] = args.dataset
-    if getattr(args, "epochs", None) is not None:
-        over.setdefault("train", {})["epochs"] = args.epochs
-    if getattr(args, "threads", None) is not None:
-        over.setdefault("train", {})["num_threads"] = args.threads
-    _own_data_overrides(args, over)
-    cfg = load_config(config or getattr(args, "config", None) or "cpu")
-    cfg = config_from_dict(over, cfg) if over else cfg
-    if getattr(args, "data", None) and cfg.data.dataset != "table":
-        raise ConfigError("--data names a table file: give its data schema with --data-schema too")
+
+def _request(args, config: str | None = None, notes: bool = True):
+    """(config, {key: the --set or flag that set it}) -- see :func:`dtn.request_check.request_config`."""
+    from .request_check import request_config
+
+    cfg, explicit = request_config(args, config, note=print if notes else None)
     _check_device(cfg.train.device)
     if cfg.train.log == "tensorboard":  # an optional package: say so before any data is read
         from .train.tblog import require_tensorboard
 
         require_tensorboard()
-    return cfg
+    return cfg, explicit
 
 
 def _check_device(device: str) -> None:
@@ -127,25 +101,6 @@ def _check_data_source(ckpt: dict, data) -> None:
               "using the checkpoint's encoders")
 
 
-def _own_data_overrides(args, over: dict) -> None:
-    """--data-schema / --data / --valid / --test / --stream / --chunk-rows / --workers -> data.* overrides."""
-    data = {}
-    if getattr(args, "data_schema", None):
-        schema = args.data_schema
-        data.update(dataset="table", schema=os.path.abspath(schema) if os.path.exists(schema) else schema)
-    for arg, key in (("data", "path"), ("valid", "valid_path"), ("test", "test_path")):
-        if getattr(args, arg, None):
-            data[key] = os.path.abspath(getattr(args, arg))
-    if getattr(args, "stream", False):
-        data["stream"] = True
-    if getattr(args, "chunk_rows", None) is not None:
-        data["chunk_rows"] = args.chunk_rows
-    if getattr(args, "workers", None) is not None:
-        data["num_workers"] = args.workers
-    if data:
-        over.setdefault("data", {}).update(data)
-
-
 def _load_data(cfg, quiet: bool = False, encoder=None):
     """The configured data set (encoded with ``encoder`` when given, else with encoders fitted on it),
     with a one-line summary."""
@@ -182,6 +137,13 @@ def _num(x) -> str:
     return "n/a" if x is None or x != x else f"{x:.4f}"  # an AUC is undefined where a split has one class
 
 
+def _split_table(split: str, rows: int, metrics: dict) -> str:
+    """The metrics of a split; an empty split says so in one line instead of a table of n/a."""
+    if rows == 0:
+        return f"{split}: AUC n/a, LogLoss n/a: the {split} split is empty (0 rows)"
+    return f"{split}:\n" + _table(metrics)
+
+
 def _table(metrics: dict) -> str:
     return "\n".join(f"  {t:>12}: AUC {_num(m['auc'])}  LogLoss {_num(m['logloss'])}" for t, m in metrics.items())
 
@@ -192,8 +154,13 @@ def cmd_train(args) -> int:
     from . import distributed as D
     from .train import train_model
 
-    cfg = _config(args)
+    from .request_check import check_request
+
+    cfg, explicit = _request(args)
+    request = check_request(args, cfg, explicit, [args.model or cfg.model.name])
     name = _check_model_name(args.model or cfg.model.name)  # a tuned config names its model
+    if "test" in request.empty_splits:
+        print(f"note: the test split is empty ({request.empty_splits['test']}): there will be no test metrics")
     device = D.init_from_env(cfg.train.device)
     try:
         if device != cfg.train.device:
@@ -203,7 +170,7 @@ def cmd_train(args) -> int:
         if main:
             from .train.checkpoint import ensure_writable
 
-            ensure_writable(args.out, "--out")  # before any work that a failing first write would lose
+            ensure_writable(args.out, "--out", keep=False)  # before any work that a failing first write would lose
         if main and world > 1:
             print(f"distributed: {world} processes, backend {D.dist.get_backend()}, device {device} (rank 0)")
         resume, encoder = _resume_point(args, name, cfg) if args.resume else (False, None)
@@ -212,7 +179,7 @@ def cmd_train(args) -> int:
         if main:
             print(f"{result['model']}: {result['params']:,} parameters, best epoch {result['best_epoch']}"
                   + (" (selected on validation LogLoss)" if result.get("selection") == "logloss" else ""))
-            print("test:\n" + _table(result["test"]))
+            print(_split_table("test", len(data.test), result["test"]))
             print(f"checkpoints and metrics in {args.out}")
     finally:
         D.cleanup()
@@ -238,6 +205,9 @@ def _resume_point(args, name: str, cfg):
 
 def _checkpoint_data_config(cfg, args):
     """The checkpoint's data config with --data-dir / --data (a moved data set) applied."""
+    from .request_check import check_data_flags
+
+    check_data_flags(args, cfg)
     data_cfg = cfg.data
     path = getattr(args, "data", None) or getattr(args, "data_dir", None)
     if path:
@@ -248,17 +218,24 @@ def _checkpoint_data_config(cfg, args):
 def cmd_evaluate(args) -> int:
     from .data import load_dataset
     from .train import Trainer, load_checkpoint, model_from_checkpoint, write_metrics
-    from .train.checkpoint import ensure_writable
+    from .train.checkpoint import FileWriteError, ensure_writable
     from .train.trainer import runnable_config
+
+    from .request_check import check_split
 
     ckpt = load_checkpoint(args.checkpoint)
     model, encoder, cfg = model_from_checkpoint(ckpt)
     cfg = runnable_config(cfg)
+    data_cfg = _checkpoint_data_config(cfg, args)
+    check_split(data_cfg, args.split, f"--split {args.split}")  # an empty split is refused before any data is read
     if args.out:
-        ensure_writable(os.path.dirname(os.path.abspath(args.out)), "--out folder")
-    data = load_dataset(_checkpoint_data_config(cfg, args), encoder=encoder)
+        if os.path.isdir(args.out):
+            raise FileWriteError(f"--out {args.out}: a folder; --out names the metrics JSON file to write", errno.EISDIR)
+        ensure_writable(os.path.dirname(os.path.abspath(args.out)), "--out folder", keep=False)
+    data = load_dataset(data_cfg, encoder=encoder)
     _check_data_source(ckpt, data)
     split = getattr(data, args.split)
+    check_split(data_cfg, args.split, f"--split {args.split}", rows=len(split))
     metrics = Trainer(model, cfg).evaluate(split)
     print(f"{ckpt['model_name']} on {args.split} ({len(split)} rows):\n" + _table(metrics))
     if args.out:
@@ -269,15 +246,17 @@ def cmd_evaluate(args) -> int:
 
 def cmd_compare(args) -> int:
     from .compare import compare, to_markdown
+    from .request_check import relaimp_base
     from .train.checkpoint import ensure_writable
 
     models = [_check_model_name(m) for m in args.models.split(",")]
     seeds = _seeds(args.seeds) if args.seeds else [None]
-    cfg, configs = _table_configs(args, models)
-    ensure_writable(args.out, "--out")
+    cfg, configs = _table_configs(args, models, base=args.base, command="compare")
+    base = relaimp_base(args, models)
+    ensure_writable(args.out, "--out", keep=False)
     t0 = time.time()
     data = _load_data(cfg)
-    summary = compare(models, data, cfg, args.out, base=args.base, seeds=seeds, resume=not args.fresh, configs=configs)
+    summary = compare(models, data, cfg, args.out, base=base, seeds=seeds, resume=not args.fresh, configs=configs)
     print()
     print(to_markdown(summary))
     print(f"total {time.time() - t0:.0f}s; table in {os.path.join(args.out, 'compare.md')} and compare.json")
@@ -296,6 +275,15 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+def _check_flags(*rules) -> None:
+    """(flag, value, ok, allowed) for each numeric flag: one that is not ok is refused before anything is read."""
+    from .config import ConfigError
+
+    for flag, value, ok, allowed in rules:
+        if not ok:
+            raise ConfigError(f"{flag} {value}: allowed: {allowed}")
+
+
 def _threads(args) -> None:
     if getattr(args, "threads", None) is not None:
         from .config import ConfigError
@@ -311,6 +299,8 @@ def cmd_importance(args) -> int:
     from .analysis import load_checkpoint_data
     from .analysis.importance import run_importance
 
+    _check_flags(("--repeats", args.repeats, args.repeats >= 1, "an integer >= 1"),
+                 ("--max-rows", args.max_rows, args.max_rows >= 0, "an integer >= 0 (0 = all rows)"))
     _threads(args)
     model, cfg, data, ckpt = load_checkpoint_data(args.checkpoint, args.data_dir)
     tasks = args.tasks.split(",") if args.tasks else None
@@ -340,6 +330,9 @@ def cmd_trim(args) -> int:
     from .analysis import load_checkpoint_data
     from .analysis.gates import require_dtn, trim_markdown, trim_model, write_trim
 
+    _check_flags(("--threshold", args.threshold, 0.0 <= args.threshold < 1.0, "a gate weight in [0, 1)"),
+                 ("--latency-batch", args.latency_batch, args.latency_batch >= 1, "an integer >= 1"),
+                 ("--repeats", args.repeats, args.repeats >= 1, "an integer >= 1"))
     _threads(args)
     model, cfg, data, ckpt = load_checkpoint_data(args.checkpoint, args.data_dir)
     require_dtn(model, "dtn trim")
@@ -356,6 +349,9 @@ def cmd_tsne(args) -> int:
     from .analysis import get_split, load_checkpoint_data
     from .analysis.tsne import run_tsne
 
+    _check_flags(("--samples", args.samples, args.samples >= 5, "an integer >= 5"),
+                 ("--perplexity", args.perplexity, 0 < args.perplexity < args.samples,
+                  f"a number > 0 and below --samples ({args.samples})"))
     _threads(args)
     model, cfg, data, ckpt = load_checkpoint_data(args.checkpoint, args.data_dir)
     paths = run_tsne(model, get_split(data, args.split), args.out, fim=args.fim, task=args.task, n=args.samples,
@@ -366,15 +362,22 @@ def cmd_tsne(args) -> int:
 
 def cmd_table3(args) -> int:
     from .analysis.table3 import TABLE3_MODELS, table3, table3_markdown
+    from .config import ConfigError
+    from .request_check import relaimp_base
     from .train.checkpoint import ensure_writable
 
     seeds = _seeds(args.seeds)
     models = [_check_model_name(m) for m in args.models.split(",")] if args.models else TABLE3_MODELS
-    cfg, configs = _table_configs(args, models)
-    ensure_writable(args.out, "--out")
+    if not 0.0 <= args.trim_threshold < 1.0:
+        raise ConfigError(f"--trim-threshold {args.trim_threshold}: allowed: a gate weight in [0, 1)")
+    if args.bootstrap < 0:
+        raise ConfigError(f"--bootstrap {args.bootstrap}: allowed: an integer >= 0 (0 = no significance test)")
+    cfg, configs = _table_configs(args, models, base=args.base, command="table3")
+    base = relaimp_base(args, models)
+    ensure_writable(args.out, "--out", keep=False)
     t0 = time.time()
     data = _load_data(cfg)
-    summary = table3(data, cfg, args.out, seeds=seeds, threshold=args.trim_threshold, models=models, base=args.base,
+    summary = table3(data, cfg, args.out, seeds=seeds, threshold=args.trim_threshold, models=models, base=base,
                      resume=not args.fresh, configs=configs, resamples=args.bootstrap)
     print()
     print(table3_markdown(summary))
@@ -382,24 +385,32 @@ def cmd_table3(args) -> int:
     return 0
 
 
-def _table_configs(args, models: list[str]):
+def _table_configs(args, models: list[str], base: str | None = None, command: str = "compare"):
     """(the config, per-model configs or None): with --tuned DIR every model trains with DIR/<model>/best.yaml
-    (--set and the flags applied to each); their data sections must agree, since the data are read once."""
+    (--set and the flags applied to each); their data sections must agree, since the data are read once.
+    The whole request (every model against the data schema, --base among --models) is checked here, before
+    any data is read."""
     from .config import ConfigError
+    from .request_check import check_request
 
     if not getattr(args, "tuned", None):
-        return _config(args), None
+        cfg, explicit = _request(args)
+        check_request(args, cfg, explicit, models, base=base, command=command)
+        return cfg, None
     if args.config:
         raise ConfigError("give --config or --tuned, not both (--tuned takes each model's config from DIR/<model>/best.yaml)")
     from .tune import load_tuned
 
     paths = load_tuned(args.tuned, models)
-    configs = {m: _config(args, path) for m, path in paths.items()}
     first = next(iter(paths))
+    requests = {m: _request(args, path, notes=m == first) for m, path in paths.items()}
+    configs = {m: r[0] for m, r in requests.items()}
     for m, c in configs.items():
         if dataclasses.asdict(c.data) != dataclasses.asdict(configs[first].data):
             raise ConfigError(f"{paths[m]}: its data section differs from {paths[first]}'s; every model of a table "
                               "must be trained on the same data")
+    check_request(args, configs[first], requests[first][1], models, configs=configs, config_paths=paths, base=base,
+                  command=command)
     return configs[first], configs
 
 
@@ -419,14 +430,17 @@ def cmd_tune(args) -> int:
         if not ok:
             raise ConfigError(f"{flag} {value}: allowed: {allowed}")
     threads, args.threads = args.threads, None  # trial threads are not part of the tuned config
-    cfg = _config(args)
     models = [_check_model_name(m) for m in args.models.split(",")]
+    cfg, explicit = _request(args)
+    from .request_check import check_request
+
+    check_request(args, cfg, explicit, models, command="tune")
     space = load_search_space(args.space)
     if threads is None and args.jobs > 1:
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
     settings = StudySettings(trials=args.trials, subsample=args.subsample, max_epochs=args.max_epochs, seed=args.seed,
                              threads=threads)
-    ensure_writable(args.out, "--out")
+    ensure_writable(args.out, "--out", keep=False)
     t0 = time.time()
     data = None if args.jobs > 1 else _load_data(cfg)
     tune(models, cfg, space, args.out, settings, jobs=args.jobs, fresh=args.fresh, data=data)
@@ -439,9 +453,11 @@ def cmd_tune(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from .config import ConfigError
+    from .request_check import check_split
     from .serving import export_model
     from .train import load_checkpoint, model_from_checkpoint
-    from .train.checkpoint import ensure_writable
+    from .train.checkpoint import CheckpointError, ensure_writable
     from .train.trainer import runnable_config
 
     _threads(args)
@@ -449,16 +465,25 @@ def cmd_export(args) -> int:
     model, encoder, cfg = model_from_checkpoint(ckpt)
     cfg = runnable_config(cfg)
     if args.trim_threshold is not None and not 0.0 <= args.trim_threshold < 1.0:
-        raise ValueError(f"--trim-threshold must be in [0, 1), got {args.trim_threshold}")
-    ensure_writable(args.out, "--out")
+        raise ConfigError(f"--trim-threshold {args.trim_threshold}: allowed: a gate weight in [0, 1)")
+    if args.trim_threshold is None and (args.data or args.data_dir):
+        raise ConfigError(f"{'--data' if args.data else '--data-dir'} is read only with --trim-threshold (an export "
+                          "without it reads no data); drop it, or add --trim-threshold")
+    if args.trim_threshold is not None:
+        from .analysis.gates import require_dtn
+
+        require_dtn(model, "dtn export --trim-threshold")
+        data_cfg = _checkpoint_data_config(cfg, args)
+        check_split(data_cfg, "valid", "--trim-threshold (measured on the validation split)")
+    if encoder is None or not encoder.fitted:
+        raise CheckpointError(f"{args.checkpoint}: holds no fitted feature encoders; export needs them")
+    ensure_writable(args.out, "--out", keep=False)
     extra = {"checkpoint": os.path.abspath(args.checkpoint), "trim": None,
              "fingerprint": ckpt.get("fingerprint"), "code_version": ckpt.get("code_version")}
     if args.trim_threshold is not None:
-        from .analysis.gates import require_dtn
         from .data import load_dataset
 
-        require_dtn(model, "dtn export --trim-threshold")
-        data = load_dataset(_checkpoint_data_config(cfg, args), encoder=encoder)
+        data = load_dataset(data_cfg, encoder=encoder)
         _check_data_source(ckpt, data)
         model.eval()
         weights = model.mean_gate_weights(b for b, _ in data.valid.batches(cfg.train.eval_batch_size))
@@ -475,8 +500,23 @@ def cmd_export(args) -> int:
 
 
 def cmd_example_data(args) -> int:
+    from .config import ConfigError
     from .data.examples import make_example_frame, write_table
+    from .train.checkpoint import FileWriteError, ensure_writable
 
+    for flag, value, ok, allowed in (("--rows", args.rows, args.rows >= 1, "an integer >= 1"),
+                                     ("--seed", args.seed, args.seed >= 0, "an integer >= 0"),
+                                     ("--row-group-rows", args.row_group_rows,
+                                      args.row_group_rows is None or args.row_group_rows >= 1, "an integer >= 1")):
+        if not ok:
+            raise ConfigError(f"{flag} {value}: allowed: {allowed}")
+    if not args.out.lower().endswith((".csv", ".parquet", ".pq")):
+        raise ConfigError(f"--out {args.out}: allowed: a file name ending in .csv or .parquet (the format)")
+    if args.row_group_rows is not None and not args.out.lower().endswith((".parquet", ".pq")):
+        raise ConfigError(f"--row-group-rows {args.row_group_rows}: applies to a Parquet --out only; {args.out} is CSV")
+    if os.path.isdir(args.out):
+        raise FileWriteError(f"--out {args.out}: a folder; --out names the file to write", errno.EISDIR)
+    ensure_writable(os.path.dirname(os.path.abspath(args.out)), "--out folder", keep=False)
     t0 = time.time()
     df = make_example_frame(args.layout, args.rows, args.seed)
     write_table(df, args.out, args.row_group_rows)
@@ -515,8 +555,15 @@ def _analysis_common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument error is one line and exit status 2, like every other error (``--help`` shows the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: argument error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dtn", description="DTN and multi-task baselines: train, evaluate, compare, export; the "
+    p = _Parser(prog="dtn", description="DTN and multi-task baselines: train, evaluate, compare, export; the "
                                 "paper's analyses: importance, gates, trim, tsne, table3 (docs/analysis.md); your own "
                                 "CSV / Parquet data (docs/own-data.md). An expected failure prints one line and exits "
                                 "with status 2 (README, Errors).")
@@ -569,7 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train several models and print a Table-3-style table")
     _common(c)
     c.add_argument("--models", default="shared_bottom,mmoe,ple,dtn")
-    c.add_argument("--base", default="shared_bottom", help="RelaImp base model [shared_bottom]")
+    c.add_argument("--base", help="RelaImp base model, one of --models [shared_bottom when among --models, else no "
+                   "RelaImp]")
     c.add_argument("--seeds", help="comma-separated seeds (mean ± std); default: the config's seed")
     c.add_argument("--out", default="results/compare", help="output folder [results/compare]")
     c.add_argument("--fresh", action="store_true", help="retrain every model from scratch, replacing the runs in OUT "
@@ -619,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("table3", help="Table 3: the baselines, DTN and DTN-trim, mean ± std over seeds")
     _common(b)
     b.add_argument("--models", help="comma-separated [shared_bottom,mmoe,ple,sfm,tfi,dtn]")
-    b.add_argument("--base", default="shared_bottom", help="RelaImp base model [shared_bottom]")
+    b.add_argument("--base", help="RelaImp base model, one of --models [shared_bottom when among them, else no RelaImp]")
     b.add_argument("--seeds", default="1,2,3", help="comma-separated seeds [1,2,3]")
     b.add_argument("--trim-threshold", type=float, default=0.08, help="DTN-trim gate-weight threshold [0.08]")
     b.add_argument("--out", default="results/table3", help="output folder [results/table3]")
@@ -667,15 +715,17 @@ def describe_error(exc: BaseException) -> str:
     kinds = ((TrainingDivergedError, "training diverged"), (ConfigError, "config error"), (StaleRunError, "stale run"),
              (SchemaError, "data schema error"), (DataError, "data error"), (CheckpointError, "checkpoint error"),
              (FileWriteError, "write error"), (FileNotFoundError, "not found"), (PermissionError, "permission denied"))
-    kind = next((k for cls, k in kinds if isinstance(exc, cls)), type(exc).__name__)
+    # never an exception's class name: a failure without a kind of its own is an "error" (a missing optional
+    # package says which one to install)
+    generic = ((ImportError, "missing package"), (OSError, "file error"), (Exception, "error"))
+    kind = next((k for cls, k in kinds + generic if isinstance(exc, cls)), "error")
     if isinstance(exc, OSError) and not isinstance(exc, FileWriteError) and exc.strerror:
         where = f"{exc.filename}: " if exc.filename else ""
         msg = f"{where}{exc.strerror}" + (f" -> {exc.filename2}" if exc.filename2 else "")
-        kind = "file error" if kind == type(exc).__name__ else kind
     elif isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
         msg = exc.args[0]
     else:
-        msg = str(exc) or type(exc).__name__
+        msg = str(exc) or "failed without a message (rerun with --debug for the traceback)"
     if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep the original error's own line
         last = [ln for ln in msg.splitlines() if ln.strip()][-1]
         msg = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].replace(".", "").isidentifier() else last

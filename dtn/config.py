@@ -40,7 +40,8 @@ class Text(str):
 
 def _f(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, **check):
     """A dataclass field with its valid range in ``metadata``: ge / gt / le (numbers, also every
-    item of a list), choices, min_len (lists), options (the sub-keys of an option mapping)."""
+    item of a list), choices, min_len and distinct (lists), options (the sub-keys of an option mapping); and
+    applies ({other key of the section: values}: where the key has an effect at all)."""
     return field(default=default, default_factory=factory, metadata=check)
 
 
@@ -71,7 +72,7 @@ class ModelConfig:
     num_levels: int = _f(1, ge=1)  # PLE levels (1 = CGC)
     # FIMs
     fim_dim: int = _f(512, ge=1)  # h, the output width of every FIM
-    fims: list[str] = _f(factory=lambda: ["gdcn", "masknet", "memonet"], choices=FIM_KINDS, min_len=1)  # DTN's MFI, SFM's FIMs
+    fims: list[str] = _f(factory=lambda: ["gdcn", "masknet", "memonet"], choices=FIM_KINDS, min_len=1, distinct=True)  # DTN's MFI, SFM's FIMs
     tfi_fim: str = _f("gdcn", choices=FIM_KINDS)  # the single FIM kind of TFI
     sfm_mtl: str = _f("ple", choices=("mmoe", "ple"))  # SFM's multi-task network on top of the FIMs
     gdcn: dict[str, Any] = _f(factory=lambda: {"num_layers": 2}, options=FIM_OPTIONS["gdcn"])
@@ -122,9 +123,9 @@ class TrainConfig:
     # "plateau" (times plateau_factor after plateau_patience epochs without a better validation score)
     lr_schedule: str = _f("constant", choices=LR_SCHEDULES)
     warmup_steps: int = _f(0, ge=0)  # any schedule: the lr rises linearly over the first N optimizer steps
-    min_lr: float = _f(0.0, ge=0.0)  # cosine: the lr it decays to; plateau: the lr it is never cut below
-    plateau_factor: float = _f(0.5, gt=0.0, lt=1.0)
-    plateau_patience: int = _f(1, ge=1)
+    min_lr: float = _f(0.0, ge=0.0, applies={"lr_schedule": ("cosine", "plateau")})  # cosine: the lr it decays to; plateau: the lr it is never cut below
+    plateau_factor: float = _f(0.5, gt=0.0, lt=1.0, applies={"lr_schedule": ("plateau",)})
+    plateau_patience: int = _f(1, ge=1, applies={"lr_schedule": ("plateau",)})
     # "static": the sum of the per-task losses (times task_weights); "uncertainty": learned weights
     # (Kendall et al. 2018, dtn.train.task_weighting)
     task_weighting: str = _f("static", choices=("static", "uncertainty"))
@@ -145,22 +146,28 @@ class TrainConfig:
             raise ConfigError(f"train.device = {d!r}: allowed: 'cpu', 'cuda' or 'cuda:N'")
 
 
+# ``applies``: the values other keys of the section must have for a key to take effect; a key given on the
+# command line where it would have none is refused (dtn.request_check.check_applicable)
+_CENSUS, _TABLE = {"dataset": ("census",)}, {"dataset": ("table",)}
+
+
 @dataclass
 class DataConfig:
     dataset: str = _f("census", choices=("census", "synthetic", "table"))  # "table": your own CSV / Parquet file
-    path: Optional[str] = None  # census: folder with the files (else $DTN_CENSUS_DIR, cache, download);
+    path: Optional[str] = _f(None, applies={"dataset": ("census", "table")})  # census: folder with the files (else $DTN_CENSUS_DIR, cache, download);
     # table: the train file(s), overriding the data schema's `train`
-    split_seed: int = _f(2024, ge=0)
-    bucketize: int = _f(0, ge=0)  # census: > 0 adds a quantile-bucket categorical copy of each numeric column
-    numeric_ids: int = _f(0, ge=0)  # census: > 0 adds a categorical copy of each numeric column (values seen >= this often)
-    synthetic_rows: int = _f(20_000, ge=20)  # at least 2 rows in each of the 80/10/10 splits
+    split_seed: int = _f(2024, ge=0, applies={"dataset": ("census", "synthetic")})  # table: split.seed in its schema
+    bucketize: int = _f(0, ge=0, applies=_CENSUS)  # census: > 0 adds a quantile-bucket categorical copy of each numeric column
+    numeric_ids: int = _f(0, ge=0, applies=_CENSUS)  # census: > 0 adds a categorical copy of each numeric column (values seen >= this often)
+    synthetic_rows: int = _f(20_000, ge=20, applies={"dataset": ("synthetic",)})  # at least 2 rows in each of the 80/10/10 splits
     # table: a YAML data schema (path, or a packaged name: aliexpress, ali_ccp); see docs/own-data.md
-    schema: Optional[str] = None
-    valid_path: Optional[str] = None  # table: a validation file (instead of holding out train rows)
-    test_path: Optional[str] = None  # table: a test file
-    stream: bool = False  # table: read chunk by chunk every epoch instead of loading into memory
-    chunk_rows: Optional[int] = _f(None, ge=1)  # table: rows per chunk (default: the schema's chunk_rows)
-    num_workers: int = _f(0, ge=0)  # table, streaming: DataLoader worker processes reading chunks
+    schema: Optional[str] = _f(None, applies=_TABLE)
+    valid_path: Optional[str] = _f(None, applies=_TABLE)  # table: a validation file (instead of holding out train rows)
+    test_path: Optional[str] = _f(None, applies=_TABLE)  # table: a test file
+    stream: bool = _f(False, applies=_TABLE)  # table: read chunk by chunk every epoch instead of loading into memory
+    chunk_rows: Optional[int] = _f(None, ge=1, applies=_TABLE)  # table: rows per chunk (default: the schema's chunk_rows)
+    # table, streaming: DataLoader worker processes reading chunks
+    num_workers: int = _f(0, ge=0, applies={"dataset": ("table",), "stream": (True,)})
 
     def __post_init__(self):
         _check(self, "data")
@@ -201,6 +208,8 @@ def _range_text(tp, check: dict) -> str:
             parts.append(f"{sym} {check[k]}")
     if check.get("min_len"):
         parts.append(f"at least {check['min_len']} item(s)")
+    if check.get("distinct"):
+        parts.append("each at most once")
     return _describe(tp) + (" " + ", ".join(parts) if parts else "")
 
 
@@ -280,7 +289,11 @@ def _coerce(value, tp, key: str, check: dict, raw=None):
             raise _bad(key, value, tp, check, "not a list")
         if len(value) < check.get("min_len", 0):
             raise _bad(key, value, tp, check, "too few items")
-        item_check = {k: v for k, v in check.items() if k != "min_len"}
+        if check.get("distinct"):
+            dup = sorted({str(v) for v in value if value.count(v) > 1})
+            if dup:
+                raise _bad(key, value, tp, check, f"{dup} listed more than once")
+        item_check = {k: v for k, v in check.items() if k not in ("min_len", "distinct")}
         return [_coerce(v, args[0], f"{key}[{i}]", item_check) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
@@ -288,9 +301,11 @@ def _coerce(value, tp, key: str, check: dict, raw=None):
         options = check.get("options")
         if options is None:
             return dict(value)
-        unknown = sorted(set(value) - set(options))
+        unknown = sorted(set(value) - set(options), key=str)
         if unknown:
-            raise ConfigError(f"{key}: unknown option(s) {unknown}; known: {sorted(options)}")
+            glued = [u for u in unknown if isinstance(u, str) and ":" in u and u.split(":")[0].strip() in options]
+            hint = " (YAML needs a space after the colon: {key: value})" if glued else ""
+            raise ConfigError(f"{key}: unknown option(s) {unknown}; known: {sorted(options)}{hint}")
         return {k: _coerce(v, options[k][0], f"{key}.{k}", options[k][1]) for k, v in value.items()}
     raise ConfigError(f"{key}: unsupported field type {tp}")  # pragma: no cover -- a field the module forgot
 

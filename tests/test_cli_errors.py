@@ -1,9 +1,12 @@
 """The CLI against bad inputs and faults, as a hostile but fair user would try them.
 
 Every case must end with exit status 2, one line on stderr naming the file, key or value, no
-traceback, and every file that existed before untouched (and no temp file left). Classes:
-config values, data and schema, checkpoints, resume, compare's reuse, output folders and the
-disk, the exported predictor. Then the successes the issue asked for: model selection without a
+traceback, no Python warning, no exception class name, every file that existed before untouched
+(and no temp file left) and no output folder created for a refused request. Classes: config
+values, data and schema, checkpoints, resume, compare's reuse, the whole request checked before
+any data is read (kind-specific schema keys, label columns, contradicting or ineffective settings,
+each model's needs against the schema, --base), empty splits, example-data and analysis flags,
+argument errors, output folders and the disk, the exported predictor. Then the successes the issue asked for: model selection without a
 defined AUC, `--set train.lr=1e-3`, resume applying a new lr, stale temp files, file modes, and a
 real `kill -9` during training followed by `--resume`, bit-exact with an uninterrupted run.
 """
@@ -12,6 +15,7 @@ import hashlib
 import json
 import lzma
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -85,20 +89,29 @@ def run_cli(argv, capsys):
     return rc, out, err
 
 
-def expect_error(capsys, argv, *needles, protect=()):
-    """argv fails with exit 2 and one stderr line holding every needle; files under ``protect`` unchanged."""
+CLASS_NAME = re.compile(r"\b[A-Z][A-Za-z]*(Error|Exception|Warning)\b")
+
+
+def expect_error(capsys, argv, *needles, protect=(), absent=()):
+    """argv fails with exit 2 and one stderr line holding every needle, with no traceback, no Python warning and
+    no exception class name; files under ``protect`` unchanged; the paths in ``absent`` (output folders) not
+    created."""
     before = snapshot(*protect)
     rc, out, err = run_cli(argv, capsys)
     assert "Traceback" not in err, err
+    assert "Warning" not in err + out, err + out  # numpy / torch warnings, with their venv paths
     lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("warning:")]
     assert rc == 2, (rc, err)
     assert len(lines) == 1, err
     for n in needles:
         assert n in lines[0], (n, lines[0])
+    assert not CLASS_NAME.search(lines[0]), lines[0]
     assert snapshot(*protect) == before, "existing outputs changed"
     for folder in protect:
         for root, _, files in os.walk(folder):
             assert not [f for f in files if f.endswith(".tmp")], (root, files)
+    for path in absent:
+        assert not os.path.exists(path), f"{path} was created before the request was refused"
     return lines[0]
 
 
@@ -367,6 +380,310 @@ def test_compare_refuses_stale_runs(env, capsys, tmp_path):
 
 def test_compare_bad_seeds(env, capsys, tmp_path):
     expect_error(capsys, ["compare", *env["base"], "--seeds", "1,x", "--out", tmp_path / "c"], "--seeds '1,x'")
+
+
+# ---- the whole request, checked before any data is read (dtn.request_check) -------------------------------
+# --data names a file that does not exist: each refusal must come before the data are read
+def _request(env, tmp_path, *extra, schema=None, small=SMALL):
+    path = env["dir"] / "s.yaml"
+    if schema is not None:
+        path = tmp_path / "req.yaml"
+        path.write_text(schema)
+    return ["train", "--data-schema", path, "--data", tmp_path / "missing.csv", *small, "--out", tmp_path / "r", *extra]
+
+
+def _without(*keys):
+    """SMALL without its --set of ``keys`` (so a test can give them itself)."""
+    out, i = [], 0
+    while i < len(SMALL):
+        if SMALL[i] == "--set" and SMALL[i + 1].split("=")[0] in keys:
+            i += 2
+            continue
+        out.append(SMALL[i])
+        i += 1
+    return out
+
+
+def _kind_cases():
+    """Every kind-specific FeatureSpec key (from its metadata) on each feature kind it does not apply to."""
+    from dtn.features.schema import KINDS, kind_keys
+
+    values = {"transform": "log1p", "pooling": "mean", "delimiter": "';'", "bins": 4, "min_count": 2,
+              "weight_separator": "':'", "weight_column": "w", "hash_buckets": 8, "hash_seed": 3}
+    column = {"categorical": "c1", "numeric": "x1", "multi": "tags"}
+    return [(key, kind, column[kind], values[key]) for key, kinds in kind_keys().items() for kind in KINDS
+            if kind not in kinds]
+
+
+FEATURES = "  - {columns: [c1, c2], kind: categorical}\n  - {columns: [x1, x2], kind: numeric}\n  - {name: tags, kind: multi}\n"
+
+
+@pytest.mark.parametrize("key, kind, column, value", _kind_cases(), ids=lambda v: str(v))
+def test_kind_specific_schema_keys(env, capsys, tmp_path, key, kind, column, value):
+    assert FEATURES in SCHEMA
+    one_each = "".join(f"  - {{name: {c}, kind: {k}{f', {key}: {value}' if c == column else ''}}}\n"
+                       for c, k in (("c1", "categorical"), ("c2", "categorical"), ("x1", "numeric"), ("x2", "numeric"),
+                                    ("tags", "multi")))
+    expect_error(capsys, _request(env, tmp_path, schema=SCHEMA.replace(FEATURES, one_each)), "req.yaml",
+                 f"({column})", f"{key} applies to", f"this feature is {kind}", absent=[tmp_path / "r"])
+
+
+def test_kind_specific_key_at_its_default_value(env, capsys, tmp_path):
+    """`transform: standard` (the default) on a categorical feature is refused as well: it was written for a reason."""
+    schema = SCHEMA.replace("kind: categorical}", "kind: categorical, transform: standard}")
+    expect_error(capsys, _request(env, tmp_path, schema=schema), "req.yaml", "features[0] (c1)",
+                 "transform applies to numeric features only")
+
+
+REQUEST_SCHEMA_CASES = {
+    "same label column": ("[click, buy]", "[click, {name: ctr2, column: click}]",
+                          ["labels: tasks ['click', 'ctr2'] read the same label column 'click'"]),
+    "feature key of the wrong type": ("{name: tags, kind: multi}", "{name: tags, kind: multi, min_count: '5'}",
+                                      ["features[2]: min_count = '5'", "an integer"]),
+    "csv.header not a boolean": ("split:", "csv: {header: 'no'}\nsplit:", ["csv.header: true or false", "'no'"]),
+    "split.seed not an integer": ("seed: 1", "seed: abc", ["split.seed: an integer >= 0", "'abc'"]),
+    "chunk_rows a boolean": ("split:", "chunk_rows: true\nsplit:", ["chunk_rows: a positive integer", "True"]),
+}
+
+
+@pytest.mark.parametrize("case", list(REQUEST_SCHEMA_CASES))
+def test_schema_refused_before_data(env, capsys, tmp_path, case):
+    old, new, needles = REQUEST_SCHEMA_CASES[case]
+    assert old in SCHEMA
+    expect_error(capsys, _request(env, tmp_path, schema=SCHEMA.replace(old, new, 1)), "req.yaml", *needles,
+                 absent=[tmp_path / "r"])
+
+
+REQUEST_CASES = {
+    # every --set checked, though a flag overrides its key
+    "--set data.dataset=banana with --data-schema": (["--set", "data.dataset=banana"],
+                                                     ["data.dataset = 'banana'", "'census', 'synthetic', 'table'"]),
+    "--set contradicting --data-schema": (["--set", "data.dataset=census"],
+                                          ["--set data.dataset=census contradicts --data-schema", "'table'"]),
+    "--set contradicting --epochs": (["--epochs", "2", "--set", "train.epochs=5"],
+                                     ["--set train.epochs=5 contradicts --epochs", "train.epochs = 2"]),
+    "--set contradicting --threads": (["--set", "train.num_threads=4"], ["--set train.num_threads=4 contradicts --threads"]),
+    "--dataset with --data-schema": (["--dataset", "census"], ["--data-schema and --dataset both set data.dataset"]),
+    "--data-dir with --data": (["--data-dir", "/tmp"], ["both set data.path"]),
+    "an overridden --set is checked too": (["--set", "train.lr=fast", "--set", "train.lr=0.01"],
+                                           ["train.lr = fast", "not a number"]),
+    # a setting without effect in this run
+    "census key on a table": (["--set", "data.bucketize=4"], ["--set data.bucketize=4", "applies only where "
+                                                              "data.dataset is 'census'", "(--data-schema)"]),
+    "table split seed": (["--set", "data.split_seed=3"], ["data.split_seed applies only where data.dataset is 'census' "
+                                                          "or 'synthetic'"]),
+    "--workers without --stream": (["--workers", "2"], ["--workers: data.num_workers applies only where data.stream is "
+                                                        "True"]),
+    "min_lr of a constant schedule": (["--set", "train.min_lr=1e-5"], ["train.min_lr applies only where "
+                                                                      "train.lr_schedule is 'cosine' or 'plateau'"]),
+    "plateau key of a cosine schedule": (["--set", "train.lr_schedule=cosine", "--set", "train.plateau_patience=3"],
+                                         ["train.plateau_patience applies only where train.lr_schedule is 'plateau'",
+                                          "(--set train.lr_schedule=cosine)"]),
+    # the model choice
+    "--set model.name unknown": (["--set", "model.name=banana"], ["model.name = 'banana'", "'dtn'"]),
+    "--set model.name contradicting --model": (["--model", "dtn", "--set", "model.name=mmoe"],
+                                               ["--set model.name=mmoe contradicts --model dtn"]),
+    # each model's needs against the schema, naming the config, the schema and the key
+    "task_order": (["--set", "model.task_order=[buy, sale]"], ["model.task_order = ['buy', 'sale']",
+                                                               "(--set model.task_order=[buy, sale])",
+                                                               "['click', 'buy'] of", "s.yaml"]),
+    "early_stop_metric task": (["--set", "train.early_stop_metric=auc/sale"], ["'auc/sale'", "'auc/click'", "s.yaml"]),
+    "task_weights length": (["--set", "train.task_weights=[1, 2, 3]"], ["train.task_weights = [1.0, 2.0, 3.0]",
+                                                                       "3 weight(s) for the 2 tasks", "s.yaml"]),
+    "no experts": (["--model", "ple", "--set", "model.num_specific_experts=0", "--set", "model.num_shared_experts=0"],
+                   ["ple: model.num_specific_experts and model.num_shared_experts are both 0", "at least one expert"]),
+    "memonet field of another kind": (["--model", "dtn", "--set", "model.memonet={fields: [c1, x1]}"],
+                                      ["model.memonet.fields = ['c1', 'x1']", "'x1' is a numeric feature of", "s.yaml",
+                                       "['c1', 'c2']"]),
+    "memonet field position": (["--model", "sfm", "--set", "model.memonet={fields: [0, 5]}"],
+                               ["model.memonet.fields = [0, 5]", "position 5 is not a categorical feature"]),
+    "a FIM kind twice": (["--set", "model.fims=[gdcn, gdcn]"], ["model.fims = ['gdcn', 'gdcn']", "more than once"]),
+    "the train file as the valid file": (["--valid", "{missing}"], ["missing.csv: named as both the train and the "
+                                                                    "valid file"]),
+    "the test file as the valid file": (["--valid", "{t}", "--test", "{t}"], ["t.csv: named as both the valid and "
+                                                                             "the test file"]),
+    "option without a space": (["--set", "model.gdcn={num_layers:3}"], ["model.gdcn: unknown option(s) ['num_layers:3']",
+                                                                       "a space after the colon"]),
+}
+
+
+@pytest.mark.parametrize("case", list(REQUEST_CASES))
+def test_request_refused_before_data(env, capsys, tmp_path, case):
+    extra, needles = REQUEST_CASES[case]
+    small = _without("model.memonet") if "memonet" in case else SMALL
+    extra = [a.replace("{missing}", str(tmp_path / "missing.csv")).replace("{t}", str(env["dir"] / "t.csv"))
+             for a in extra]
+    expect_error(capsys, _request(env, tmp_path, *extra, small=small), *needles, absent=[tmp_path / "r"])
+
+
+ONE_CATEGORICAL = SCHEMA.replace("{columns: [c1, c2], kind: categorical}", "{name: c1, kind: categorical}")
+
+
+@pytest.mark.parametrize("model, extra, key", [("dtn", [], "model.fims"), ("sfm", [], "model.fims"),
+                                               ("tfi", ["--set", "model.tfi_fim=memonet"], "model.tfi_fim")])
+def test_memonet_needs_two_categorical_fields(env, capsys, tmp_path, model, extra, key):
+    small = _without("model.memonet")
+    where = "--set model.tfi_fim=memonet" if extra else "cpu.yaml"  # the config file, or the --set that chose it
+    fix = "--set model.tfi_fim=gdcn" if extra else "--set model.fims=[gdcn, masknet]"
+    expect_error(capsys, _request(env, tmp_path, "--model", model, *extra, schema=ONE_CATEGORICAL, small=small),
+                 f"{model}: {key}", where, "req.yaml has 1 categorical feature(s) ['c1']", "at least 2", fix,
+                 absent=[tmp_path / "r"])
+
+
+def test_compare_base_must_be_among_models(env, capsys, tmp_path):
+    expect_error(capsys, ["compare", "--models", "mmoe,ple", "--base", "shared_bottom", *env["base"], "--out",
+                          tmp_path / "c"], "--base shared_bottom", "one of --models ['mmoe', 'ple']",
+                 absent=[tmp_path / "c"])
+    expect_error(capsys, ["compare", "--models", "mmoe,mmoe", *env["base"], "--out", tmp_path / "c"],
+                 "--models lists ['mmoe'] more than once", absent=[tmp_path / "c"])
+    expect_error(capsys, ["compare", "--models", "mmoe", "--set", "model.name=dtn", *env["base"], "--out", tmp_path / "c"],
+                 "--set model.name=dtn", "--models", absent=[tmp_path / "c"])
+    expect_error(capsys, ["table3", "--models", "mmoe,dtn", "--base", "ple", *env["base"], "--out", tmp_path / "c"],
+                 "--base ple", absent=[tmp_path / "c"])
+
+
+def test_compressed_file_hint(env, capsys, tmp_path):
+    """A .gz table: one message, whether format: is set or not (never a hint that is then refused)."""
+    import gzip
+
+    (tmp_path / "t.csv.gz").write_bytes(gzip.compress((env["dir"] / "t.csv").read_bytes()))
+    for schema in (SCHEMA, SCHEMA + "format: csv\n"):
+        (tmp_path / "g.yaml").write_text(schema)
+        line = expect_error(capsys, ["train", "--data-schema", tmp_path / "g.yaml", "--data", tmp_path / "t.csv.gz",
+                                     *SMALL, "--out", tmp_path / "r"], "t.csv.gz: a gzip-compressed file",
+                            "decompress it", absent=[tmp_path / "r"])
+        assert "format:" not in line
+
+
+def test_a_refused_data_file_leaves_no_out_folder(env, capsys, tmp_path):
+    argv = _table_case(env, tmp_path, frame_edit=lambda df: _set(df, "buy", 10, 3))
+    expect_error(capsys, argv, "column 'buy'", "not 0 or 1", absent=[tmp_path / "r"])
+
+
+# ---- empty splits ------------------------------------------------------------------------------------------
+def test_empty_test_split_trains_with_a_notice_and_evaluate_refuses(env, capsys, tmp_path):
+    schema = tmp_path / "t0.yaml"
+    schema.write_text(SCHEMA.replace("test: 0.2", "test: 0.0"))
+    rc, out, err = run_cli(["train", "--data-schema", schema, "--data", env["dir"] / "t.csv", *SMALL, "--model", "mmoe",
+                            "--epochs", "1", "--out", tmp_path / "r"], capsys)
+    assert rc == 0, err
+    assert "Warning" not in err + out and "site-packages" not in err, err
+    assert "note: the test split is empty" in out and "t0.yaml: split.test is 0" in out, out
+    assert "test: AUC n/a, LogLoss n/a: the test split is empty (0 rows)" in out, out
+    expect_error(capsys, ["evaluate", "--checkpoint", tmp_path / "r" / "best.pt", "--split", "test", "--out",
+                          tmp_path / "m.json"], "--split test: the test split is empty", "t0.yaml",
+                 protect=[tmp_path / "r"], absent=[tmp_path / "m.json"])
+    assert run_cli(["evaluate", "--checkpoint", tmp_path / "r" / "best.pt", "--split", "valid"], capsys)[0] == 0
+
+
+# ---- example-data validates its arguments ------------------------------------------------------------------
+EXAMPLE_DATA_CASES = {
+    "rows 0": (["--rows", "0"], ["--rows 0", "an integer >= 1"]),
+    "rows -5": (["--rows", "-5"], ["--rows -5", "an integer >= 1"]),
+    "seed": (["--seed", "-1"], ["--seed -1", ">= 0"]),
+    "row groups 0": (["--row-group-rows", "0", "--out", "{new}/x.parquet"], ["--row-group-rows 0"]),
+    "row groups of a csv": (["--row-group-rows", "100"], ["--row-group-rows 100", "applies to a Parquet --out only"]),
+    "extension": (["--out", "{new}/x.txt"], ["--out", "x.txt", ".csv or .parquet"]),
+    "folder": (["--out", "{tmp}/folder.csv"], ["--out", "folder.csv: a folder"]),
+}
+
+
+@pytest.mark.parametrize("case", list(EXAMPLE_DATA_CASES))
+def test_example_data_arguments(capsys, tmp_path, case):
+    extra, needles = EXAMPLE_DATA_CASES[case]
+    (tmp_path / "keep.csv").write_text("old")
+    (tmp_path / "folder.csv").mkdir()
+    extra = [a.format(new=tmp_path / "new", tmp=tmp_path) for a in extra]
+    out = [] if "--out" in extra else ["--out", str(tmp_path / "new" / "x.csv")]
+    expect_error(capsys, ["example-data", "--layout", "aliexpress", *out, *extra], *needles, protect=[tmp_path],
+                 absent=[tmp_path / "new"])
+
+
+# ---- checkpoints and exports: whole messages, no output folder before the inputs are checked -----------------
+def test_truncated_checkpoint_message_is_whole(env, capsys, tmp_path):
+    p = tmp_path / "c.pt"
+    p.write_bytes((env["run"] / "best.pt").read_bytes()[:3000])
+    line = expect_error(capsys, ["evaluate", "--checkpoint", p], "c.pt: not a readable checkpoint (3,000 bytes",
+                        protect=[tmp_path])
+    assert line.endswith(")") and "If yo" not in line, line
+
+
+@pytest.fixture(scope="module")
+def mmoe_run(env):
+    out = env["dir"] / "mmoe"
+    assert main(["train", "--model", "mmoe", "--out", str(out), "--epochs", "1", *map(str, env["base"])]) == 0
+    return out
+
+
+def test_export_refuses_before_creating_its_folder(env, mmoe_run, capsys, tmp_path):
+    ckpt = mmoe_run / "best.pt"
+    expect_error(capsys, ["export", "--checkpoint", ckpt, "--trim-threshold", "0.1", "--out", tmp_path / "art"],
+                 "dtn export --trim-threshold needs a DTN model", "'mmoe'", protect=[mmoe_run],
+                 absent=[tmp_path / "art"])
+    expect_error(capsys, ["export", "--checkpoint", env["run"] / "best.pt", "--trim-threshold", "1.5", "--out",
+                          tmp_path / "art"], "--trim-threshold 1.5", "[0, 1)", absent=[tmp_path / "art"])
+    expect_error(capsys, ["export", "--checkpoint", ckpt, "--data", env["dir"] / "t.csv", "--out", tmp_path / "art"],
+                 "--data is read only with --trim-threshold", absent=[tmp_path / "art"])
+
+
+def test_evaluate_flags_against_the_checkpoint(env, capsys, tmp_path):
+    best = env["run"] / "best.pt"
+    expect_error(capsys, ["evaluate", "--checkpoint", best, "--data-dir", tmp_path], "--data-dir",
+                 "data.dataset = 'table'", "--data", protect=[env["run"]])
+    expect_error(capsys, ["evaluate", "--checkpoint", best, "--out", tmp_path], "--out", "a folder",
+                 protect=[env["run"], tmp_path])
+    expect_error(capsys, ["evaluate", "--checkpoint", best, "--out", tmp_path / "new" / "m.json", "--data",
+                          tmp_path / "gone.csv"], "gone.csv", absent=[tmp_path / "new"])
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["importance", "--max-rows", "-1"], ["--max-rows -1", ">= 0"]),
+    (["importance", "--repeats", "0"], ["--repeats 0", ">= 1"]),
+    (["trim", "--threshold", "1.5"], ["--threshold 1.5", "[0, 1)"]),
+    (["trim", "--threshold", "0.1", "--repeats", "0"], ["--repeats 0", ">= 1"]),
+    (["trim", "--threshold", "0.1", "--latency-batch", "0"], ["--latency-batch 0", ">= 1"]),
+    (["tsne", "--perplexity", "-1"], ["--perplexity -1.0", "> 0"]),
+    (["tsne", "--samples", "50", "--perplexity", "80"], ["--perplexity 80.0", "below --samples (50)"]),
+], ids=["importance rows", "importance repeats", "trim threshold", "trim repeats", "trim batch", "tsne perplexity",
+        "tsne perplexity over samples"])
+def test_analysis_flags_before_any_work(env, capsys, tmp_path, argv, needles):
+    expect_error(capsys, [*argv, "--checkpoint", env["run"] / "best.pt", "--out", tmp_path / "a"], *needles,
+                 protect=[env["run"]], absent=[tmp_path / "a"])
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["train", "--epochs", "abc"], ["dtn train: argument error", "--epochs", "'abc'", "--help"]),
+    (["example-data", "--layout", "criteo", "--out", "x.csv"], ["dtn example-data: argument error", "'criteo'"]),
+    (["evaluate"], ["--checkpoint"]),
+], ids=["int", "choice", "required"])
+def test_argument_errors_are_one_line(capsys, argv, needles):
+    expect_error(capsys, argv, *needles)
+
+
+@pytest.mark.parametrize("what, needles", [
+    ("data folder", ["a folder, not a data file"]),
+    ("empty schema", ["req.yaml: the schema must be a mapping", "got an empty file"]),
+    ("list schema", ["req.yaml: the schema must be a mapping", "got a list"]),
+])
+def test_files_of_the_wrong_kind(env, capsys, tmp_path, what, needles):
+    if what == "data folder":
+        argv = ["train", "--data-schema", env["dir"] / "s.yaml", "--data", tmp_path, *SMALL, "--out", tmp_path / "r"]
+    else:
+        argv = _request(env, tmp_path, schema="" if what == "empty schema" else "- labels\n")
+    expect_error(capsys, argv, *needles, absent=[tmp_path / "r"])
+
+
+def test_repeated_set_takes_the_later_value_with_a_note(env):
+    from dtn.cli import build_parser
+    from dtn.request_check import request_config
+
+    notes = []
+    args = build_parser().parse_args(["train", "--set", "train.lr=0.1", "--set", "train.lr=0.01", "--set",
+                                      "model.memonet={fields: 3}", "--set", "model.memonet={num_buckets: 50}"])
+    cfg, explicit = request_config(args, note=notes.append)
+    assert cfg.train.lr == 0.01 and cfg.model.memonet["fields"] == 3 and cfg.model.memonet["num_buckets"] == 50
+    assert len(notes) == 1 and "--set train.lr=0.1 is overridden by the later --set train.lr=0.01" in notes[0]
+    assert explicit["train.lr"] == "--set train.lr=0.01"
 
 
 # ---- output folders and the disk --------------------------------------------------------------------------

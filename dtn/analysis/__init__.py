@@ -35,7 +35,11 @@ def load_checkpoint_data(checkpoint: str, data_dir: str | None = None):
 def get_split(data, split: str):
     if split not in ("train", "valid", "test"):
         raise ValueError(f"unknown split {split!r}; use train, valid or test")
-    return getattr(data, split)
+    from ..request_check import check_split
+
+    part = getattr(data, split)
+    check_split(None, split, f"--split {split}", rows=len(part))
+    return part
 
 
 def subsample(split, max_rows: int | None, seed: int = 0):

@@ -12,6 +12,7 @@ matching data schemas are ``dtn/configs/schemas/aliexpress.yaml`` and ``ali_ccp.
 """
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -107,18 +108,21 @@ def make_example_frame(layout: str, n: int = 20_000, seed: int = 0) -> pd.DataFr
 
 
 def write_table(df: pd.DataFrame, path: str, row_group_rows: int | None = None) -> str:
-    """Write ``df`` as CSV or Parquet (by the extension); Parquet in row groups of ``row_group_rows``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    """Write ``df`` as CSV or Parquet (by the extension); Parquet in row groups of ``row_group_rows``. The file
+    is written atomically: a failed write leaves a file already there as it was."""
+    from ..train.checkpoint import atomic_write
+
     if path.lower().endswith((".parquet", ".pq")):
         from .tabular import _pyarrow_parquet
 
         pq = _pyarrow_parquet()
         import pyarrow as pa
 
-        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path, row_group_size=row_group_rows or 64 * 1024)
+        buf = io.BytesIO()  # pyarrow writes to a real file object; the bytes then go in one atomic write
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf, row_group_size=row_group_rows or 64 * 1024)
+        atomic_write(path, lambda fh: fh.write(buf.getvalue()))
     else:
-        df.to_csv(path, index=False)
+        atomic_write(path, lambda fh: fh.write(df.to_csv(index=False).encode("utf-8")))
     return path
 
 

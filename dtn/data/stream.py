@@ -172,8 +172,8 @@ def load_table_streaming(ts: TableSchema, encoder: TabularEncoder | None = None,
     if failed:
         if error is not None:
             raise error
-        r, (kind, msg) = failed[0]
-        raise DataError(f"rank {r} failed reading its chunks: {kind}: {msg}")
+        r, (_, msg) = failed[0]
+        raise DataError(f"rank {r} failed reading its chunks: {msg}")
     for g in gathered:
         for cid, rows in g["rows"].items():
             chunks[cid].rows = rows

@@ -43,11 +43,13 @@ import torch
 import yaml
 
 from ..features import FeatureSpec, JaggedField, Schema
+from ..features.schema import kind_mismatch
 from .encoders import DataError, EncodedData, SplitData, TabularEncoder
 
 SCHEMA_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "schemas")
 SPLITS = ("train", "valid", "test")
 FORMATS = ("csv", "parquet")
+COMPRESSED = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd", ".zip": "zip"}
 _SPEC_KEYS = {f.name for f in fields(FeatureSpec)} - {"name", "cardinality"}
 
 
@@ -140,7 +142,8 @@ def table_schema_from_dict(raw: dict, path: str | None = None) -> TableSchema:
     """Validate a data schema mapping; errors name ``path`` and the key."""
     at = path or "data schema"
     if not isinstance(raw, dict):
-        raise SchemaError(f"{at}: the schema must be a mapping, got {type(raw).__name__}")
+        got = "an empty file" if raw is None else "a list" if isinstance(raw, list) else "a single value"
+        raise SchemaError(f"{at}: the schema must be a mapping of keys (labels, features, ...), got {got}")
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
         raise SchemaError(f"{at}: unknown key(s) {unknown}; known: {sorted(_TOP_KEYS)}")
@@ -161,6 +164,11 @@ def table_schema_from_dict(raw: dict, path: str | None = None) -> TableSchema:
             raise SchemaError(f"{at}: labels[{i}]: expected a column name or {{name: task, column: col}}, got {item!r}")
     if len(set(labels)) != len(labels):
         raise SchemaError(f"{at}: labels: duplicate task names {labels}")
+    same = sorted({c for c in label_cols if label_cols.count(c) > 1})
+    if same:
+        tasks = [t for t, c in zip(labels, label_cols) if c in same]
+        raise SchemaError(f"{at}: labels: tasks {tasks} read the same label column {same[0]!r}; each task needs a "
+                          "label column of its own")
     if len(labels) < 2:
         raise SchemaError(f"{at}: labels: {labels} names one task; the multi-task models need two or more label columns")
     # features
@@ -187,11 +195,16 @@ def table_schema_from_dict(raw: dict, path: str | None = None) -> TableSchema:
                 raise SchemaError(f"{key}.columns: {exc}") from None
         else:
             names = [str(item["name"])]
+        _check_spec_types(opts, key)
         for n in names:
             try:
-                feats.append(FeatureSpec(name=n, **opts))
+                spec = FeatureSpec(name=n, **opts)
             except (TypeError, ValueError) as exc:
                 raise SchemaError(f"{key} ({n}): {exc}") from None
+            off = kind_mismatch(spec, opts)  # a kind-specific key given, even at its default value
+            if off:
+                raise SchemaError(f"{key} ({n}): {off}")
+            feats.append(spec)
     names = [f.name for f in feats]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -213,7 +226,9 @@ def table_schema_from_dict(raw: dict, path: str | None = None) -> TableSchema:
     ts.delimiter = str(csv_opts.get("delimiter", ","))
     if len(ts.delimiter) != 1:
         raise SchemaError(f"{at}: csv.delimiter: one character, got {ts.delimiter!r}")
-    ts.header = bool(csv_opts.get("header", True))
+    ts.header = csv_opts.get("header", True)
+    if not isinstance(ts.header, bool):
+        raise SchemaError(f"{at}: csv.header: true or false, got {ts.header!r}")
     if "columns" in csv_opts:
         try:
             ts.columns = expand_columns(csv_opts["columns"])
@@ -227,22 +242,61 @@ def table_schema_from_dict(raw: dict, path: str | None = None) -> TableSchema:
     for k in ("valid", "test"):
         if k in split:
             v = split[k]
-            if not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0:
                 raise SchemaError(f"{at}: split.{k}: a fraction in [0, 1), got {v!r}")
             if getattr(ts, k):
                 raise SchemaError(f"{at}: split.{k}: the schema also names a {k} file; use one or the other")
             setattr(ts, f"{k}_fraction", float(v))
     if ts.fractions()["train"] <= 0:
         raise SchemaError(f"{at}: split: valid + test fractions leave no training rows")
-    ts.split_seed = int(split.get("seed", ts.split_seed))
+    seed = split.get("seed", ts.split_seed)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise SchemaError(f"{at}: split.seed: an integer >= 0, got {seed!r}")
+    ts.split_seed = seed
     ts.split_key = split.get("key")
     if ts.split_key is not None:
         ts.split_key = str(ts.split_key)
     chunk_rows = raw.get("chunk_rows", ts.chunk_rows)
-    if not isinstance(chunk_rows, int) or chunk_rows < 1:
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise SchemaError(f"{at}: chunk_rows: a positive integer, got {chunk_rows!r}")
     ts.chunk_rows = chunk_rows
     return ts
+
+
+def _head(text: str, delimiter: str, limit: int = 200) -> str:
+    """A raw line for a message: whole up to ``limit`` characters, else its fields up to there and ``...``."""
+    if len(text) <= limit:
+        return repr(text)
+    cut = text.rfind(delimiter, 0, limit)
+    return f"{text[:cut if cut > 0 else limit]!r} ... ({len(text):,} characters)"
+
+
+def first_sentence(exc: BaseException) -> str:
+    """An exception's own words on one line, up to its first sentence end (never cut mid-word), without
+    the class name a library may prefix."""
+    text = " ".join(str(exc).split()) or "no reason given"
+    text = re.sub(r"^(\[Errno \d+\]\s*)", "", text)
+    cut = re.search(r"(?<=[a-z0-9)'\"])\.\s", text)
+    return text[:cut.start()] if cut else text.rstrip(".")
+
+
+def _check_spec_types(opts: dict, key: str) -> None:
+    """Each feature key's value has its FeatureSpec field's type (``min_count: "5"`` is refused, not compared)."""
+    import typing
+
+    hints = typing.get_type_hints(FeatureSpec)
+    for k, v in opts.items():
+        tp = hints.get(k)
+        if tp is None:
+            continue
+        optional = typing.get_origin(tp) is typing.Union
+        base = [a for a in typing.get_args(tp) if a is not type(None)][0] if optional else tp
+        if v is None and optional:
+            continue
+        ok = (isinstance(v, int) and not isinstance(v, bool)) if base is int else isinstance(v, base)
+        if not ok:
+            what = {int: "an integer", str: "a string"}.get(base, base.__name__)
+            raise SchemaError(f"{key}: {k} = {v!r}: allowed: {what}" + (" or null" if optional else ""))
 
 
 def find_table_schema(name_or_path: str) -> str:
@@ -276,6 +330,15 @@ def load_table_schema(name_or_path: str, train=None, valid=None, test=None, chun
         ts.chunk_rows = int(chunk_rows)
     if not ts.train:
         raise SchemaError(f"{path}: no train file: name one under train: in the schema or pass --data FILE")
+    seen: dict[str, str] = {}
+    for role in SPLITS:
+        for f in getattr(ts, role):
+            real = os.path.realpath(f)
+            if real in seen and seen[real] != role:
+                raise SchemaError(f"{f}: named as both the {seen[real]} and the {role} file (in {path} or by --data / "
+                                  f"--valid / --test); the {role} rows must be rows the model is not trained or selected "
+                                  "on: give another file, or leave it out to hold out rows of the train file")
+            seen.setdefault(real, role)
     return ts
 
 
@@ -298,9 +361,15 @@ class Chunk:
 
 
 def _format_of(path: str, fmt: str | None) -> str:
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a folder, not a data file (name a CSV or Parquet file)")
+    low = path.lower()
+    packed = next((ext for ext in COMPRESSED if low.endswith(ext)), None)
+    if packed:  # whatever format: says, the chunked reader cannot seek in a compressed stream
+        raise DataError(f"{path}: a {COMPRESSED[packed]}-compressed file; the chunked reader needs it uncompressed "
+                        "(decompress it, or convert it to Parquet)")
     if fmt:
         return fmt
-    low = path.lower()
     if low.endswith((".parquet", ".pq")):
         return "parquet"
     if low.endswith((".csv", ".tsv", ".txt")):
@@ -378,8 +447,7 @@ class TableSource:
         except ImportError:
             raise
         except Exception as exc:  # noqa: BLE001 -- pyarrow raises its own error types for a bad file
-            raise DataError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") \
-                from None
+            raise DataError(f"{path}: not a readable Parquet file ({first_sentence(exc)})") from None
 
     def needed(self, role: str) -> list[str]:
         cols = self.ts.needed_columns()
@@ -491,7 +559,7 @@ class TableSource:
             else:
                 detail = f"column {names[counts[i]]!r} (field {counts[i] + 1}) and after are missing"
             raise DataError(f"{chunk.file}: line {chunk.first + i}: {counts[i]} fields, expected {width}: {detail}; "
-                            f"line: {text[:200]!r} ({len(bad)} malformed line(s) in this chunk)")
+                            f"line: {_head(text, d)} ({len(bad)} malformed line(s) in this chunk)")
         keep = [chunk.first + i for i, c in enumerate(counts) if c]
         needed = self.needed(chunk.role)
         numeric = {f.source for f in self.encoder_schema.features if f.kind == "numeric" or f.bins}

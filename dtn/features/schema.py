@@ -16,12 +16,18 @@ out-of-vocabulary / missing values. A categorical or multi-valued feature with
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional, Sequence
 
 import torch
 
 KINDS = ("categorical", "numeric", "multi")
+
+
+def _only(*kinds, default=None):
+    """A FeatureSpec field that applies to features of ``kinds`` only (``metadata["kinds"]``): a value other
+    than its default on a feature of another kind is refused (:func:`kind_mismatch`)."""
+    return field(default=default, metadata={"kinds": kinds})
 
 
 @dataclass
@@ -30,29 +36,30 @@ class FeatureSpec:
     kind: str = "categorical"
     cardinality: int = 0  # filled by the encoder for categorical / multi features
     # numeric preprocessing: "standard", "log1p" (log1p then standardise) or "minmax"
-    transform: str = "standard"
-    pooling: str = "sum"  # multi-valued: "sum" or "mean"
-    delimiter: str = "|"  # multi-valued: separator of ids in a raw cell
+    transform: str = _only("numeric", default="standard")
+    pooling: str = _only("multi", default="sum")  # multi-valued: "sum" or "mean"
+    delimiter: str = _only("multi", default="|")  # multi-valued: separator of ids in a raw cell
     column: Optional[str] = None  # raw column name if it differs from `name`
-    bins: int = 0  # categorical only: > 0 = a numeric column cut into this many train quantile buckets
-    min_count: int = 1  # categorical / multi: values seen fewer times in train map to the OOV id 0
-    weight_separator: Optional[str] = None  # multi: tokens are "id<sep>weight", e.g. "12:0.5|7:2"
-    weight_column: Optional[str] = None  # multi: a column of weights, same delimiter, one per id
+    # categorical only: > 0 = a numeric column cut into this many train quantile buckets
+    bins: int = _only("categorical", default=0)
+    # categorical / multi: values seen fewer times in train map to the OOV id 0
+    min_count: int = _only("categorical", "multi", default=1)
+    weight_separator: Optional[str] = _only("multi")  # multi: tokens are "id<sep>weight", e.g. "12:0.5|7:2"
+    weight_column: Optional[str] = _only("multi")  # multi: a column of weights, same delimiter, one per id
     # categorical / multi: > 0 = no vocabulary; ids are murmur3(value, hash_seed) % hash_buckets (docs/own-data.md)
-    hash_buckets: int = 0
-    hash_seed: int = 0
+    hash_buckets: int = _only("categorical", "multi", default=0)
+    hash_seed: int = _only("categorical", "multi", default=0)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"feature {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
         if self.transform not in ("standard", "log1p", "minmax", "none"):
             raise ValueError(f"feature {self.name!r}: unknown numeric transform {self.transform!r}")
-        if self.bins and self.kind != "categorical":
-            raise ValueError(f"feature {self.name!r}: bins applies to categorical features only")
+        off = kind_mismatch(self, [f.name for f in fields(self) if getattr(self, f.name) != f.default])
+        if off:
+            raise ValueError(off)
         if self.pooling not in ("sum", "mean"):
             raise ValueError(f"feature {self.name!r}: pooling must be 'sum' or 'mean', got {self.pooling!r}")
-        if (self.weight_separator or self.weight_column) and self.kind != "multi":
-            raise ValueError(f"feature {self.name!r}: weight_separator / weight_column apply to multi features only")
         if self.weight_separator and self.weight_column:
             raise ValueError(f"feature {self.name!r}: give weights either as id{self.weight_separator}weight tokens "
                              "or in a weight_column, not both")
@@ -90,6 +97,21 @@ class FeatureSpec:
     @property
     def hashed(self) -> bool:
         return self.hash_buckets > 0
+
+
+def kind_keys() -> dict[str, tuple[str, ...]]:
+    """Each kind-specific FeatureSpec key and the feature kinds it applies to (from the fields' metadata)."""
+    return {f.name: f.metadata["kinds"] for f in fields(FeatureSpec) if "kinds" in f.metadata}
+
+
+def kind_mismatch(spec, keys) -> str | None:
+    """The message for the first of ``keys`` (given for feature ``spec``) that does not apply to its kind."""
+    for key, kinds in kind_keys().items():
+        if key in keys and spec.kind not in kinds:
+            which = " and ".join(kinds)
+            return (f"feature {spec.name!r}: {key} applies to {which} features only; this feature is {spec.kind} "
+                    f"(remove {key}, or change kind)")
+    return None
 
 
 # keys added after checkpoint format 2, written only when set: the digests (fingerprints) of the

@@ -260,12 +260,19 @@ def clean_stale_temps(folder: str, names=None) -> list[str]:
     return removed
 
 
-def ensure_writable(folder: str, what: str = "output folder") -> None:
-    """Create ``folder`` if needed and check that a file can be created in it (before any work that
-    would otherwise be lost when the first write fails)."""
+def ensure_writable(folder: str, what: str = "output folder", keep: bool = True) -> None:
+    """Check that a file can be created in ``folder`` (before any work that would otherwise be lost when
+    the first write fails). ``keep``: leave the folder created; else the folders this check had to create
+    are removed again, so a command refused later (bad data, a bad checkpoint) leaves no empty folder
+    behind (the first write creates it)."""
+    created = []
     try:
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise FileWriteError(f"{what} {folder}: exists and is not a folder", errno.ENOTDIR)
+        probe = os.path.abspath(folder)
+        while not os.path.exists(probe):
+            created.append(probe)
+            probe = os.path.dirname(probe)
         os.makedirs(folder, exist_ok=True)
         fd, tmp = open_temp(os.path.join(folder, ".write-check"))
         os.close(fd)
@@ -274,6 +281,13 @@ def ensure_writable(folder: str, what: str = "output folder") -> None:
         raise
     except OSError as exc:
         raise FileWriteError(f"{what} {folder}: cannot write there ({exc.strerror or exc})", exc.errno) from None
+    finally:
+        if not keep:
+            for d in created:  # deepest first
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -292,9 +306,10 @@ def read_torch_file(path: str, map_location="cpu"):
         raise
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, TypeError, KeyError,
             AttributeError, ImportError, IndexError, UnicodeDecodeError) as exc:
-        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+        from ..data.tabular import first_sentence
+
         raise CheckpointError(f"{path}: not a readable checkpoint ({size:,} bytes; truncated, damaged or another kind "
-                              f"of file: {type(exc).__name__}: {reason})") from None
+                              f"of file: {first_sentence(exc)})") from None
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:

@@ -24,7 +24,10 @@ def auc(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def log_loss(y: np.ndarray, p: np.ndarray, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy; NaN for no rows (an empty split)."""
     y = np.asarray(y, dtype=np.float64).ravel()
+    if len(y) == 0:
+        return float("nan")
     p = np.clip(np.asarray(p, dtype=np.float64).ravel(), eps, 1 - eps)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 

@@ -140,7 +140,17 @@ def checkpoint_payload(model, encoder: TabularEncoder | None, config: Config, da
 def _state_mismatch(exc: RuntimeError) -> str:
     """The first lines of a load_state_dict error, on one line."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][1:4]
-    return "; ".join(lines)[:400]
+    out = []
+    for line in lines:  # a long list of keys keeps its first items whole and says how many more there are
+        items = line.split(", ")
+        kept = items[:1]
+        for item in items[1:]:
+            if len(", ".join(kept + [item])) > 160:
+                break
+            kept.append(item)
+        more = len(items) - len(kept)
+        out.append(", ".join(kept) + (f", ... ({more} more)" if more else ""))
+    return "; ".join(out)
 
 
 def runnable_config(cfg: Config) -> Config:
