@@ -104,8 +104,8 @@ def _gated_cross(shape, dt, tf32, G=0):
     x0, w, b = _t(B, D, dtype=dt), _t(D, D, dtype=dt, group=G), _t(D, dtype=dt, group=G)
     wg = _t(D, D, dtype=dt, group=G) if gated else None
     for xl in ([x0] if not G else [x0, _t(B, D, dtype=dt, group=G)]):
-        gated_cross_forward(x0, xl, w, b, wg, tf32)
-        gated_cross_backward(_t(B, D, dtype=dt, group=G), x0, xl, w, b, wg, tf32)
+        _, z, a = gated_cross_forward(x0, xl, w, b, wg, tf32)
+        gated_cross_backward(_t(B, D, dtype=dt, group=G), x0, xl, w, b, wg, z, a, tf32)
 
 
 def _mask_block(shape, dt, tf32, G=0):
