@@ -137,6 +137,16 @@ def _dtypes(args) -> tuple:
     return tuple(str(a.dtype).replace("torch.", "") for a in args if isinstance(a, torch.Tensor))
 
 
+def launch_device(args) -> Optional[torch.device]:
+    """The CUDA device of a launch (its first CUDA tensor argument), or None when it has none. Triton
+    runs a kernel on the *current* device and stream; every launch sets the current device to its
+    tensors' for its duration, so tensors on a GPU other than the current one work."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_cuda:
+            return a.device
+    return None
+
+
 def launch(kernel, grid, *args, dot_m: Optional[int] = None, **meta):
     """``kernel[grid](*args, **meta)``; ``dot_m`` (the M tile of the kernel's tensor-core GEMM, if
     any) is only recorded, for the sm_90 check's wgmma rule."""
@@ -147,7 +157,11 @@ def launch(kernel, grid, *args, dot_m: Optional[int] = None, **meta):
         _COUNTED.append(kernel.__name__)
         return None
     if _CAPTURE is None:
-        return kernel[grid](*args, **meta)
+        device = launch_device(args)
+        if device is None:
+            return kernel[grid](*args, **meta)
+        with torch.cuda.device(device):  # triton launches on the current device: make it the tensors'
+            return kernel[grid](*args, **meta)
     rec = Launch(kernel.__name__, grid, {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")},
                  meta.get("num_warps", 4), meta.get("num_stages", 3), _dtypes(args), dot_m)
     try:
