@@ -164,7 +164,7 @@ def _hcnet_bwd_kernel(ids_ptr, salts_ptr, seeds_ptr, cb_ptr, wr_ptr, w_ptr, gu_p
             tl.atomic_add(dcb_ptr + rows[:, :, None] * DC + rc[None, None, :], wk[:, None, None] * g, mask=gmask,
                           sem="relaxed")
         wcw = tl.reshape(wk[:, None, None] * cw, (BB, BH * BDC))
-        dwr = tl.dot(tl.trans(G).to(wr.dtype), wcw.to(wr.dtype), dwr, input_precision=PRECISION)
+        dwr = tl.dot(tl.trans(G).to(wr.dtype), wcw.to(wr.dtype), dwr, input_precision=PRECISION)  # dot-m: BD
     tl.store(dwr_ptr + pid.to(tl.int64) * (D * HD) + rd[:, None] * HD + col[None, :], dwr,
              mask=dmask[:, None] & colm[None, :])
 
