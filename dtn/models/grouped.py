@@ -63,21 +63,31 @@ def _restack(tensors: list) -> torch.Tensor:
     for g, t in enumerate(tensors):
         t.data = storage[g]
         t._dtn_group_storage = storage
+    # the host-side fast check of later steps: the same member objects at the same addresses
+    storage._dtn_members = (tuple(tensors), tuple(t.data_ptr() for t in tensors))
     return storage
+
+
+def _still_stacked(storage, tensors: list) -> bool:
+    members, ptrs = getattr(storage, "_dtn_members", ((), ()))
+    return len(members) == len(tensors) and all(a is b for a, b in zip(members, tensors)) \
+        and all(t.data_ptr() == p for t, p in zip(tensors, ptrs))
 
 
 def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """[G, ...] of a group's parameters (or buffers) without a per-step copy: the first call moves them
     into one stacked storage that they then view (``_restack``); every later step checks on the host
-    (pointers only, no device work) that they still alias it and reads it in place. Anything that moved
+    (the same member objects at the same addresses: no device work) that they still alias it and
+    reads it in place. Anything that moved
     them (``model.to(...)``, assigning ``.data``) is detected and restacked. Under torch.compile, or for
     non-leaf tensors, it is a plain ``torch.stack``."""
     tensors = list(tensors)
-    if torch.compiler.is_compiling() or any(t.grad_fn is not None for t in tensors) \
-            or len({(t.shape, t.dtype, t.device) for t in tensors}) != 1:
+    if torch.compiler.is_compiling():
         return torch.stack(tensors)
     storage = getattr(tensors[0], "_dtn_group_storage", None)
-    if storage is None or not _aliases(storage, tensors):
+    if storage is None or not _still_stacked(storage, tensors):  # host-side: object identity and pointers
+        if any(t.grad_fn is not None for t in tensors) or len({(t.shape, t.dtype, t.device) for t in tensors}) != 1:
+            return torch.stack(tensors)
         storage = _restack(tensors)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _StackedParams.apply(storage, *tensors)
