@@ -9,12 +9,13 @@ the GPU tests' shapes, in fp32 (IEEE and TF32), bf16 and fp16, the real launcher
 tensors inside :func:`dtn_kernels.triton._launch.capture`: every launch compiles with Triton's own
 compiler for ``sm_90`` (the installed triton; a stand-in driver reports the target) and is
 recorded with its grid instead of running. The bundled ``ptxas -v --gpu-name=sm_90a`` then reports
-registers and spills; the PTX shows whether a ``tl.dot`` became ``wgmma`` (Hopper tensor cores),
-``mma.sync`` (Ampere-style) or FMAs.
+registers and spills; the PTX's line information (``.loc``) shows, for every ``tl.dot`` of every
+kernel (not per kernel), whether it became ``wgmma`` (Hopper tensor cores), ``mma.sync``
+(Ampere-style) or FMAs.
 
 It fails (exit status 1) on: a compile error; any spill at the paper's shapes; shared memory
-above sm_90's 227 KB per block; atomics that are not relaxed; a bf16 / fp16 / TF32 GEMM tile of 64 rows or more that does not
-lower to wgmma; a grid beyond CUDA's limits; and a kernel at the paper's shapes launched on fewer
+above sm_90's 227 KB per block; atomics that are not relaxed; a bf16 / fp16 / TF32 dot with an M tile of 64 rows or more that does
+not lower to wgmma (each dot judged on its own), or any such dot lowered to FMAs; a grid beyond CUDA's limits; and a kernel at the paper's shapes launched on fewer
 programs than the card has SMs (``--sms``, 132 on H100 SXM and H200).
 """
 from __future__ import annotations
@@ -104,8 +105,8 @@ def _gated_cross(shape, dt, tf32, G=0):
     x0, w, b = _t(B, D, dtype=dt), _t(D, D, dtype=dt, group=G), _t(D, dtype=dt, group=G)
     wg = _t(D, D, dtype=dt, group=G) if gated else None
     for xl in ([x0] if not G else [x0, _t(B, D, dtype=dt, group=G)]):
-        gated_cross_forward(x0, xl, w, b, wg, tf32)
-        gated_cross_backward(_t(B, D, dtype=dt, group=G), x0, xl, w, b, wg, tf32)
+        _, z, a = gated_cross_forward(x0, xl, w, b, wg, tf32)
+        gated_cross_backward(_t(B, D, dtype=dt, group=G), x0, xl, w, b, wg, z, a, tf32)
 
 
 def _mask_block(shape, dt, tf32, G=0):
@@ -226,11 +227,95 @@ def atomics(ptx: str) -> str:
 
 
 def mma_kind(ptx: str) -> str:
+    """The strongest MMA anywhere in ``ptx`` (a kernel-level summary; :func:`classify_dots` is per dot)."""
     if "wgmma.mma_async" in ptx:
         return "wgmma"
     if re.search(r"\bmma\.sync", ptx):
         return "mma.sync"
     return "fma" if re.search(r"\bfma\.rn\.f32", ptx) else "-"
+
+
+_DOT_RE = re.compile(r"\btl\.dot\(")
+_DOT_M_RE = re.compile(r"#\s*dot-m:\s*(\w+)")
+_ASSIGN_RE = re.compile(r"^\s*(\w+)\s*(?:\+=|=)")
+
+
+@dataclass
+class DotSite:
+    """One ``tl.dot`` call of a kernel's source: where it is, what it computes (the name it is assigned
+    to), the constexpr holding its M tile if it is not the launch's (``# dot-m: NAME``)."""
+
+    file: str
+    line: int
+    name: str
+    m_param: str | None = None
+
+
+def dot_sites(source) -> list[DotSite]:
+    """The ``tl.dot`` calls in a kernel's source (``(file, first line, lines)``, as ``_launch`` records it)."""
+    if not source:
+        return []
+    file, first, lines = source
+    out = []
+    for i, text in enumerate(lines):
+        if _DOT_RE.search(text.split("#", 1)[0]):
+            m = _DOT_M_RE.search(text)
+            a = _ASSIGN_RE.match(text)
+            out.append(DotSite(file, first + i, a.group(1) if a else "dot", m.group(1) if m else None))
+    return out
+
+
+def dot_problems(dots: list[dict], precision: str, tensor_core: bool) -> list[str]:
+    """The wgmma rule, per dot: on tensor cores (bf16 / fp16 / TF32) a dot with an M tile of 64 rows or
+    more must lower to wgmma, and no dot may fall back to FMAs. A dot with a smaller M tile may use
+    mma.sync (wgmma's smallest M is 64 per warpgroup). A dot absent from this specialisation ("-")
+    or of a variant without a GEMM tile (M None) is not judged."""
+    out = []
+    for d in dots:
+        kind, m = d["mma"], d["m"]
+        if not tensor_core or kind == "-" or m is None:
+            continue
+        if kind == "fma":
+            out.append(f"dot {d['name']} (line {d['line']}) in {precision} lowered to FMAs")
+        elif m >= 64 and kind != "wgmma":
+            out.append(f"dot {d['name']} (line {d['line']}, M tile {m}) in {precision} lowered to {kind}, not wgmma")
+    return out
+
+
+def _same_file(ptx_file: str, file: str) -> bool:
+    if os.path.realpath(ptx_file) == os.path.realpath(file):
+        return True
+    return os.path.basename(ptx_file) == os.path.basename(file)
+
+
+def classify_dots(ptx: str, sites: list[DotSite]) -> dict[int, str]:
+    """Per ``tl.dot`` site (its source line): the MMA its instructions lowered to, read from the PTX's
+    line information (``.loc FILE LINE COL`` before each instruction): "wgmma" (``wgmma.mma_async``),
+    "mma.sync", "fma" (``fma.rn.f32``: an FMA dot) or "-" (no instruction at that line: a dot that a
+    constexpr branch removed from this specialisation)."""
+    files = {m.group(1): m.group(2) for m in re.finditer(r'^\s*\.file\s+(\d+)\s+"([^"]+)"', ptx, re.M)}
+    want = {s.line: s for s in sites}
+    found: dict[int, set] = {line: set() for line in want}
+    cur = None
+    for text in ptx.splitlines():
+        m = re.match(r"\s*\.loc\s+(\d+)\s+(\d+)\s", text)
+        if m:
+            line = int(m.group(2))
+            site = want.get(line)
+            cur = line if site is not None and _same_file(files.get(m.group(1), ""), site.file) else None
+            continue
+        if cur is None:
+            continue
+        if "wgmma.mma_async" in text:
+            found[cur].add("wgmma")
+        elif re.search(r"\bmma\.sync", text):
+            found[cur].add("mma.sync")
+        elif re.search(r"\bfma\.rn\.f32", text):
+            found[cur].add("fma")
+    out = {}
+    for line, kinds in found.items():
+        out[line] = next((k for k in ("wgmma", "mma.sync", "fma") if k in kinds), "-")
+    return out
 
 
 # ----------------------------------------------------------------------------- the check
@@ -252,6 +337,7 @@ class Row:
     mma: str = "-"
     atomics: str = "-"
     dot_m: int | None = None
+    dots: list = field(default_factory=list)  # per tl.dot: {"line", "name", "m", "mma"}
     problems: list = field(default_factory=list)
 
 
@@ -309,8 +395,14 @@ def run_check(num_sms: int = 132, only: str | None = None, progress=None) -> lis
             if row.smem > SMEM_LIMIT:
                 row.problems.append(f"shared memory {row.smem} B > {SMEM_LIMIT}")
             tensor_core = dt in ("bfloat16", "float16") or tf32
-            if tensor_core and rec.dot_m is not None and rec.dot_m >= 64 and row.mma != "wgmma":
-                row.problems.append(f"GEMM tile BM={rec.dot_m} in {case.precision} lowered to {row.mma}, not wgmma")
+            sites = dot_sites(rec.source)
+            kinds = classify_dots(ptx, sites)
+            row.dots = [{"line": d.line, "name": d.name, "mma": kinds.get(d.line, "-"),
+                         "m": rec.constexprs.get(d.m_param) if d.m_param else rec.dot_m} for d in sites]
+            row.problems += dot_problems(row.dots, case.precision, tensor_core)
+            used = sorted({d["mma"] for d in row.dots if d["mma"] != "-"})
+            if used:  # the kernel's column lists every kind its dots use, not only the strongest
+                row.mma = "+".join(used)
             if case.paper and programs < num_sms:
                 row.problems.append(f"{programs} programs < {num_sms} SMs at the paper's shapes")
             rows.append(row)
@@ -330,7 +422,7 @@ def variants(rows: list[Row]) -> list[dict]:
         key = (r.op, r.kernel, r.precision, r.config)
         v = table.setdefault(key, {"op": r.op, "kernel": r.kernel, "precision": r.precision, "config": r.config,
                                    "regs": r.regs, "spill": r.spill, "smem": r.smem, "mma": r.mma,
-                                   "atomics": r.atomics,
+                                   "atomics": r.atomics, "dots": r.dots,
                                    "min_programs_paper": None, "paper": False, "problems": []})
         if r.paper:
             v["paper"] = True
@@ -338,6 +430,27 @@ def variants(rows: list[Row]) -> list[dict]:
             v["min_programs_paper"] = r.programs if mp is None else min(mp, r.programs)
         v["problems"] += [f"{r.case}: {p}" for p in r.problems]
     return list(table.values())
+
+
+def dot_table(rows: list[Row]) -> list[str]:
+    """Markdown lines: every tl.dot of every kernel, per precision, with its M tile(s) and the MMA it
+    lowered to (the paper's shapes, and the tests' where only those launch it)."""
+    table: dict = {}
+    for r in rows:
+        for d in r.dots:
+            key = (r.op, r.kernel, d["line"], d["name"], r.precision)
+            e = table.setdefault(key, {"m": set(), "mma": set(), "paper": False})
+            if d["mma"] != "-":
+                e["mma"].add(d["mma"])
+                if d["m"] is not None:
+                    e["m"].add(d["m"])
+            e["paper"] |= r.paper
+    out = ["| op | kernel | dot (source line) | precision | M tile | MMA |", "|---|---|---|---|---|---|"]
+    for (op, kernel, line, name, prec), e in table.items():
+        m = "/".join(str(x) for x in sorted(e["m"])) or "-"
+        mma = "+".join(sorted(e["mma"])) or "- (not in this specialisation)"
+        out.append(f"| {op} | `{kernel}` | `{name}` (line {line}) | {prec} | {m} | {mma} |")
+    return out
 
 
 def markdown(rows: list[Row], num_sms: int, header: str = "") -> str:
@@ -352,6 +465,7 @@ def markdown(rows: list[Row], num_sms: int, header: str = "") -> str:
         mp = v["min_programs_paper"] if v["min_programs_paper"] is not None else "(tests only)"
         lines.append(f"| {v['op']} | `{v['kernel']}` | {v['precision']} | {v['config']} | {v['regs']} | {v['spill']} | "
                      f"{v['smem'] / 1024:.1f} | {v['mma']} | {v['atomics']} | {mp} | {status} |")
+    lines += ["", *dot_table(rows)]
     problems = [p for v in variants(rows) for p in v["problems"]]
     lines.append("")
     lines.append(f"{len(variants(rows))} kernel variants from {len({r.case for r in rows})} cases; "

@@ -13,5 +13,5 @@ PY=${PYTHON:-python3}
 PYTHONPATH=. .venv-triton36/bin/python -m pytest -q -p no:cacheprovider \
     tests/test_triton_gated_cross.py tests/test_triton_masknet.py tests/test_triton_hcnet.py \
     tests/test_triton_softmax_gate.py tests/test_kernel_switch.py tests/test_dispatch.py tests/test_convergence.py \
-    tests/test_grouped.py tests/test_count_launches.py \
+    tests/test_grouped.py tests/test_count_launches.py tests/test_launch_device.py \
     tests/test_sm90_compile.py

@@ -137,3 +137,42 @@ def test_state_dict_is_per_module_in_every_mode():
     grouped.load_state_dict(ref.state_dict())
     dtn_kernels.set_kernels(grouped, "reference")
     assert dtn_kernels.kernels_of(grouped) == "reference" and not grouped.group_kernels
+
+
+@interpreter
+@needs_interpreter
+def test_group_parameters_stay_stacked_and_are_not_copied_per_step(monkeypatch):
+    """The first grouped step moves each group's parameters into one [G, ...] storage that the members'
+    parameters view; later steps (optimizer steps included) read it in place: no restack, no
+    torch.stack of parameters. The state_dict, the parameters' identity and their values are unchanged;
+    a model whose parameters were moved (deepcopy, .to) is restacked."""
+    import dtn.models.grouped as grp
+
+    ref, grouped = _pair("dtn")
+    params_before = list(grouped.parameters())
+    restacks = []
+    orig = grp._restack
+    monkeypatch.setattr(grp, "_restack", lambda ts: restacks.append(len(ts)) or orig(ts))
+    opt = torch.optim.Adam(grouped.parameters(), lr=0.01)
+    for step in range(3):
+        batch, labels = _batch(seed=step)
+        opt.zero_grad(set_to_none=True)
+        loss, _ = grouped.loss(grouped(batch), labels)
+        loss.backward()
+        opt.step()
+        if step == 0:
+            first = len(restacks)
+            assert first > 0
+    assert len(restacks) == first, "parameters were restacked after the first step"
+    assert list(grouped.parameters()) == params_before  # the same Parameter objects
+    def codebooks(model):
+        return [net.codebook for m in model.modules() for net in getattr(m, "hcnets", [])]
+
+    assert len(codebooks(grouped)) >= 2
+    storage = codebooks(grouped)[0]._dtn_group_storage
+    assert grp._aliases(storage, codebooks(grouped)) and storage.shape[0] == len(codebooks(grouped))
+    assert list(ref.state_dict()) == list(grouped.state_dict())
+    moved = copy.deepcopy(grouped)
+    want = moved(_batch()[0])
+    assert grp._aliases(codebooks(moved)[0]._dtn_group_storage, codebooks(moved))
+    torch.testing.assert_close(grouped(_batch()[0]), want)

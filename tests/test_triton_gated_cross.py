@@ -27,7 +27,7 @@ def make_args(B, D, gated, dtype=torch.float32, device="cpu", seed=0, noncontig=
 
 
 def op(x0, xl, w, b, wg):
-    return torch.ops.dtn.gated_cross(x0, xl, w, b, wg, False)
+    return torch.ops.dtn.gated_cross(x0, xl, w, b, wg, False)[0]
 
 
 @interpreter
@@ -154,3 +154,63 @@ def test_group_backward_with_a_broadcast_gradient():
     params = [torch.stack([m[i] for m in members]) for i in (2, 3, 4)]
     compare_fwd_bwd(lambda *a: op(*a).sum(0), lambda e, xl, w, b, wg: _members(G, e, xl, w, b, wg).sum(0),
                     [e, e, *params], [0, 1, 2, 3, 4], names=NAMES)
+
+
+def _aten_ops(fn):
+    """The aten ops (names without the ``aten::`` prefix) that ``fn()`` runs, custom ops' insides included."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name[len("aten::"):] for e in prof.events() if e.name.startswith("aten::")]
+
+
+@interpreter
+@needs_interpreter
+@pytest.mark.parametrize("route", ["triton", "torch"])
+@pytest.mark.parametrize("G", [0, 3])
+def test_backward_does_only_the_gemms_the_math_needs(route, G, monkeypatch):
+    """No dual GEMM recomputed in the backward (it reads the forward's pre-activations), ONE GEMM for
+    [dW; dWg], dxl as two accumulating GEMMs on the separate weights, and no weight concatenation in
+    forward or backward -- on both GEMM routes, single and grouped."""
+    import dtn_kernels.triton.triton_gated_cross as T
+
+    monkeypatch.setenv("DTN_FUSED_GEMM", route)
+    pre_calls = []
+    orig = T.pre_activations
+    monkeypatch.setattr(T, "pre_activations", lambda *a: pre_calls.append(1) or orig(*a))
+    x0, xl, w, b, wg = make_args(6, 10, True)
+    if G:
+        w, b, wg = (torch.stack([t] * G) for t in (w, b, wg))
+    params = [t.requires_grad_() for t in (x0, xl, w, b, wg)]
+    outs = []
+    fwd = _aten_ops(lambda: outs.append(op(*params)))
+    bwd = _aten_ops(lambda: outs[0].backward(torch.ones_like(outs[0])))
+    assert len(pre_calls) == (1 if route == "torch" else 0), "pre-activations computed in the backward"
+    assert "cat" not in fwd and "cat" not in bwd
+    gemms = [n for n in bwd if n in ("mm", "bmm", "addmm", "baddbmm", "baddbmm_", "matmul")]
+    assert sorted(gemms) == ["baddbmm", "baddbmm_", "bmm"], gemms  # dxl (2, the second accumulating) + [dW; dWg] (1)
+
+
+@interpreter
+@needs_interpreter
+@pytest.mark.parametrize("route", ["triton", "torch"])
+def test_without_saved_pre_activations(route, monkeypatch):
+    """save_pre=False (inference: no gradient needed) returns empty pre-activations; a backward given
+    them anyway recomputes z and a and still matches the twin."""
+    monkeypatch.setenv("DTN_FUSED_GEMM", route)
+    args = make_args(5, 9, True)
+    out, z, a = torch.ops.dtn.gated_cross(*args, False, False)
+    assert z.numel() == 0 and a.numel() == 0
+    torch.testing.assert_close(out, pt_gated_cross(*args), atol=1e-5, rtol=1e-4)
+    go = torch.randn(5, 9)
+    got = torch.ops.dtn.gated_cross_backward(go, *args, z, a, False)
+    _, z1, a1 = torch.ops.dtn.gated_cross(*args, False, True)
+    want = torch.ops.dtn.gated_cross_backward(go, *args, z1, a1, False)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # the wrapper asks for no pre-activations when no gradient will be taken
+        calls = []
+        orig = torch.ops.dtn.gated_cross
+        x0, xl, w, b, wg = args
+        monkeypatch.setattr(torch.ops.dtn, "gated_cross", lambda *a: calls.append(a[-1]) or orig(*a))
+        gated_cross(x0, xl, w, b, wg)
+    assert calls == [False]

@@ -190,3 +190,32 @@ def test_group_member_counts_must_agree():
     with pytest.raises(ValueError, match="a group of 2 HCNets"):
         _check(ids, salts, torch.stack([seeds, seeds]), torch.stack([cb, cb, cb]), torch.stack([wr, wr]),
                torch.stack([attn, attn]))
+
+
+def test_wrapper_never_casts_the_codebook(monkeypatch):
+    """Under autocast the restore weight and attention weights go to the compute dtype but the fp32
+    codebook reaches the op as the parameter itself (the kernels convert only the rows they gather):
+    no full-codebook cast per step, and so no cast of its gradient either."""
+    from dtn_kernels.ops.hcnet import hcnet
+
+    ids, salts, seeds, cb, wr, attn = make_args(4, 3, 2, 1, 7, 4, 5)
+    seen = []
+    monkeypatch.setattr(torch.ops.dtn, "hcnet", lambda *a: seen.append(a) or a[4].new_zeros(4, 3, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hcnet(ids, salts, seeds, cb, wr, attn)
+    assert seen[0][3] is cb and seen[0][4].dtype == torch.bfloat16 and seen[0][5].dtype == torch.bfloat16
+
+
+def test_twin_takes_an_fp32_codebook_with_low_precision_rest():
+    """The twin (the CPU path and the GPU tests' baseline) accepts the mixed dtypes the op now gets: U
+    and d restore / d attn in the compute dtype, d codebook in the codebook's fp32."""
+    from dtn_kernels.reference.pt_hcnet import pt_hcnet_backward
+
+    ids, salts, seeds, cb, wr, attn = make_args(5, 3, 2, 1, 7, 4, 5)
+    wr, attn = wr.bfloat16(), attn.bfloat16()
+    u = pt_hcnet(ids, salts, seeds, cb, wr, attn)
+    dcb, dwr, dattn = pt_hcnet_backward(torch.ones_like(u), ids, salts, seeds, cb, wr, attn)
+    assert u.dtype == torch.bfloat16 and dcb.dtype == torch.float32
+    assert dwr.dtype == torch.bfloat16 and dattn.dtype == torch.bfloat16
+    want = pt_hcnet(ids, salts, seeds, cb, wr.float(), attn.float())
+    torch.testing.assert_close(u.float(), want, atol=0.05, rtol=0.05)

@@ -83,6 +83,28 @@ def test_empty_batch():
 
 @interpreter
 @needs_interpreter
+@pytest.mark.parametrize("G", [0, 2])
+def test_zero_output_width_sets_the_statistics(G):
+    """An output width of 0: mean and rstd are defined (0 and 1/sqrt(eps), the twin's empty-row
+    statistics), not left as uninitialised memory; the backward still runs."""
+    from dtn_kernels.reference.pt_masknet import pt_mask_block
+
+    args = make_args(5, 4, 3, 6, 0)
+    if G:
+        args = [args[0]] + [torch.stack([a] * G) for a in args[1:]]
+    out, hid, mask, z, mean, rstd = op(*args)
+    want = pt_mask_block(*args, 1e-5)
+    assert out.shape[-1] == 0 and mean.shape == rstd.shape == ((G, 5) if G else (5,))
+    assert torch.equal(mean, torch.zeros_like(mean)) and torch.equal(mean, want[4])
+    torch.testing.assert_close(rstd, torch.full_like(rstd, 1e-5 ** -0.5))
+    torch.testing.assert_close(rstd, want[5])
+    leaves = [a.requires_grad_() for a in args]
+    op(*leaves)[0].sum().backward()
+    assert all(torch.isfinite(a.grad).all() for a in leaves)
+
+
+@interpreter
+@needs_interpreter
 def test_opcheck_triton():
     args = [a.requires_grad_() for a in make_args(3, 5, 4, 6, 7)]
     torch.library.opcheck(torch.ops.dtn.mask_block.default, (*args, 1e-5, False))

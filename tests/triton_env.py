@@ -44,6 +44,8 @@ TOLERANCES = {
     torch.float16: (2e-3, 4e-3),
 }
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)  # the GPU tests' dtypes
+# fp32 under a TF32 matmul policy ("high"): TF32 keeps 10 mantissa bits, as fp16 does
+TF32_TOLERANCES = TOLERANCES[torch.float16]
 
 
 def reference_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -93,11 +95,16 @@ def assert_close(actual, expected, name="", rtol=None, atol=None):
     check_tensor(name, actual, expected, d_atol if atol is None else atol, d_rtol if rtol is None else rtol)
 
 
-def _run(fn, args, diff_idx, dtype, n_outputs, n_grad, seed):
+def _run(fn, args, diff_idx, dtype, n_outputs, n_grad, seed, keep=()):
     """Outputs (first ``n_outputs``) and the gradients of ``diff_idx`` under one fixed random upstream
-    gradient per differentiable output, with the floating args cast to ``dtype``."""
-    xs = [(a.detach().to(dtype) if a.is_floating_point() else a.detach()).clone().requires_grad_(i in diff_idx)
-          if torch.is_tensor(a) else a for i, a in enumerate(args)]
+    gradient per differentiable output, with the floating args cast to ``dtype`` (those in ``keep``
+    only when ``dtype`` is the higher-precision reference's)."""
+    def cast(i, a):
+        if not a.is_floating_point() or (i in keep and dtype.itemsize <= a.dtype.itemsize):
+            return a.detach()
+        return a.detach().to(dtype)
+
+    xs = [cast(i, a).clone().requires_grad_(i in diff_idx) if torch.is_tensor(a) else a for i, a in enumerate(args)]
     outs = fn(*xs)
     outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
     outs = outs[:n_outputs]
@@ -108,20 +115,24 @@ def _run(fn, args, diff_idx, dtype, n_outputs, n_grad, seed):
     return [o.detach() for o in outs], list(grads)
 
 
-def compare_fwd_bwd(op, twin, args, diff_idx, n_outputs=1, seed=0, names=None, n_grad=None, dtype=None):
+def compare_fwd_bwd(op, twin, args, diff_idx, n_outputs=1, seed=0, names=None, n_grad=None, dtype=None,
+                    tolerances=None, keep=()):
     """Run ``op`` in ``dtype`` (default: the args' floating dtype) and compare its outputs and the
     gradients of every arg in ``diff_idx`` with the ``twin`` run in higher precision, eager PyTorch
-    (the twin in ``dtype``) as the baseline of the 2x rule; one shared upstream gradient."""
+    (the twin in ``dtype``) as the baseline of the 2x rule; one shared upstream gradient.
+    ``tolerances``: (atol, rtol) instead of the dtype's; ``keep``: indices of args that stay in their
+    own (higher) dtype in the op's and the baseline's runs (e.g. an fp32 codebook next to bf16 weights)."""
     dtype = dtype or next(a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point())
     n_grad = n_outputs if n_grad is None else n_grad
-    atol, rtol = TOLERANCES[dtype]
-    ko, kg = _run(op, args, diff_idx, dtype, n_outputs, n_grad, seed)
-    bo, bg = _run(twin, args, diff_idx, dtype, n_outputs, n_grad, seed)
-    eo, eg = _run(twin, args, diff_idx, reference_dtype(dtype), n_outputs, n_grad, seed)
+    atol, rtol = tolerances or TOLERANCES[dtype]
+    ko, kg = _run(op, args, diff_idx, dtype, n_outputs, n_grad, seed, keep)
+    bo, bg = _run(twin, args, diff_idx, dtype, n_outputs, n_grad, seed, keep)
+    eo, eg = _run(twin, args, diff_idx, reference_dtype(dtype), n_outputs, n_grad, seed, keep)
     for k, (a, b, e) in enumerate(zip(ko, bo, eo)):
         check_tensor(f"output {k} ({dtype})", a, e, atol, rtol, baseline=b)
     for i, a, b, e in zip(diff_idx, kg, bg, eg):
         label = names[i] if names else f"arg {i}"
         assert a is not None and e is not None, f"grad of {label} missing"
-        assert a.dtype == dtype, f"grad {label} is {a.dtype}, expected {dtype} (computed in the test's dtype)"
+        want = args[i].dtype if (i in keep and args[i].dtype.itemsize > dtype.itemsize) else dtype
+        assert a.dtype == want, f"grad {label} is {a.dtype}, expected {want} (computed in the test's dtype)"
         check_tensor(f"grad {label} ({dtype})", a, e, atol, rtol, baseline=b)

@@ -3,8 +3,9 @@
 DTN runs T + 1 MFI modules, each with one FIM of every kind, all on the same embeddings E; MMoE,
 PLE, CGC and TFI run several experts on one input and a gate per task. Modules of one kind with
 one configuration have the same shapes, so ``dtn_kernels.set_kernels(model, "grouped")`` makes the
-models run each kind once: the group's parameters are stacked along a leading G axis (one copy per
-step, the same traffic as autocast's weight casts; the state_dict stays per module) and fed to the
+models run each kind once: the group's parameters live in one storage stacked along a leading G axis,
+each member's parameter a view of its slice (moved there on the first grouped step, no copy after
+that; the state_dict and the parameters' identity stay per module), and are fed to the
 grouped ops (``torch.ops.dtn.gated_cross`` / ``mask_block`` / ``hcnet`` with a leading G), to
 batched cuBLAS GEMMs (``baddbmm``) for the projections, MLP experts and towers, and to one GEMM
 for every gate's logits followed by ``torch.ops.dtn.softmax_mix`` per gate.
@@ -30,8 +31,67 @@ from ..layers.memonet import MemoNet
 from ..layers.mlp import MLP
 
 
+class _StackedParams(torch.autograd.Function):
+    """The group's stacked storage as an autograd node over the members' parameters: forward returns
+    the storage itself (no copy: every member's parameter is a view of its slice), backward hands
+    member g slice g of the gradient."""
+
+    @staticmethod
+    def forward(ctx, storage, *members):
+        return storage.view_as(storage)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, *grad.unbind(0))
+
+
+def _aliases(storage: torch.Tensor, tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether member g of ``tensors`` is exactly slice g of ``storage`` (pointer, shape, strides)."""
+    if storage.shape[0] != len(tensors):
+        return False
+    step = storage.stride(0) * storage.element_size()
+    base, shape, strides = storage.data_ptr(), storage.shape[1:], storage.stride()[1:]
+    return all(t.data_ptr() == base + g * step and t.shape == shape and t.stride() == strides
+               and t.dtype == storage.dtype and t.device == storage.device for g, t in enumerate(tensors))
+
+
+def _restack(tensors: list) -> torch.Tensor:
+    """Move the members into one [G, ...] storage; each member's ``.data`` becomes a view of its slice
+    (values, identity, requires_grad and the state_dict keys are unchanged). Done once: later steps
+    find them there."""
+    storage = torch.stack([t.detach() for t in tensors])
+    for g, t in enumerate(tensors):
+        t.data = storage[g]
+        t._dtn_group_storage = storage
+    # the host-side fast check of later steps: the same member objects at the same addresses
+    storage._dtn_members = (tuple(tensors), tuple(t.data_ptr() for t in tensors))
+    return storage
+
+
+def _still_stacked(storage, tensors: list) -> bool:
+    members, ptrs = getattr(storage, "_dtn_members", ((), ()))
+    return len(members) == len(tensors) and all(a is b for a, b in zip(members, tensors)) \
+        and all(t.data_ptr() == p for t, p in zip(tensors, ptrs))
+
+
 def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(list(tensors))
+    """[G, ...] of a group's parameters (or buffers) without a per-step copy: the first call moves them
+    into one stacked storage that they then view (``_restack``); every later step checks on the host
+    (the same member objects at the same addresses: no device work) that they still alias it and
+    reads it in place. Anything that moved
+    them (``model.to(...)``, assigning ``.data``) is detected and restacked. Under torch.compile, or for
+    non-leaf tensors, it is a plain ``torch.stack``."""
+    tensors = list(tensors)
+    if torch.compiler.is_compiling():
+        return torch.stack(tensors)
+    storage = getattr(tensors[0], "_dtn_group_storage", None)
+    if storage is None or not _still_stacked(storage, tensors):  # host-side: object identity and pointers
+        if any(t.grad_fn is not None for t in tensors) or len({(t.shape, t.dtype, t.device) for t in tensors}) != 1:
+            return torch.stack(tensors)
+        storage = _restack(tensors)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _StackedParams.apply(storage, *tensors)
+    return storage
 
 
 # ----------------------------------------------------------------------------- FIMs
@@ -71,7 +131,8 @@ def _hcnet_attention(nets: list, E: torch.Tensor) -> torch.Tensor:
     x = E.mean(dim=-1)
     first = [n.senet[0] for n in nets]
     second = [n.senet[2] for n in nets]
-    h = torch.relu(F.linear(x, torch.cat([lin.weight for lin in first]), torch.cat([lin.bias for lin in first])))
+    h = torch.relu(F.linear(x, _stack(lin.weight for lin in first).flatten(0, 1),
+                            _stack(lin.bias for lin in first).flatten()))
     h = h.view(x.shape[0], len(nets), -1).transpose(0, 1)  # [G, B, r]
     return torch.sigmoid(torch.baddbmm(_stack(lin.bias for lin in second)[:, None, :], h,
                                        _stack(lin.weight for lin in second).transpose(1, 2)))
@@ -172,8 +233,11 @@ def grouped_mlps_ok(mlps: Sequence[nn.Module], x: torch.Tensor) -> bool:
 
 def gate_logits(gates: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
     """Every gate's logits from one GEMM on their shared input ``x``: column slices of [B, sum K]."""
-    W = torch.cat([g.linear.weight for g in gates])
-    b = torch.cat([g.linear.bias for g in gates])
+    if len({tuple(g.linear.weight.shape) for g in gates}) == 1:  # stacked storage, flattened: the cat, no copy
+        W = _stack(g.linear.weight for g in gates).flatten(0, 1)
+        b = _stack(g.linear.bias for g in gates).flatten()
+    else:  # gates over different numbers of experts
+        W, b = torch.cat([g.linear.weight for g in gates]), torch.cat([g.linear.bias for g in gates])
     logits = F.linear(x, W, b)
     out, start = [], 0
     for g in gates:

@@ -4,7 +4,9 @@ attentive shrinking in one op (the SENet producing the attention weights stays i
     U[b, s] = sum_{k ∋ s} attn[b, k] * W_o [C[h_1(k)] | ... | C[h_H(k)]]     -> [B, S, d]
 
 CUDA tensors run the Triton kernel (no [B, M, H, d_c] tensor); CPU tensors the twin unless
-DTN_TRITON_ON_CPU=1. Gradients: codebook (dense, like the reference), restore weight,
+DTN_TRITON_ON_CPU=1. The codebook stays in its own dtype (the fp32 parameter; only gathered rows
+are converted, in registers) while the restore weight, the attention weights and U are in the compute
+dtype. Gradients: codebook (dense, in the codebook's dtype, like the reference), restore weight,
 attention weights; none for ids, salts, seeds. A group of G HCNets over the same fields in one
 launch: ``seeds`` [G, H], ``codebook`` [G, books, N, d_c], ``restore_weight`` [G, d, H*d_c], ``attn``
 [G, B, M] -> [G, B, S, d] (ids and salts shared). ``deterministic=True`` (or
@@ -25,7 +27,7 @@ from ..triton._dispatch import cast_floats, compute_dtype, use_triton
 @torch.library.custom_op("dtn::hcnet", mutates_args=())
 def _hcnet(ids: Tensor, salts: Tensor, seeds: Tensor, codebook: Tensor, restore_weight: Tensor, attn: Tensor,
            deterministic: bool = False, allow_tf32: Optional[bool] = None) -> Tensor:
-    if use_triton(codebook):
+    if use_triton(codebook) and use_triton(restore_weight):
         from ..triton.triton_hcnet import hcnet_forward
 
         return hcnet_forward(ids, salts, seeds, codebook, restore_weight, attn, allow_tf32)
@@ -35,7 +37,7 @@ def _hcnet(ids: Tensor, salts: Tensor, seeds: Tensor, codebook: Tensor, restore_
 @_hcnet.register_fake
 def _(ids, salts, seeds, codebook, restore_weight, attn, deterministic=False, allow_tf32=None):
     lead = (codebook.shape[0],) if codebook.dim() == 4 else ()  # a group of G HCNets
-    return codebook.new_empty((*lead, ids.shape[0], ids.shape[1], restore_weight.shape[-2]))
+    return restore_weight.new_empty((*lead, ids.shape[0], ids.shape[1], restore_weight.shape[-2]))
 
 
 @torch.library.custom_op("dtn::hcnet_backward", mutates_args=())
@@ -43,7 +45,7 @@ def _hcnet_backward(grad_u: Tensor, ids: Tensor, salts: Tensor, seeds: Tensor, c
                     restore_weight: Tensor, attn: Tensor, deterministic: bool = False, allow_tf32: Optional[bool] = None
                     ) -> tuple[Tensor, Tensor, Tensor]:
     """(d codebook, d restore weight, d attn)."""
-    if use_triton(codebook):
+    if use_triton(codebook) and use_triton(restore_weight):
         from ..triton.triton_hcnet import hcnet_backward
 
         grads = hcnet_backward(grad_u, ids, salts, seeds, codebook, restore_weight, attn, deterministic, allow_tf32)
@@ -75,9 +77,11 @@ _hcnet.register_autograd(_backward, setup_context=_setup_context)
 def hcnet(ids: Tensor, salts: Tensor, seeds: Tensor, codebook: Tensor, restore_weight: Tensor, attn: Tensor,
           deterministic: bool | None = None, allow_tf32: Optional[bool] = None) -> Tensor:
     """U [B, S, d] through ``torch.ops.dtn.hcnet``; ``deterministic=None`` follows
-    ``torch.are_deterministic_algorithms_enabled()``. Casts to the autocast dtype (or the codebook's)."""
+    ``torch.are_deterministic_algorithms_enabled()``. Casts the restore weight and the attention weights
+    to the autocast dtype (or attn's), never the codebook: the kernels read it in its own dtype (fp32)
+    and convert only the rows they gather, and its gradient comes back in that dtype."""
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     dt = compute_dtype(attn)
-    codebook, restore_weight, attn = cast_floats(dt, codebook, restore_weight, attn)
+    restore_weight, attn = cast_floats(dt, restore_weight, attn)
     return torch.ops.dtn.hcnet(ids, salts, seeds, codebook, restore_weight, attn, deterministic, allow_tf32)

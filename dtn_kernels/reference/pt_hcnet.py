@@ -43,6 +43,7 @@ def pt_hcnet(ids: torch.Tensor, salts: torch.Tensor, seeds: torch.Tensor, codebo
         cw = codebook[0][idx]  # [B, M, H, d_c]
     else:
         cw = torch.stack([codebook[h][idx[..., h]] for h in range(H)], dim=2)
+    cw = cw.to(restore_weight.dtype)  # the gathered rows only (the codebook may be kept in fp32)
     v = F.linear(cw.flatten(2), restore_weight)  # [B, M, d]
     pi, pj = torch.triu_indices(S, S, 1, device=ids.device)
     incidence = torch.zeros(S, pi.numel(), device=ids.device, dtype=v.dtype)
@@ -66,14 +67,14 @@ def pt_hcnet_backward(grad_u, ids, salts, seeds, codebook, restore_weight, attn)
         cw = codebook[0][idx]
     else:
         cw = torch.stack([codebook[h][idx[..., h]] for h in range(H)], dim=2)
-    cw = cw.flatten(2)  # [B, M, H*dc]
+    cw = cw.to(restore_weight.dtype).flatten(2)  # [B, M, H*dc]
     v = F.linear(cw, restore_weight)
     pi, pj = torch.triu_indices(S, S, 1, device=ids.device)
     G = grad_u[:, pi] + grad_u[:, pj]  # [B, M, d]
     dattn = (G * v).sum(-1)
     dv = attn[..., None] * G
     dwr = dv.flatten(0, 1).t() @ cw.flatten(0, 1)
-    dcw = (dv @ restore_weight).view(*idx.shape, dc)  # [B, M, H, dc]
+    dcw = (dv @ restore_weight).view(*idx.shape, dc).to(codebook.dtype)  # [B, M, H, dc]
     dcb = torch.zeros_like(codebook)
     if books == 1:
         dcb[0].index_add_(0, idx.flatten(), dcw.reshape(-1, dc))

@@ -22,6 +22,9 @@ def pt_mask_block(e, v, w1, b1, w2, b2, w3, gamma, beta, eps: float = 1e-5, allo
     z = F.linear(mask * v, w3)
     out = torch.relu(F.layer_norm(z, (z.shape[-1],), gamma, beta, eps))
     zf = z.detach().float()
+    if zf.shape[-1] == 0:  # an empty row: mean 0 and variance 0 (var_mean would give NaN)
+        mean = zf.new_zeros(zf.shape[:-1])
+        return out, hid, mask, z, mean, torch.full_like(mean, float(eps) ** -0.5)
     var, mean = torch.var_mean(zf, dim=-1, unbiased=False)
     return out, hid, mask, z, mean, torch.rsqrt(var + eps)
 

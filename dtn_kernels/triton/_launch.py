@@ -122,6 +122,7 @@ class Launch:
     dot_m: Optional[int]
     compiled: object = None
     error: Optional[str] = None
+    source: Optional[tuple] = None  # (file, first line, source lines) of the kernel's Python function
 
 
 class Capture:
@@ -137,9 +138,33 @@ def _dtypes(args) -> tuple:
     return tuple(str(a.dtype).replace("torch.", "") for a in args if isinstance(a, torch.Tensor))
 
 
+def _source_of(kernel) -> Optional[tuple]:
+    """(file, first line, lines) of a JIT kernel's Python source: the sm_90 check finds its tl.dot
+    sites there and matches them with the PTX's line information."""
+    import inspect
+
+    fn = getattr(kernel, "fn", None)
+    try:
+        lines, first = inspect.getsourcelines(fn)
+        return inspect.getsourcefile(fn), first, lines
+    except (TypeError, OSError):
+        return None
+
+
+def launch_device(args) -> Optional[torch.device]:
+    """The CUDA device of a launch (its first CUDA tensor argument), or None when it has none. Triton
+    runs a kernel on the *current* device and stream; every launch sets the current device to its
+    tensors' for its duration, so tensors on a GPU other than the current one work."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_cuda:
+            return a.device
+    return None
+
+
 def launch(kernel, grid, *args, dot_m: Optional[int] = None, **meta):
-    """``kernel[grid](*args, **meta)``; ``dot_m`` (the M tile of the kernel's tensor-core GEMM, if
-    any) is only recorded, for the sm_90 check's wgmma rule."""
+    """``kernel[grid](*args, **meta)``; ``dot_m`` (the M tile of the kernel's tensor-core GEMMs, if
+    any) is only recorded, for the sm_90 check's wgmma rule; a ``tl.dot`` line whose M tile differs
+    says so in a trailing ``# dot-m: NAME`` comment naming the launch's constexpr that holds it."""
     grid = tuple(int(g) for g in grid)
     if len(grid) > 1 and max(grid[1:]) > GRID_YZ_LIMIT:
         raise ValueError(f"{kernel.__name__}: grid {grid} exceeds CUDA's y/z limit {GRID_YZ_LIMIT}")
@@ -147,9 +172,14 @@ def launch(kernel, grid, *args, dot_m: Optional[int] = None, **meta):
         _COUNTED.append(kernel.__name__)
         return None
     if _CAPTURE is None:
-        return kernel[grid](*args, **meta)
+        device = launch_device(args)
+        if device is None:
+            return kernel[grid](*args, **meta)
+        with torch.cuda.device(device):  # triton launches on the current device: make it the tensors'
+            return kernel[grid](*args, **meta)
     rec = Launch(kernel.__name__, grid, {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")},
-                 meta.get("num_warps", 4), meta.get("num_stages", 3), _dtypes(args), dot_m)
+                 meta.get("num_warps", 4), meta.get("num_stages", 3), _dtypes(args), dot_m,
+                 source=_source_of(kernel))
     try:
         rec.compiled = kernel.warmup(*args, grid=grid, **meta)
     except Exception as exc:  # a compile error is a finding of the check, not a crash of it

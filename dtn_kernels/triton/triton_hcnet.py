@@ -164,7 +164,7 @@ def _hcnet_bwd_kernel(ids_ptr, salts_ptr, seeds_ptr, cb_ptr, wr_ptr, w_ptr, gu_p
             tl.atomic_add(dcb_ptr + rows[:, :, None] * DC + rc[None, None, :], wk[:, None, None] * g, mask=gmask,
                           sem="relaxed")
         wcw = tl.reshape(wk[:, None, None] * cw, (BB, BH * BDC))
-        dwr = tl.dot(tl.trans(G).to(wr.dtype), wcw.to(wr.dtype), dwr, input_precision=PRECISION)
+        dwr = tl.dot(tl.trans(G).to(wr.dtype), wcw.to(wr.dtype), dwr, input_precision=PRECISION)  # dot-m: BD
     tl.store(dwr_ptr + pid.to(tl.int64) * (D * HD) + rd[:, None] * HD + col[None, :], dwr,
              mask=dmask[:, None] & colm[None, :])
 
@@ -250,13 +250,13 @@ def hcnet_forward(ids, salts, seeds, codebook, restore_weight, attn, allow_tf32=
                                                                        attn)
     G, B, S, H, books, N, DC = _check(ids, salts, seeds, codebook, restore_weight, attn)
     D = restore_weight.shape[1]
-    u = torch.empty((G, B, S, D), device=codebook.device, dtype=codebook.dtype)
+    u = torch.empty((G, B, S, D), device=codebook.device, dtype=restore_weight.dtype)  # the compute dtype
     if B > 0 and D > 0 and G > 0:
         if S < 2:  # no crosses: U = 0
             u.zero_()
         else:
             tf32 = resolve_tf32(allow_tf32)
-            BB, BH, BDC, BD, warps = _blocks(H, DC, D, tensor_cores(codebook.dtype, tf32))
+            BB, BH, BDC, BD, warps = _blocks(H, DC, D, tensor_cores(restore_weight.dtype, tf32))
             launch(_hcnet_fwd_kernel, (triton.cdiv(B, BB), S, G),
                    ids, salts, seeds, codebook, restore_weight, attn, u, B, S, S * (S - 1) // 2, N, D, H, DC,
                    SHARED=books == 1, PRECISION=precision(tf32), BB=BB, BH=BH, BDC=BDC,
@@ -302,9 +302,9 @@ def hcnet_backward(grad_u, ids, salts, seeds, codebook, restore_weight, attn, de
     if B == 0 or M == 0 or D == 0 or G == 0:
         out = (torch.zeros_like(codebook), torch.zeros_like(restore_weight), dw.zero_().to(attn.dtype))
         return out if grouped else tuple(t[0] for t in out)
-    gu = grad_u.to(codebook.dtype).reshape(G, B, S, D).contiguous()
+    gu = grad_u.to(restore_weight.dtype).reshape(G, B, S, D).contiguous()
     tf32 = resolve_tf32(allow_tf32)
-    BB, BH, BDC, BD, warps = _blocks(H, DC, D, tensor_cores(codebook.dtype, tf32))
+    BB, BH, BDC, BD, warps = _blocks(H, DC, D, tensor_cores(restore_weight.dtype, tf32))
     nblk = triton.cdiv(B, BB)
     kper = _crosses_per_program(nblk * G, M, dev)
     programs = nblk * triton.cdiv(M, kper)  # per member
@@ -328,5 +328,6 @@ def hcnet_backward(grad_u, ids, salts, seeds, codebook, restore_weight, attn, de
                perm, starts, ends, attn, gu, restore_weight, pi, pj, dcb, B, S, M, D, H, DC, BDC=BDC, BD=BD,
                num_warps=1)
     dwr = dwr_part.sum(1)  # fixed order: deterministic
+    # the codebook gradient is written in fp32, the dtype of the (fp32) codebook parameter: no cast
     out = (dcb.view(G, books, N, DC).to(codebook.dtype), dwr.to(restore_weight.dtype), dw.to(attn.dtype))
     return out if grouped else tuple(t[0] for t in out)

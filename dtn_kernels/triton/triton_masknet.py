@@ -169,6 +169,9 @@ def mask_block_forward(e, v, w1, b1, w2, b2, w3, gamma, beta, eps: float = 1e-5,
         bm = row_block(B, v.device, groups=G)
         launch(_ln_relu_fwd_kernel, (triton.cdiv(B, bm), G), z, gamma, beta, out, mean, rstd, B, DO, float(eps),
                BM=bm, BN=_row_chunk(DO, bm), num_warps=4)
+    elif DO == 0:  # an output width of 0: the statistics of an empty row, as the twin defines them
+        mean.zero_()
+        rstd.fill_(float(eps) ** -0.5)
     outs = (out, hid, mask, z, mean, rstd)
     return outs if grouped else tuple(t[0] for t in outs)
 
