@@ -42,7 +42,7 @@ constexpr const char* kRowsName = "dtn::embedding_rows_update";
 
 constexpr int64_t kDenseTableBytes = 1 << 20;
 constexpr int64_t kDenseRowsPerId = 4;
-constexpr int64_t kRowsAhead = 8;  // touched rows prefetched ahead in the update pass
+constexpr int64_t kRowsAhead = 12;  // touched rows prefetched ahead in the update pass
 
 // One id: its key (local id, or global row) and its position in indices (in row_grads).
 struct Entry {
@@ -104,9 +104,10 @@ struct TableWork {
 // ------------------------------------------------------------------ the update of one row
 
 // g_in: the row's reduced fp32 gradient; g: scratch of D floats. The twin's operations, in order.
-template <EmbOptimizer kOpt, typename scalar_t>
+template <EmbOptimizer kOpt, int kD, typename scalar_t>
 inline void update_row(scalar_t* __restrict__ w, float* __restrict__ s1, float* __restrict__ s2,
-                       const float* __restrict__ g_in, float* __restrict__ g, const UpdateParams& p, int64_t D) {
+                       const float* __restrict__ g_in, float* __restrict__ g, const UpdateParams& p, int64_t D_) {
+  const int64_t D = kD > 0 ? kD : D_;
   if (p.weight_decay != 0.f) {
     for (int64_t c = 0; c < D; ++c) g[c] = g_in[c] * p.grad_scale + p.weight_decay * float(w[c]);
   } else {
@@ -132,32 +133,42 @@ inline void update_row(scalar_t* __restrict__ w, float* __restrict__ s1, float* 
   }
 }
 
-// Pass 3: for every touched row, grad_of(x, acc) returns its reduced gradient (accumulating into
-// acc when it must), then the update. Rows are split among threads by count; each has one owner.
-template <EmbOptimizer kOpt, int kD, typename scalar_t, typename GradOf>
-void update_touched(const std::vector<Touched>& all, scalar_t* W, float* S1, float* S2, const UpdateParams& p,
-                    int64_t D, GradOf grad_of) {
-  const int64_t U = static_cast<int64_t>(all.size());
+// Pass 3: the touched rows of every list (one per table), in one parallel loop. For each row,
+// grad_of(x, acc) returns its reduced gradient (accumulating into acc when it must), then the
+// update; prefetch_of(x) is called kRowsAhead rows earlier. Each row has one owner thread.
+template <EmbOptimizer kOpt, int kD, typename scalar_t, typename GradOf, typename PrefetchOf>
+void update_touched(const std::vector<const std::vector<Touched>*>& lists, scalar_t* W, float* S1, float* S2,
+                    const UpdateParams& p, int64_t D, GradOf grad_of, PrefetchOf prefetch_of) {
+  std::vector<int64_t> start(lists.size() + 1, 0);  // first global index of each list
+  for (size_t l = 0; l < lists.size(); ++l) start[l + 1] = start[l] + static_cast<int64_t>(lists[l]->size());
+  const int64_t U = start.back();
   const int64_t row_bytes = D * int64_t(sizeof(scalar_t));
   at::parallel_for(0, U, std::max<int64_t>(1, 2048 / std::max<int64_t>(D, 1)), [&](int64_t u0, int64_t u1) {
     BagAcc<float, kD> abuf(D), gbuf(D);
     float* __restrict__ acc = abuf.data();
     float* __restrict__ g = gbuf.data();
+    // (list, index) of u0 and of u0 + kRowsAhead, walked forward together
+    size_t l = size_t(std::upper_bound(start.begin(), start.end(), u0) - start.begin() - 1);
+    size_t la = size_t(std::upper_bound(start.begin(), start.end(), std::min(u0 + kRowsAhead, U)) - start.begin() - 1);
     for (int64_t u = u0; u < u1; ++u) {
-      if (u + kRowsAhead < u1) {
-        const int64_t r = all[size_t(u + kRowsAhead)].row;
-        prefetch_row(W, r, row_bytes);
+      const int64_t ua = u + kRowsAhead;
+      if (ua < u1) {
+        while (ua >= start[la + 1]) ++la;
+        const Touched& y = (*lists[la])[size_t(ua - start[la])];
+        prefetch_row(W, y.row, row_bytes);
         if (kOpt == EmbOptimizer::LazyAdam) {
-          prefetch_row(S1, r, D * 4);
-          prefetch_row(S2, r, D * 4);
+          prefetch_row(S1, y.row, D * 4);
+          prefetch_row(S2, y.row, D * 4);
         }
+        prefetch_of(y);
       }
-      const Touched& x = all[size_t(u)];
+      while (u >= start[l + 1]) ++l;
+      const Touched& x = (*lists[l])[size_t(u - start[l])];
       const float* gr = grad_of(x, acc);
       float* s1 = kOpt == EmbOptimizer::RowwiseAdagrad ? S1 + x.row : kOpt == EmbOptimizer::LazyAdam ? S1 + x.row * D
                                                                                                       : nullptr;
       float* s2 = kOpt == EmbOptimizer::LazyAdam ? S2 + x.row * D : nullptr;
-      update_row<kOpt>(W + x.row * D, s1, s2, gr, g, p, D);
+      update_row<kOpt, kD>(W + x.row * D, s1, s2, gr, g, p, D);
     }
   });
 }
@@ -171,14 +182,6 @@ void dispatch_optimizer(EmbOptimizer o, F&& f) {
   }
 }
 
-std::vector<Touched> flatten(std::vector<TableWork>& work) {
-  size_t U = 0;
-  for (const TableWork& w : work) U += w.touched.size();
-  std::vector<Touched> all;
-  all.reserve(U);
-  for (const TableWork& w : work) all.insert(all.end(), w.touched.begin(), w.touched.end());
-  return all;
-}
 
 // ------------------------------------------------------------------ embedding_bag_backward_update
 
@@ -226,6 +229,8 @@ void gather_table(int64_t t, const FusedArgs& a, const scalar_t* __restrict__ G,
     for (int64_t b = 0; b < B; ++b) {
       const int64_t k = k0 + b, s = off[k], e = off[k + 1];
       const scalar_t* __restrict__ g = G + b * TD + t * D;
+      // this table's slices lie T*d apart, across pages, where hardware prefetchers stop
+      if (b + kSampleAhead < B) __builtin_prefetch(g + kSampleAhead * TD, 0, 3);
       const int64_t count = mean ? std::max<int64_t>(bag_count(s, e), 1) : 1;
       const float inv = 1.f / float(count);
       for (int64_t i = s; i < e; ++i) {
@@ -319,12 +324,20 @@ void fused_kernel(EmbOptimizer opt, const UpdateParams& p, const FusedArgs& a, c
     }
   });
   errors.raise_if_any(kFusedName, sh);  // before anything is written
-  const std::vector<Touched> all = flatten(work);
+  std::vector<const std::vector<Touched>*> lists;
+  for (const TableWork& w : work) lists.push_back(&w.touched);
   const bool max = a.mode == PoolMode::Max, need_scale = a.need_scale;
   const int32_t* bb = bag_b.get();
   const float* sc = scale_of.get();
   dispatch_optimizer(opt, [&](auto o) {
-    update_touched<decltype(o)::value, kD>(all, W, S1, S2, p, D, [&](const Touched& x, float* acc) -> const float* {
+    auto slice_of = [&](const Touched& x, int64_t i) {  // grad_output's slice of the id at position i
+      const TableWork& w = work[size_t(x.t)];
+      return G + (w.one_id ? i - w.p0 : int64_t(bb[i])) * TD + x.t * D;
+    };
+    auto prefetch_of = [&](const Touched& x) {
+      if (x.grad == nullptr) __builtin_prefetch(slice_of(x, x.e0->pos), 0, 3);
+    };
+    update_touched<decltype(o)::value, kD>(lists, W, S1, S2, p, D, [&](const Touched& x, float* acc) -> const float* {
       if (x.grad != nullptr) return x.grad;
       const TableWork& w = work[size_t(x.t)];
       const scalar_t* Gt = G + x.t * D;
@@ -346,7 +359,7 @@ void fused_kernel(EmbOptimizer opt, const UpdateParams& p, const FusedArgs& a, c
         }
       }
       return acc;
-    });
+    }, prefetch_of);
   });
 }
 
@@ -366,14 +379,18 @@ void rows_kernel(EmbOptimizer opt, const UpdateParams& p, const int64_t* rows, i
     all.push_back({e[j].key, nullptr, e + j, e + j1, 0});
     j = j1;
   }
+  const std::vector<const std::vector<Touched>*> lists{&all};
   dispatch_dim(D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
     dispatch_optimizer(opt, [&](auto o) {
-      update_touched<decltype(o)::value, kD>(all, W, S1, S2, p, D, [&](const Touched& x, float* acc) -> const float* {
-        for (int64_t c = 0; c < D; ++c) acc[c] = 0.f;
-        for (const Entry* q = x.e0; q < x.e1; ++q) row_add<kD>(acc, RG + q->pos * D, D);
-        return acc;
-      });
+      update_touched<decltype(o)::value, kD>(
+          lists, W, S1, S2, p, D,
+          [&](const Touched& x, float* acc) -> const float* {
+            for (int64_t c = 0; c < D; ++c) acc[c] = 0.f;
+            for (const Entry* q = x.e0; q < x.e1; ++q) row_add<kD>(acc, RG + q->pos * D, D);
+            return acc;
+          },
+          [&](const Touched& x) { __builtin_prefetch(RG + x.e0->pos * D, 0, 3); });
     });
   });
 }
