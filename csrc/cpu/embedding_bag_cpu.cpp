@@ -76,6 +76,8 @@ inline int64_t pool_bag(const scalar_t* __restrict__ W, const index_t* __restric
 // the same table is prefetched meanwhile (a run is only a few cache lines: too short for
 // the hardware prefetchers to pick up, and there are 2T of them per tile).
 constexpr int64_t kSampleTile = 64;
+// One-id runs of a large table: its rows this many ids ahead inside the run (a run is a tile).
+constexpr int64_t kOneIdRowsAhead = 16;
 
 // Non-temporal (streaming) stores of whole cache lines: the output is written once and
 // read by the next layer, so it skips the read-for-ownership of every line and does not
@@ -147,12 +149,24 @@ struct RunPrefetch {
 };
 
 // A function of its own with every argument by value, so the loop keeps them in registers.
+// pf_ahead > 0 (a large table): the row pf_ahead ids on is prefetched, and past the run's end the
+// first rows of the next run (nxt_n ids at nxt_ids of the table at nxt_Wt), so the next run does
+// not start cold. No pointer is formed: an id may be bad, which gives a useless prefetch, never a
+// fault.
 template <int kD, bool kStream, typename scalar_t, typename index_t>
 inline int64_t copy_rows(scalar_t* __restrict__ o, int64_t TD, const index_t* __restrict__ ids, int64_t n,
                          const scalar_t* __restrict__ Wt, int64_t rows, int64_t pad,
-                         const scalar_t* __restrict__ zero, int64_t D) {
+                         const scalar_t* __restrict__ zero, int64_t D, int64_t pf_ahead,
+                         const index_t* __restrict__ nxt_ids, const scalar_t* __restrict__ nxt_Wt, int64_t nxt_n) {
   const bool pad_is_row = uint64_t(pad) < uint64_t(rows);
+  const int64_t row_bytes = D * int64_t(sizeof(scalar_t));
+  for (int64_t j = 0; j < std::min(pf_ahead, n); ++j) prefetch_row(Wt, int64_t(ids[j]), row_bytes, false);
   for (int64_t j = 0; j < n; ++j, o += TD) {
+    if (j + pf_ahead < n) {
+      prefetch_row(Wt, int64_t(ids[j + pf_ahead]), row_bytes, false);
+    } else if (j + pf_ahead - n < nxt_n) {
+      prefetch_row(nxt_Wt, int64_t(nxt_ids[j + pf_ahead - n]), row_bytes, false);
+    }
     const int64_t id = ids[j];
     const scalar_t* src = Wt + id * D;
     if (uint64_t(id) >= uint64_t(rows) || (pad_is_row && id == pad)) {
@@ -198,8 +212,15 @@ void forward_kernel(const scalar_t* __restrict__ W, const int64_t* toff, const i
         if (kKind != 1 && single_id_run(off, k0, n, N)) {
           ahead.burst();
           const int64_t s0 = off[k0];
-          const int64_t bad = stream ? copy_rows<kD, true>(ot, TD, idx + s0, n, Wt, rows, pad, zero, D)
-                                     : copy_rows<kD, false>(ot, TD, idx + s0, n, Wt, rows, pad, zero, D);
+          const int64_t pf = rows * row_bytes > kPrefetchMinTableBytes ? kOneIdRowsAhead : 0;
+          // the next table's run in this tile: its first ids, when they lie inside indices
+          const int64_t nxt_s0 = t + 1 < T ? int64_t(off[k0 + B]) : -1;
+          const int64_t nxt_n = pf > 0 && nxt_s0 >= 0 ? std::min<int64_t>(pf, std::max<int64_t>(N - nxt_s0, 0)) : 0;
+          const index_t* nxt_ids = idx + (nxt_n > 0 ? nxt_s0 : 0);
+          const scalar_t* nxt_Wt = W + (t + 1 < T ? toff[t + 1] : 0) * D;
+          const int64_t bad =
+              stream ? copy_rows<kD, true>(ot, TD, idx + s0, n, Wt, rows, pad, zero, D, pf, nxt_ids, nxt_Wt, nxt_n)
+                     : copy_rows<kD, false>(ot, TD, idx + s0, n, Wt, rows, pad, zero, D, pf, nxt_ids, nxt_Wt, nxt_n);
           if (bad >= 0) errors.offer(bad_id(k0 + bad, s0 + bad, idx[s0 + bad], rows));
           continue;
         }
