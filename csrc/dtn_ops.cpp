@@ -23,6 +23,19 @@ TORCH_LIBRARY(dtn, m) {
       "embedding_bag_backward_sparse(Tensor grad_output, Tensor weight, Tensor table_offsets, Tensor indices, "
       "Tensor offsets, str mode, Tensor? per_sample_weights, int? padding_idx, bool compute_psw_grad) "
       "-> (Tensor, Tensor, Tensor)");
+  // ---- fused sparse embedding optimizers (csrc/embedding_update.h; the math:
+  // dtn_kernels/reference/pt_embedding_update.py). Update weight and state in place. (The pooling
+  // mode is named `pooling`, not `mode`: torch's auto-functionalization of mutating ops, which
+  // torch.compile and opcheck run, takes a keyword argument `mode` of its own.)
+  m.def(
+      "embedding_bag_backward_update(Tensor grad_output, Tensor(a!) weight, Tensor table_offsets, Tensor indices, "
+      "Tensor offsets, str pooling, Tensor? per_sample_weights, int? padding_idx, str optimizer, Tensor(b!) state1, "
+      "Tensor(c!) state2, float lr, float beta1, float beta2, float eps, float weight_decay, int step, "
+      "float grad_scale) -> ()");
+  m.def(
+      "embedding_rows_update(Tensor(a!) weight, Tensor(b!) state1, Tensor(c!) state2, Tensor rows, Tensor row_grads, "
+      "str optimizer, float lr, float beta1, float beta2, float eps, float weight_decay, int step, "
+      "float grad_scale) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -157,6 +157,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_bag_backward_sparse_cpu
     const at::Tensor& offsets, c10::string_view mode, const std::optional<at::Tensor>& per_sample_weights,
     std::optional<int64_t> padding_idx, bool compute_psw_grad);
 
+// ---- CUDA: the sorted, chunked reduction, for the fused optimizers (csrc/cuda/embedding_bag_cuda.cu,
+// used by csrc/cuda/embedding_update_cuda.cu). No host synchronisation.
+// embedding_bag_sorted_row_grads_cuda: (sorted [N] int32: every id's global row, sorted stably, R
+// for padding and bad ids, which go to the error flag as dtn::embedding_bag_backward_update;
+// run_grads [N, D] float32 (float64 for double weights): the gradient of each run of one row,
+// summed in input order, at the run's first sorted position; other positions unspecified).
+std::tuple<at::Tensor, at::Tensor> embedding_bag_sorted_row_grads_cuda(
+    const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& table_offsets, const at::Tensor& indices,
+    const at::Tensor& offsets, c10::string_view mode, const std::optional<at::Tensor>& per_sample_weights,
+    std::optional<int64_t> padding_idx);
+// The same for row gradients: rows [n] (checked in [0, R)), row_grads [n, D] -> (sorted rows int32,
+// run sums [n, D] float32 at each run's first sorted position).
+std::tuple<at::Tensor, at::Tensor> embedding_rows_sorted_grads_cuda(const at::Tensor& rows, const at::Tensor& row_grads,
+                                                                    int64_t R);
+
 // ---- CUDA: deferred error reporting (csrc/cuda/embedding_bag_cuda.cu) ----
 // The CUDA kernels never make the host wait on them: they write the first problem they meet
 // (BagError's fields, B, N and the op) into a small per-device flag and skip the bad entry.

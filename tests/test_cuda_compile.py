@@ -6,6 +6,7 @@ Runs on machines without a GPU: it proves the kernels build, not that they are r
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -49,7 +50,12 @@ def test_cuda_sources_compile(tmp_path):
         NVCC, "-c", str(unity), "-o", str(tmp_path / "all_cuda.o"),
         "-std=c++17", "--expt-relaxed-constexpr", "-O1", "-arch=sm_90", "-DDTN_WITH_CUDA",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-        "-Xcompiler", "-fPIC", "-w",
+        "-Xcompiler", "-fPIC", "-w", "-Xptxas", "-v",
     ] + [f"-I{p}" for p in incs]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr[-6000:]}"
+    # ptxas -v: "N bytes stack frame, N bytes spill stores, N bytes spill loads" per kernel
+    report = proc.stdout + proc.stderr
+    assert "spill stores" in report, "ptxas -v printed no register report"
+    spills = re.findall(r"Function properties for (\S+)\n\s*\d+ bytes stack frame, ([1-9]\d*) bytes spill stores", report)
+    assert not spills, f"kernels that spill registers: {spills}"

@@ -73,7 +73,7 @@ constexpr int kMaxDevices = 128;
 
 // int64 fields: code, bag, pos, value, aux (BagError), then B, N and the op that reported.
 constexpr int kErrFields = 8;
-enum OpId : int64_t { kOpForward = 0, kOpBackward = 1, kOpBackwardSparse = 2 };
+enum OpId : int64_t { kOpForward = 0, kOpBackward = 1, kOpBackwardSparse = 2, kOpBackwardUpdate = 3 };
 
 const char* op_name(int64_t id) {
   switch (id) {
@@ -81,6 +81,8 @@ const char* op_name(int64_t id) {
       return "dtn::embedding_bag_backward";
     case kOpBackwardSparse:
       return "dtn::embedding_bag_backward_sparse";
+    case kOpBackwardUpdate:
+      return "dtn::embedding_bag_backward_update";
     default:
       return "dtn::embedding_bag";
   }
@@ -409,10 +411,11 @@ struct EntryValues {
 // Level 0: one lane group per chunk of kChunk sorted positions (see the file comment).
 // dest_of: the output row of each sorted position (sparse: its unique-run index); null for
 // dense, where it is the row itself.
-template <typename scalar_t, typename acc_t, int VEC>
+// out_t: the gradient rows' dtype (the weight's; acc_t for the fused optimizers).
+template <typename scalar_t, typename acc_t, int VEC, typename out_t = scalar_t>
 __global__ void eb_bwd_level0_kernel(const int32_t* __restrict__ sorted, EntryValues<scalar_t, acc_t, VEC> val,
                                      const int64_t* __restrict__ dest_of, int64_t N, int64_t R, int64_t D, int group,
-                                     acc_t* __restrict__ head, acc_t* __restrict__ tail, scalar_t* __restrict__ out) {
+                                     acc_t* __restrict__ head, acc_t* __restrict__ tail, out_t* __restrict__ out) {
   const int lane = threadIdx.x % group;
   const int64_t c = int64_t(blockIdx.x) * (blockDim.x / group) + threadIdx.x / group;
   const int64_t j0 = c * kChunk;
@@ -436,7 +439,7 @@ __global__ void eb_bwd_level0_kernel(const int32_t* __restrict__ sorted, EntryVa
       if (key < R && !ends_after) {
         if (!started_before) {  // the whole run is in this chunk: its gradient row is done
           const int64_t dest = dest_of != nullptr ? dest_of[j] : int64_t(key);
-          store_vec<scalar_t, acc_t, VEC>(out + dest * D + c0, acc);
+          store_vec<out_t, acc_t, VEC>(out + dest * D + c0, acc);
         } else if (!full_chunk_end) {  // the last piece of a run from earlier chunks
           store_vec<acc_t, acc_t, VEC>(head + c * D + c0, acc);
         }
@@ -485,10 +488,10 @@ struct LevelOffsets {
 
 // Final pass: one group per level-0 chunk k >= 1 whose first run came from earlier chunks and
 // ends inside chunk k; it sums that run's pieces level by level and writes its gradient row.
-template <typename scalar_t, typename acc_t, int VEC>
+template <typename scalar_t, typename acc_t, int VEC, typename out_t = scalar_t>
 __global__ void eb_bwd_final_kernel(const int32_t* __restrict__ sorted, const int64_t* __restrict__ dest_of, int64_t N,
                                     int64_t R, int64_t D, int group, const acc_t* __restrict__ partials,
-                                    LevelOffsets lv, scalar_t* __restrict__ out) {
+                                    LevelOffsets lv, out_t* __restrict__ out) {
   const int lane = threadIdx.x % group;
   const int64_t k = int64_t(blockIdx.x) * (blockDim.x / group) + threadIdx.x / group;
   const int64_t j0 = k * kChunk;
@@ -521,7 +524,7 @@ __global__ void eb_bwd_final_kernel(const int32_t* __restrict__ sorted, const in
         add_vec<acc_t, acc_t, VEC>(acc, partials + (lv.ends[l] + el - 1) * D + c0);
       }
     }
-    store_vec<scalar_t, acc_t, VEC>(out + dest * D + c0, acc);
+    store_vec<out_t, acc_t, VEC>(out + dest * D + c0, acc);
   }
 }
 
@@ -559,14 +562,14 @@ ReductionPlan plan_reduction(int64_t N) {
 }
 
 // The reduction's launches, in order on one stream. `buf`: plan.rows x D partials.
-template <typename scalar_t, typename acc_t, int VEC>
+template <typename scalar_t, typename acc_t, int VEC, typename out_t = scalar_t>
 void launch_reduction(const int32_t* sorted, const EntryValues<scalar_t, acc_t, VEC>& val, const int64_t* dest_of,
-                      int64_t N, int64_t R, int64_t D, acc_t* buf, const ReductionPlan& plan, scalar_t* out,
+                      int64_t N, int64_t R, int64_t D, acc_t* buf, const ReductionPlan& plan, out_t* out,
                       cudaStream_t stream) {
   const int group = lanes_per_bag(D, VEC);
   const int per_block = kBlock / group;
   const int64_t chunks0 = (N + kChunk - 1) / kChunk;
-  auto* level0 = &eb_bwd_level0_kernel<scalar_t, acc_t, VEC>;
+  auto* level0 = &eb_bwd_level0_kernel<scalar_t, acc_t, VEC, out_t>;
   DTN_LAUNCH(level0, blocks_for(chunks0, per_block), kBlock, stream, sorted, val, dest_of, N, R, D, group,
              buf + plan.lv.ends[0] * D, buf + plan.tail_off[0] * D, out);
   auto* level = &eb_bwd_level_kernel<acc_t, VEC>;
@@ -579,7 +582,7 @@ void launch_reduction(const int32_t* sorted, const EntryValues<scalar_t, acc_t, 
                group, buf + plan.tail_off[l - 1] * D, buf + plan.lv.ends[l] * D, tail_out);
   }
   if (chunks0 > 1) {
-    auto* final_pass = &eb_bwd_final_kernel<scalar_t, acc_t, VEC>;
+    auto* final_pass = &eb_bwd_final_kernel<scalar_t, acc_t, VEC, out_t>;
     DTN_LAUNCH(final_pass, blocks_for(chunks0, per_block), kBlock, stream, sorted, dest_of, N, R, D, group, buf,
                plan.lv, out);
   }
@@ -673,13 +676,27 @@ at::Tensor embedding_bag_cuda(const at::Tensor& weight, const at::Tensor& table_
   return out;
 }
 
-// Shared by the dense and the row-sparse backward. Returns (rows, row_grads or dense, grad_psw).
+// Each sorted position's run start: dest_of[j] = the first position of j's run of equal keys (a
+// max-scan of the run starts, without a host synchronisation).
+at::Tensor run_starts(const at::Tensor& sorted) {
+  const int64_t n = sorted.numel();
+  at::Tensor pos = at::arange(n, sorted.options().dtype(at::kLong));
+  if (n == 0) return pos;
+  at::Tensor start = at::ones({n}, sorted.options().dtype(at::kBool));
+  if (n > 1) start.slice(0, 1).copy_(sorted.slice(0, 1) != sorted.slice(0, 0, n - 1));
+  return std::get<0>(at::cummax(at::where(start, pos, at::zeros_like(pos)), 0)).contiguous();
+}
+
+// Shared by the dense and the row-sparse backward, and the fused optimizers' reduction. Returns
+// (rows, row_grads or dense, grad_psw); kOpBackwardUpdate: (sorted keys int32 [N], run sums [N, D]
+// in acc_t at each run's first sorted position, empty).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda_impl(
     OpId op_id, const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& table_offsets,
     const at::Tensor& indices, const at::Tensor& offsets, c10::string_view mode,
     const std::optional<at::Tensor>& per_sample_weights, std::optional<int64_t> padding_idx, bool compute_psw_grad) {
   const char* op = op_name(op_id);
   const bool dense = op_id == kOpBackward;
+  const bool fused = op_id == kOpBackwardUpdate;  // no host synchronisation, fp32 sums
   const PoolMode pm = parse_pool_mode(mode);
   const BagShape sh = check_embedding_bag_backward_args(op, grad_output, weight, table_offsets, indices, offsets, pm,
                                                         per_sample_weights);
@@ -729,6 +746,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda_impl(
       int64_t keep = 0;
       if (dense) {
         grads_out = at::zeros({sh.R, sh.D}, weight.options());  // rows no id touches stay zero
+      } else if (fused) {
+        dest_of = run_starts(sorted);
+        rows_out = sorted;
+        grads_out = at::empty({sh.N, sh.D}, scale_of.options());
       } else {
         // the one synchronising path: the number of distinct rows sizes the output
         at::Tensor seg_rows;
@@ -750,9 +771,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda_impl(
           const EntryValues<scalar_t, acc_t, VEC> val{G.data_ptr<scalar_t>(), perm.data_ptr<int64_t>(),
                                                       bag_of.data_ptr<int64_t>(), scale_of.data_ptr<acc_t>(),
                                                       psw_p, amax_p, sh.T, sh.B, sh.D, int(pm)};
-          launch_reduction<scalar_t, acc_t, VEC>(sorted.data_ptr<int32_t>(), val, dest_p, sh.N, sh.R, sh.D,
-                                                 partials.data_ptr<acc_t>(), plan, grads_out.data_ptr<scalar_t>(),
-                                                 stream);
+          if (fused) {
+            launch_reduction<scalar_t, acc_t, VEC, acc_t>(sorted.data_ptr<int32_t>(), val, dest_p, sh.N, sh.R, sh.D,
+                                                          partials.data_ptr<acc_t>(), plan,
+                                                          grads_out.data_ptr<acc_t>(), stream);
+          } else {
+            launch_reduction<scalar_t, acc_t, VEC>(sorted.data_ptr<int32_t>(), val, dest_p, sh.N, sh.R, sh.D,
+                                                   partials.data_ptr<acc_t>(), plan, grads_out.data_ptr<scalar_t>(),
+                                                   stream);
+          }
         };
         if (can_vectorize<scalar_t>(sh.D, G.data_ptr())) {
           reduce(std::integral_constant<int, 4>{});
@@ -760,7 +787,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda_impl(
           reduce(std::integral_constant<int, 1>{});
         }
       }
-      if (!dense) grads_out = grads_out.slice(0, 0, keep);
+      if (!dense && !fused) grads_out = grads_out.slice(0, 0, keep);
       if (want_psw && nbags > 0) {
         const int group = lanes_per_bag(sh.D, 1);
         eb_psw_grad_kernel<scalar_t, index_t><<<blocks_for(nbags, kBlock / group), kBlock, 0, stream>>>(
@@ -793,6 +820,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_bag_backward_sparse_cud
 }
 
 }  // namespace
+
+// ------------------------------------------------------------------ for the fused optimizers (embedding_bag.h)
+
+std::tuple<at::Tensor, at::Tensor> embedding_bag_sorted_row_grads_cuda(
+    const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& table_offsets, const at::Tensor& indices,
+    const at::Tensor& offsets, c10::string_view mode, const std::optional<at::Tensor>& per_sample_weights,
+    std::optional<int64_t> padding_idx) {
+  auto r = backward_cuda_impl(kOpBackwardUpdate, grad_output, weight, table_offsets, indices, offsets, mode,
+                              per_sample_weights, padding_idx, /*compute_psw_grad=*/false);
+  return {std::get<0>(r), std::get<1>(r)};
+}
+
+std::tuple<at::Tensor, at::Tensor> embedding_rows_sorted_grads_cuda(const at::Tensor& rows, const at::Tensor& row_grads,
+                                                                    int64_t R) {
+  const int64_t n = rows.numel(), D = row_grads.size(1);
+  TORCH_CHECK(R < std::numeric_limits<int32_t>::max() && n < std::numeric_limits<int32_t>::max(),
+              "dtn::embedding_rows_update: the CUDA kernels sort rows as int32; weight has ", R, " rows and ", n,
+              " rows were given (each at most 2^31 - 2)");
+  const c10::cuda::CUDAGuard guard(row_grads.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor G = row_grads.to(at::kFloat).contiguous();
+  at::Tensor sorted, perm;
+  std::tie(sorted, perm) = at::sort(rows.to(at::kInt), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  at::Tensor out = at::empty({n, D}, G.options());
+  if (n == 0 || D == 0) return {sorted, out};
+  const at::Tensor dest_of = run_starts(sorted);
+  const at::Tensor bag_of = at::arange(n, rows.options().dtype(at::kLong));  // "bag" i: row_grads[i] (T = 1, B = n)
+  const at::Tensor scale_of = at::ones({n}, G.options());
+  const ReductionPlan plan = plan_reduction(n);
+  at::Tensor partials = at::empty({plan.rows, D}, G.options());
+  auto reduce = [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    const EntryValues<float, float, VEC> val{G.data_ptr<float>(), perm.data_ptr<int64_t>(), bag_of.data_ptr<int64_t>(),
+                                             scale_of.data_ptr<float>(), nullptr, nullptr, 1, n, D,
+                                             int(PoolMode::Sum)};
+    launch_reduction<float, float, VEC>(sorted.data_ptr<int32_t>(), val, dest_of.data_ptr<int64_t>(), n, R, D,
+                                        partials.data_ptr<float>(), plan, out.data_ptr<float>(), stream);
+  };
+  if (can_vectorize<float>(D, G.data_ptr())) {
+    reduce(std::integral_constant<int, 4>{});
+  } else {
+    reduce(std::integral_constant<int, 1>{});
+  }
+  return {sorted, out};
+}
 
 // ------------------------------------------------------------------ error flag: host API (embedding_bag.h)
 

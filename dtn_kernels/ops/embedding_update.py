@@ -6,10 +6,11 @@ Each dispatches to the compiled ``torch.ops.dtn.*`` op (C++ on CPU, CUDA on GPU)
 has it, and otherwise to its pure-PyTorch twin in :mod:`dtn_kernels.reference.pt_embedding_update`,
 which documents the math (sgd, rowwise_adagrad, lazy_adam; weight decay on touched rows only).
 Both update ``weight`` and the optimizer state in place and return nothing; neither builds an
-[R, d] gradient.
+[R, d] gradient. This module also registers the ops' fake (meta) kernels.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -29,9 +30,29 @@ def state_shapes(optimizer: str, rows: int, dim: int) -> tuple[tuple[int, ...], 
             "lazy_adam": ((rows, dim), (rows, dim))}[optimizer]
 
 
+_HAS_OP: dict[str, bool] = {}
+
+
+def _has_op(name: str) -> bool:
+    if name not in _HAS_OP:
+        _HAS_OP[name] = dtn_kernels.HAS_C_EXT and hasattr(torch.ops.dtn, name)
+    return _HAS_OP[name]
+
+
+_warned_stale: set[str] = set()
+
+
 def _compiled(name: str, device: torch.device) -> bool:
-    if not dtn_kernels.HAS_C_EXT or not hasattr(torch.ops.dtn, name):
+    if not dtn_kernels.HAS_C_EXT:
         dtn_kernels.warn_missing_extension(f"{name} op")
+        return False
+    if not _has_op(name):  # _C loaded, but it was compiled from sources older than the op
+        if name not in _warned_stale:
+            _warned_stale.add(name)
+            warnings.warn(f"dtn_kernels: dtn_kernels._C is built but has no {name} op (a stale build, compiled "
+                          "before the op existed); using the pure-PyTorch reference instead. Rebuild with "
+                          "`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`) to "
+                          "get it.", RuntimeWarning, stacklevel=3)
         return False
     if device.type == "cuda" and not dtn_kernels.HAS_CUDA_EXT:
         dtn_kernels.warn_missing_extension(f"{name} CUDA kernel")
@@ -70,3 +91,30 @@ def embedding_rows_update(weight: torch.Tensor, state1: torch.Tensor, state2: to
         return
     pt_embedding_rows_update(weight, state1, state2, rows, row_grads, optimizer, lr, beta1, beta2, eps, weight_decay,
                              step, grad_scale)
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def _fake_backward_update(grad_output, weight, table_offsets, indices, offsets, pooling, per_sample_weights,
+                          padding_idx, optimizer, state1, state2, lr, beta1, beta2, eps, weight_decay, step,
+                          grad_scale):
+    """Updates in place and returns nothing: the fake kernel only checks what shapes can tell."""
+    if optimizer not in OPTIMIZERS:
+        raise RuntimeError(f"dtn::embedding_bag_backward_update: optimizer must be one of {list(OPTIMIZERS)}, "
+                           f"got '{optimizer}'")
+    return None
+
+
+def _fake_rows_update(weight, state1, state2, rows, row_grads, optimizer, lr, beta1, beta2, eps, weight_decay, step,
+                      grad_scale):
+    if optimizer not in OPTIMIZERS:
+        raise RuntimeError(f"dtn::embedding_rows_update: optimizer must be one of {list(OPTIMIZERS)}, "
+                           f"got '{optimizer}'")
+    return None
+
+
+if _has_op("embedding_bag_backward_update"):
+    torch.library.register_fake("dtn::embedding_bag_backward_update")(_fake_backward_update)
+if _has_op("embedding_rows_update"):
+    torch.library.register_fake("dtn::embedding_rows_update")(_fake_rows_update)

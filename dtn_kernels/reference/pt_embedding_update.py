@@ -82,6 +82,11 @@ def _check_state(optimizer: str, weight: torch.Tensor, state1: torch.Tensor, sta
                                f"got {list(st.shape)} {st.dtype} on {st.device}")
 
 
+def _check_step(optimizer: str, step: int, op: str) -> None:
+    if optimizer == "lazy_adam" and step < 1:  # the bias corrections 1 - beta**step would be 0
+        raise RuntimeError(f"{op}: lazy_adam needs step >= 1 (the first step is 1), got {step}")
+
+
 def pt_apply_row_update(weight: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor, rows: torch.Tensor,
                         grads: torch.Tensor, optimizer: str, lr: float, beta1: float, beta2: float, eps: float,
                         weight_decay: float, step: int, grad_scale: float) -> None:
@@ -117,6 +122,7 @@ def pt_embedding_bag_backward_update(grad_output: torch.Tensor, weight: torch.Te
     """The embedding bag's backward with the optimizer fused in: updates ``weight`` (and the optimizer
     state) in place on the rows the batch touched. No weight gradient is returned or built."""
     _check_state(optimizer, weight, state1, state2, "dtn::embedding_bag_backward_update")
+    _check_step(optimizer, step, "dtn::embedding_bag_backward_update")
     rows, grads = pt_touched_row_grads(grad_output, weight, table_offsets, indices, offsets, mode, per_sample_weights,
                                        padding_idx)
     pt_apply_row_update(weight, state1, state2, rows, grads, optimizer, lr, beta1, beta2, eps, weight_decay, step,
@@ -130,6 +136,7 @@ def pt_embedding_rows_update(weight: torch.Tensor, state1: torch.Tensor, state2:
     rows, may repeat (duplicates are summed in input order first), ``row_grads`` [n, d]."""
     op = "dtn::embedding_rows_update"
     _check_state(optimizer, weight, state1, state2, op)
+    _check_step(optimizer, step, op)
     if rows.dim() != 1 or row_grads.dim() != 2 or row_grads.shape != (rows.shape[0], weight.shape[1]):
         raise RuntimeError(f"{op}: rows must be [n] and row_grads [n, {weight.shape[1]}], got {list(rows.shape)} and "
                            f"{list(row_grads.shape)}")
