@@ -31,7 +31,7 @@ from dtn.train.embedding_optim import DEFAULT_EMBEDDING_LR  # noqa: E402
 OPTIMIZERS = ("adam", "sgd", "rowwise_adagrad", "lazy_adam")
 MODELS = ("mmoe", "dtn")
 SEEDS = (2024, 2025, 2026)
-SWEEP = {"sgd": (0.1, 1.0, 10.0), "rowwise_adagrad": (0.01, 0.05, 0.2)}
+SWEEP = {"sgd": (0.1, 1.0), "rowwise_adagrad": (0.01, 0.1)}
 SWEEP_MODEL, SWEEP_SEED = "mmoe", 2024
 
 
@@ -47,6 +47,10 @@ def default_lr(opt: str):
 def train(out: str, model: str, opt: str, lr, seed: int) -> dict:
     folder = run_dir(out, model, opt, lr, seed)
     metrics = os.path.join(folder, "metrics.json")
+    lock = os.path.join(folder, ".running")
+    if not os.path.exists(metrics) and os.path.exists(lock) and _alive(int(open(lock).read() or 0)):
+        print(f"skip {folder}: another process runs it", flush=True)
+        return {}
     if not os.path.exists(metrics):
         cmd = ["nice", "-n", "10", sys.executable, "-m", "dtn", "train", "--config", "cpu", "--model", model,
                "--threads", "1", "--set", f"train.embedding_optimizer={opt}", "--set", f"train.seed={seed}",
@@ -54,12 +58,28 @@ def train(out: str, model: str, opt: str, lr, seed: int) -> dict:
         if lr is not None:
             cmd += ["--set", f"train.embedding_lr={lr}"]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        os.makedirs(folder, exist_ok=True)
+        with open(lock, "w") as fh:
+            fh.write(str(os.getpid()))
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        finally:
+            os.unlink(lock)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
         print(f"done {folder}", flush=True)
     with open(metrics) as fh:
         return json.load(fh)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
 
 
 def _mean_std(values) -> str:
@@ -68,10 +88,21 @@ def _mean_std(values) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def sweep(out: str, jobs: int) -> None:
+def _done(out: str, model: str, opt: str, lr, seed: int):
+    path = os.path.join(run_dir(out, model, opt, lr, seed), "metrics.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def sweep(out: str, jobs: int, only=None) -> None:
     todo = [(SWEEP_MODEL, opt, lr, SWEEP_SEED) for opt, lrs in SWEEP.items() for lr in lrs]
+    run = [a for a in todo if not only or a[1] in only]
     with ThreadPoolExecutor(jobs) as pool:
-        results = list(pool.map(lambda a: train(out, *a), todo))
+        list(pool.map(lambda a: train(out, *a), run))
+    done = [(a, _done(out, *a)) for a in todo]
+    todo, results = [a for a, r in done if r], [r for _, r in done if r]
     tasks = list(results[0]["valid"])
     lines = ["# Embedding lr sweep (validation AUC only)", "",
              f"Census-Income, `cpu` config, {SWEEP_MODEL}, seed {SWEEP_SEED}; `scripts/embedding_optimizers.py sweep`.",
@@ -87,10 +118,21 @@ def sweep(out: str, jobs: int) -> None:
     print(text)
 
 
-def grid(out: str, jobs: int) -> None:
-    todo = [(m, opt, default_lr(opt), s) for m in MODELS for opt in OPTIMIZERS for s in SEEDS]
-    with ThreadPoolExecutor(jobs) as pool:
-        results = list(pool.map(lambda a: train(out, *a), todo))
+def grid_runs(models=MODELS, optimizers=OPTIMIZERS) -> list[tuple]:
+    """Model-major, then seed-major: a partial grid covers every optimizer of the first model."""
+    return [(m, opt, default_lr(opt), s) for m in models for s in SEEDS for opt in optimizers]
+
+
+def grid(out: str, jobs: int, run: bool = True) -> None:
+    todo = grid_runs()
+    if run:
+        with ThreadPoolExecutor(jobs) as pool:
+            list(pool.map(lambda a: train(out, *a), todo))
+    done = [(a, _done(out, *a)) for a in todo]
+    todo, results = [a for a, r in done if r], [r for _, r in done if r]
+    if not results:
+        print("no finished runs")
+        return
     tasks = list(results[0]["test"])
     by = {}
     for (m, opt, lr, s), r in zip(todo, results):
@@ -100,15 +142,15 @@ def grid(out: str, jobs: int) -> None:
              "optimizer's default (`DEFAULT_EMBEDDING_LR`; adam and lazy_adam: train.lr = 0.002), the dense layers "
              "train with Adam in every row. Made by `scripts/embedding_optimizers.py grid`.", "",
              "| model | embedding optimizer | embedding lr | " + " | ".join(f"test AUC {t}" for t in tasks) + " | " +
-             " | ".join(f"valid AUC {t}" for t in tasks) + " | epochs (best) | s / run |",
-             "|---|---|---|" + "---|" * (2 * len(tasks) + 2)]
+             " | ".join(f"valid AUC {t}" for t in tasks) + " | seeds | best epochs | s / run |",
+             "|---|---|---|" + "---|" * (2 * len(tasks) + 3)]
     for (m, opt, lr), rs in by.items():
         test = [_mean_std([r["test"][t]["auc"] for r in rs]) for t in tasks]
         valid = [_mean_std([r["valid"][t]["auc"] for r in rs]) for t in tasks]
         best = "/".join(str(r["best_epoch"]) for r in rs)
         secs = statistics.mean(r["train_seconds"] for r in rs)
         lines.append(f"| {m} | {opt} | {'train.lr' if lr is None else f'{lr:g}'} | " + " | ".join(test) + " | " +
-                     " | ".join(valid) + f" | {best} | {secs:.0f} |")
+                     " | ".join(valid) + f" | {len(rs)} | {best} | {secs:.0f} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "README.md"), "w") as fh:
         fh.write(text)
@@ -117,16 +159,19 @@ def grid(out: str, jobs: int) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("phase", choices=("sweep", "grid"))
+    p.add_argument("phase", choices=("sweep", "grid", "table"), help="table: the grid's table from the finished runs")
     p.add_argument("--out", default=os.path.join(REPO, "results", "embedding-optimizers"))
     p.add_argument("--jobs", type=int, default=1, help="runs at once (each 1 thread)")
-    p.add_argument("--only", nargs="*", choices=OPTIMIZERS, help="grid: these optimizers only (no table)")
+    p.add_argument("--only", nargs="*", choices=OPTIMIZERS, help="these optimizers only (grid: no table)")
+    p.add_argument("--models", nargs="*", choices=MODELS, default=list(MODELS), help="grid: these models")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     if a.phase == "sweep":
-        sweep(a.out, a.jobs)
-    elif a.only:
-        todo = [(m, opt, default_lr(opt), s) for m in MODELS for opt in a.only for s in SEEDS]
+        sweep(a.out, a.jobs, a.only)
+    elif a.phase == "table":
+        grid(a.out, a.jobs, run=False)
+    elif a.only or a.models != list(MODELS):
+        todo = grid_runs(a.models, a.only or OPTIMIZERS)
         with ThreadPoolExecutor(a.jobs) as pool:
             list(pool.map(lambda x: train(a.out, *x), todo))
     else:

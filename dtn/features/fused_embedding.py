@@ -57,11 +57,25 @@ def without_optimizer_state(state: dict) -> dict:
     return {k: v for k, v in state.items() if not is_optimizer_state_key(k)}
 
 
+def _has_compiled_sparse_backward(device: torch.device) -> bool:
+    return dtn_kernels.HAS_C_EXT and hasattr(torch.ops.dtn, "embedding_bag_backward_sparse") and \
+        (device.type != "cuda" or dtn_kernels.HAS_CUDA_EXT)
+
+
+def _has_compiled_fused_backward(device: torch.device) -> bool:
+    """Whether the fused op (backward + update in one) is built; without it, but with the compiled
+    sparse backward, the layer composes the two (the twin of the fused op would rebuild the rows'
+    gradients in Python, several times slower)."""
+    if not _has_compiled_sparse_backward(device):
+        return True  # nothing compiled: the dispatcher's twin does it all
+    return hasattr(torch.ops.dtn, "embedding_bag_backward_update") and \
+        (device.type != "cuda" or dtn_kernels.HAS_CUDA_EXT)
+
+
 def touched_row_grads(grad_output, weight, table_offsets, indices, offsets, mode, psw):
     """(rows [U] sorted unique global rows, row_grads [U, d] float32) of a lookup's backward: the
     compiled sparse backward when built, else the PyTorch twin (same order of summation)."""
-    if dtn_kernels.HAS_C_EXT and hasattr(torch.ops.dtn, "embedding_bag_backward_sparse") and \
-            (weight.device.type != "cuda" or dtn_kernels.HAS_CUDA_EXT):
+    if _has_compiled_sparse_backward(weight.device):
         rows, grads, _ = torch.ops.dtn.embedding_bag_backward_sparse(grad_output, weight, table_offsets, indices,
                                                                     offsets, mode, psw, None, False)
         return rows, grads.float()
@@ -118,8 +132,13 @@ class SparseEmbeddingOptimizer(nn.Module):
             self._pending.append(touched_row_grads(grad_output, weight, table_offsets, indices, offsets, mode, psw))
             return
         self.step += 1
-        embedding_bag_backward_update(grad_output, weight, table_offsets, indices, offsets, mode, psw, None,
-                                      self.optimizer, self.state1, self.state2, step=self.step, **self._hyper())
+        if _has_compiled_fused_backward(weight.device):
+            embedding_bag_backward_update(grad_output, weight, table_offsets, indices, offsets, mode, psw, None,
+                                          self.optimizer, self.state1, self.state2, step=self.step, **self._hyper())
+        else:  # the same math in two steps: the compiled sparse backward, then the rows' update
+            rows, grads = touched_row_grads(grad_output, weight, table_offsets, indices, offsets, mode, psw)
+            embedding_rows_update(weight, self.state1, self.state2, rows, grads, self.optimizer, step=self.step,
+                                  **self._hyper())
 
     # ---- the deferred update ---------------------------------------------------------------------
     def take_pending(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
