@@ -2,7 +2,8 @@
 
 Every run is the CLI (``dtn train --config cpu --model M --set train.embedding_optimizer=O
 --set train.seed=S ...``, 1 thread, niced) in its own folder under ``--out``; a folder whose
-metrics.json exists is reused, so the script resumes where it stopped. Two phases:
+metrics.json exists is reused and an interrupted one continues from its last.pt (``--resume``), so
+the script resumes where it stopped. Two phases:
 
 * ``sweep``: the embedding lr of ``sgd`` and ``rowwise_adagrad`` (one seed, the **validation** AUC
   only; the test split is never looked at to choose) -> ``sweep.md``;
@@ -54,7 +55,7 @@ def train(out: str, model: str, opt: str, lr, seed: int) -> dict:
     if not os.path.exists(metrics):
         cmd = ["nice", "-n", "10", sys.executable, "-m", "dtn", "train", "--config", "cpu", "--model", model,
                "--threads", "1", "--set", f"train.embedding_optimizer={opt}", "--set", f"train.seed={seed}",
-               "--set", "train.progress=false", "--out", folder]
+               "--set", "train.progress=false", "--out", folder, "--resume"]  # an interrupted run continues
         if lr is not None:
             cmd += ["--set", f"train.embedding_lr={lr}"]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
