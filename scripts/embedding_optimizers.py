@@ -158,9 +158,49 @@ def grid(out: str, jobs: int, run: bool = True) -> None:
     print(text)
 
 
+def status(out: str) -> None:
+    """Every run folder so far, finished or not: epochs done, the best epoch's validation AUCs (from
+    history.csv) and, once finished, the test AUCs -> status.md."""
+    import csv
+
+    rows = []
+    root = os.path.join(out, "runs")
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        hist = os.path.join(root, name, "history.csv")
+        if not os.path.exists(hist):
+            continue
+        with open(hist) as fh:
+            h = list(csv.DictReader(fh))
+        if not h:
+            continue
+        best = max(h, key=lambda r: float(r["score"]))
+        tasks = [k[8:] for k in h[0] if k.startswith("val_auc/")]
+        m = _load(os.path.join(root, name, "metrics.json"))
+        test = " / ".join(f"{m['test'][t]['auc']:.4f}" for t in tasks) if m else "(running or stopped)"
+        rows.append(f"| {name} | {len(h)} | {best['epoch']} | " +
+                    " / ".join(f"{float(best['val_auc/' + t]):.4f}" for t in tasks) + f" | {test} |")
+    lines = ["# Embedding optimizer runs: status", "",
+             "Every run folder under `runs/` (finished or not): epochs done so far, the best epoch by the "
+             "validation score, its validation AUCs (income / marital) and, for finished runs, the test AUCs of "
+             "the best epoch. `scripts/embedding_optimizers.py status`.", "",
+             "| run | epochs done | best epoch | valid AUC (best epoch) | test AUC |", "|---|---|---|---|---|", *rows]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "status.md"), "w") as fh:
+        fh.write(text)
+    print(text)
+
+
+def _load(path: str):
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("phase", choices=("sweep", "grid", "table"), help="table: the grid's table from the finished runs")
+    p.add_argument("phase", choices=("sweep", "grid", "table", "status"),
+                   help="table: the grid's table from the finished runs; status: every run so far")
     p.add_argument("--out", default=os.path.join(REPO, "results", "embedding-optimizers"))
     p.add_argument("--jobs", type=int, default=1, help="runs at once (each 1 thread)")
     p.add_argument("--only", nargs="*", choices=OPTIMIZERS, help="these optimizers only (grid: no table)")
@@ -169,6 +209,8 @@ def main(argv=None) -> int:
     os.makedirs(a.out, exist_ok=True)
     if a.phase == "sweep":
         sweep(a.out, a.jobs, a.only)
+    elif a.phase == "status":
+        status(a.out)
     elif a.phase == "table":
         grid(a.out, a.jobs, run=False)
     elif a.only or a.models != list(MODELS):

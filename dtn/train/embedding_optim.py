@@ -36,7 +36,7 @@ from ..features.fused_embedding import SPARSE_OPTIMIZERS
 
 # the lr of each embedding optimizer when train.embedding_lr is null; None: train.lr. Chosen on
 # Census-Income's validation split (results/embedding-optimizers/README.md, the lr sweep).
-DEFAULT_EMBEDDING_LR = {"adam": None, "lazy_adam": None, "sgd": 1.0, "rowwise_adagrad": 0.05}
+DEFAULT_EMBEDDING_LR = {"adam": None, "lazy_adam": None, "sgd": 1.0, "rowwise_adagrad": 0.1}
 
 EMBEDDING_GROUP = "embedding"  # the name of the dense Adam's embedding parameter group (adam + embedding_lr)
 
