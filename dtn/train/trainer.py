@@ -295,7 +295,6 @@ class Trainer:
             raise CheckpointError(f"{ckpt.get('_path', 'last.pt')}: its training state does not fit this model "
                                   f"({_state_mismatch(exc) or exc}); written by {checkpoint_origin(ckpt)}") from None
         # the optimizer state carries the old run's lr and weight decay: this run's config decides them
-        # (the learned task weights, group 1, have no weight decay)
         # (the learned task weights' group has no weight decay; the embedding's, if any, has this run's)
         self.embedding.reset_group_lrs(self.optimizer)
         for i, group in enumerate(self.optimizer.param_groups):
