@@ -27,6 +27,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 FIM_KINDS = ("gdcn", "dcnv2", "masknet", "memonet")
 AMP_MODES = ("off", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine", "plateau")
+EMBEDDING_OPTIMIZERS = ("adam", "sgd", "rowwise_adagrad", "lazy_adam")
 
 
 class ConfigError(ValueError):
@@ -130,6 +131,12 @@ class TrainConfig:
     # (Kendall et al. 2018, dtn.train.task_weighting)
     task_weighting: str = _f("static", choices=("static", "uncertainty"))
     log: str = _f("none", choices=("none", "tensorboard"))  # "tensorboard": event files in <out>/tensorboard
+    # the embedding tables' optimizer (dtn.train.embedding_optim): "adam" (dense, with the other weights) or a
+    # fused sparse one that updates only the rows a batch touched: "sgd", "rowwise_adagrad", "lazy_adam"
+    embedding_optimizer: str = _f("adam", choices=EMBEDDING_OPTIMIZERS)
+    # its lr (the LR schedule scales it like train.lr); null: the optimizer's default
+    # (dtn.train.embedding_optim.DEFAULT_EMBEDDING_LR: train.lr for adam and lazy_adam)
+    embedding_lr: Optional[float] = _f(None, gt=0.0)
 
     def __post_init__(self):
         _check(self, "train")

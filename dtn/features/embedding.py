@@ -11,6 +11,10 @@ name the feature, the row and the id). Ids already on a GPU are not: reading the
 check there would make the host wait for the GPU every step. Check the host copy of a batch
 with :meth:`InputLayer.check_batch` before moving it (``dtn.train.Trainer`` does); the CUDA
 op's device-side flag is the backstop (``dtn_kernels.ops.embedding_bag.raise_pending_errors``).
+
+Fused sparse optimizers (``train.embedding_optimizer``): :meth:`InputLayer.use_sparse_optimizer`
+attaches one; training lookups then update the touched rows inside the backward
+(:mod:`dtn.features.fused_embedding`).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from torch import nn
 from dtn_kernels.ops import embedding_bag
 from dtn_kernels.reference.pt_embedding_bag import pt_embedding_bag
 
+from .fused_embedding import SparseEmbeddingOptimizer, fused_embedding_bag, is_optimizer_state_key
 from .schema import FeatureBatch, Schema
 
 
@@ -61,10 +66,35 @@ class InputLayer(nn.Module):
         for c in cards:
             offsets.append(offsets[-1] + c)
         self.register_buffer("table_offsets", torch.tensor(offsets, dtype=torch.long, device=device), persistent=False)
-        self.weight = nn.Parameter(torch.randn(max(offsets[-1], 1), embed_dim, device=device) * init_std)
+        # scaled in place: no second [R, d] temporary (the same values as randn(...) * init_std)
+        self.weight = nn.Parameter(torch.randn(max(offsets[-1], 1), embed_dim, device=device).mul_(init_std))
         n_num = len(self.num_names)
         self.numeric_weight = nn.Parameter(torch.randn(n_num, embed_dim, device=device) * init_std)
         self.numeric_bias = nn.Parameter(torch.zeros(n_num, embed_dim, device=device))
+        self.register_module("sparse_optimizer", None)  # a SparseEmbeddingOptimizer once attached
+
+    def use_sparse_optimizer(self, optimizer: str, lr: float, weight_decay: float = 0.0, **options) -> SparseEmbeddingOptimizer:
+        """Attach a fused sparse optimizer (``sgd``, ``rowwise_adagrad``, ``lazy_adam``) to ``weight``:
+        training lookups then update the rows they touch in their backward (``weight.grad`` stays
+        None; leave ``weight`` out of the dense optimizer). Returns it (its state is zero, step 0)."""
+        self.sparse_optimizer = SparseEmbeddingOptimizer(optimizer, self.weight.shape[0], self.embed_dim, lr,
+                                                         weight_decay, device=self.weight.device, **options)
+        return self.sparse_optimizer
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # the fused optimizer's state is optional: a model file (best.pt) has none (the layer's own state is
+        # kept), and a layer without an optimizer ignores it
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.sparse_optimizer is None:
+            extra = [k for k in unexpected_keys if k.startswith(prefix) and is_optimizer_state_key(k[len(prefix):])]
+            for k in extra:
+                unexpected_keys.remove(k)
+
+    def _fused_training(self) -> bool:
+        return (self.sparse_optimizer is not None and self.training and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling())
 
     @property
     def num_fields(self) -> int:
@@ -186,8 +216,12 @@ class InputLayer(nn.Module):
                 self._check_tables(batch, force=False)  # values only where they are on the host
             indices, offsets, mode, psw = self._jagged_input(cat, batch.multi)
             # one table-batched lookup for every categorical and multi-valued field
-            bag = pt_embedding_bag if self.embedding_kernel == "reference" else embedding_bag
-            pooled = bag(self.weight, self.table_offsets, indices, offsets, mode, psw)
+            if self._fused_training():  # the optimizer runs inside the backward, on the touched rows
+                pooled = fused_embedding_bag(self.weight, self.sparse_optimizer, self.table_offsets, indices, offsets,
+                                             mode, psw, reference=self.embedding_kernel == "reference")
+            else:
+                bag = pt_embedding_bag if self.embedding_kernel == "reference" else embedding_bag
+                pooled = bag(self.weight, self.table_offsets, indices, offsets, mode, psw)
             parts.append(pooled.view(B, n_tables, self.embed_dim))
         n_num = len(self.num_names)
         if n_num:

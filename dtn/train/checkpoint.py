@@ -33,7 +33,7 @@ CHECKPOINT_FORMAT = 2
 # training settings that may change when a run is resumed; every other config key must match
 # (the lr schedule's kind and warm-up, train.amp and train.task_weighting may not: the state they left in last.pt
 # -- scheduler step, GradScaler scale, learned task weights -- means nothing under other settings)
-RESUMABLE = ("train.lr", "train.weight_decay", "train.grad_clip", "train.epochs", "train.patience", "train.progress",
+RESUMABLE = ("train.lr", "train.embedding_lr", "train.weight_decay", "train.grad_clip", "train.epochs", "train.patience", "train.progress",
              "train.num_threads", "train.device", "train.eval_batch_size", "train.min_lr", "train.plateau_factor",
              "train.plateau_patience", "train.log", "data.path", "data.valid_path", "data.test_path")
 

@@ -16,6 +16,9 @@ exactly the steps of an uninterrupted one and setting it costs no host sync::
 score (the trainer's early-stopping count, so ``plateau_patience`` < ``patience`` leaves room for
 a cut before the run stops).
 
+A parameter group with ``lr_scale`` (the dense Adam's embedding group) gets ``lr(s) * lr_scale``,
+and the fused embedding optimizer ``train.embedding_lr * factor()``.
+
 On resume the schedule's kind and warm-up must be those of the checkpoint; ``lr``, ``min_lr``,
 ``plateau_factor``, ``plateau_patience`` and ``epochs`` may change and apply from the next step
 (the cosine then follows the curve of the new ``epochs`` from the step it is at).
@@ -59,9 +62,15 @@ class LRSchedule:
         """Set the lr of the step about to be taken (host arithmetic only) and count it."""
         if self.varies:
             lr = self.lr_at(self.step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for group in optimizer.param_groups:  # a group with its own base lr (lr_scale = its lr / train.lr)
+                scale = group.get("lr_scale", 1.0)
+                group["lr"] = lr if scale == 1.0 else lr * scale
         self.step += 1
+
+    def factor(self) -> float:
+        """``lr(step) / train.lr`` of the step about to be taken: what the schedule does to any base
+        lr (the embedding optimizer's, ``dtn.train.embedding_optim``)."""
+        return self.lr_at(self.step) / self.cfg.lr if self.varies else 1.0
 
     def epoch_end(self, bad_epochs: int) -> str | None:
         """After an epoch's validation; ``bad_epochs``: epochs in a row without a better score. Returns

@@ -21,8 +21,9 @@ before they are copied (``InputLayer.check_batch``) and copied without blocking.
 
 Options (``train.*``, all off by default): mixed precision ``amp`` (:mod:`dtn.train.precision`), the lr
 ``lr_schedule`` and ``warmup_steps`` (:mod:`dtn.train.schedule`), learned ``task_weighting``
-(:mod:`dtn.train.task_weighting`) and TensorBoard event files ``log`` (:mod:`dtn.train.tblog`); their
-state (scheduler step, GradScaler scale, task log-variances) is part of ``last.pt``.
+(:mod:`dtn.train.task_weighting`), TensorBoard event files ``log`` (:mod:`dtn.train.tblog`) and a fused
+sparse ``embedding_optimizer`` (:mod:`dtn.train.embedding_optim`); their state (scheduler step, GradScaler
+scale, task log-variances, the embedding optimizer's state) is part of ``last.pt``.
 
 Files in ``out_dir``:
   last.pt       the resume point (model, optimizer, RNG, history), written after every epoch
@@ -50,7 +51,9 @@ from .. import distributed as D
 from ..config import Config, ConfigError, config_from_dict
 from ..data.encoders import DataError, TabularEncoder
 from ..features import FeatureBatch, JaggedField
+from ..features.fused_embedding import is_optimizer_state_key, without_optimizer_state
 from ..models import DTN, build_model
+from .embedding_optim import EmbeddingOptim
 from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, FileWriteError, atomic_save, atomic_write_text, check_encoder,
                          check_resume, checkpoint_origin, clean_stale_temps, code_version, encoder_fingerprint,
                          ensure_writable, load_checkpoint)
@@ -129,7 +132,8 @@ def checkpoint_payload(model, encoder: TabularEncoder | None, config: Config, da
     name, config and schema, the fitted encoders, and the fingerprints of the encoders and the data."""
     enc_state = encoder.state_dict() if encoder is not None else None
     payload = {"format": CHECKPOINT_FORMAT, "dtn_version": code_version().split("+")[0], "code_version": code_version(),
-               "model_name": model.cfg.name, "config": config.to_dict(), "model_state": model.state_dict(),
+               "model_name": model.cfg.name, "config": config.to_dict(),
+               "model_state": without_optimizer_state(model.state_dict()),  # a model file: no optimizer state
                "encoder": enc_state, "schema": model.schema.to_dict(),
                "fingerprint": {"encoder": encoder_fp or encoder_fingerprint(encoder), "data": data_fingerprint}}
     if isinstance(model, DTN):
@@ -216,8 +220,10 @@ class Trainer:
             torch.set_num_threads(self.cfg.num_threads)
         if self.cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
-                                          **precision.optimizer_options(self.cfg.amp))
+        # the embedding tables: in the dense Adam, or a fused sparse optimizer of the input layer
+        self.embedding = EmbeddingOptim(model, self.cfg, self.world_size, self.device, fp16=self.cfg.amp == "fp16")
+        self.optimizer = torch.optim.Adam(self.embedding.param_groups(model), lr=self.cfg.lr,
+                                          weight_decay=self.cfg.weight_decay, **precision.optimizer_options(self.cfg.amp))
         self.scaler = precision.grad_scaler(self.cfg.amp, self.device)  # fp16 only
         self.schedule = LRSchedule(self.cfg)
         self.task_weighting = None
@@ -252,8 +258,10 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel
 
         empty = [n for n, p in model.named_parameters() if p.numel() == 0]  # e.g. no numeric features
-        if empty:
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, empty)
+        ignored = empty + self.embedding.ddp_ignored(model)  # a fused table: gathered rows, not an all-reduce
+        if ignored:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+        self.embedding.broadcast_from_rank0()
         ids = [self.device.index] if self.device.type == "cuda" else None
         # buffers (hash seeds, trim masks) never change in training: no need to sync them every step
         params = inspect.signature(DistributedDataParallel.__init__).parameters
@@ -271,6 +279,7 @@ class Trainer:
 
     def state(self) -> dict:
         payload = self.payload()
+        payload["model_state"] = self.model.state_dict()  # with the fused embedding optimizer's state
         payload.update(optimizer_state=self.optimizer.state_dict(), epoch=self.epoch, history=self.history,
                        best_score=self.best_score, best_epoch=self.best_epoch, bad_epochs=self.bad_epochs,
                        selection=self.selection, resumed=self.resumed, schedule=self.schedule.state_dict(),
@@ -280,6 +289,9 @@ class Trainer:
         return payload
 
     def load_state(self, ckpt: dict) -> None:
+        if self.embedding.fused and not any(is_optimizer_state_key(k) for k in ckpt["model_state"]):
+            raise CheckpointError(f"{ckpt.get('_path', 'last.pt')}: holds no state of the embedding optimizer "
+                                  f"{self.cfg.embedding_optimizer!r}; written by {checkpoint_origin(ckpt)}")
         try:
             self.model.load_state_dict(ckpt["model_state"])
             if self.task_weighting is not None:
@@ -293,11 +305,13 @@ class Trainer:
             raise CheckpointError(f"{ckpt.get('_path', 'last.pt')}: its training state does not fit this model "
                                   f"({_state_mismatch(exc) or exc}); written by {checkpoint_origin(ckpt)}") from None
         # the optimizer state carries the old run's lr and weight decay: this run's config decides them
-        # (the learned task weights, group 1, have no weight decay)
+        # (the learned task weights' group has no weight decay; the embedding's, if any, has this run's)
+        self.embedding.reset_group_lrs(self.optimizer)
         for i, group in enumerate(self.optimizer.param_groups):
-            group["lr"] = self.cfg.lr
-            if i == 0:
+            if i == 0 or "lr_scale" in group:
                 group["weight_decay"] = self.cfg.weight_decay
+        if self.embedding.fused:
+            self.embedding.opt.weight_decay = self.cfg.weight_decay
         self.epoch = ckpt["epoch"]
         self.history = list(ckpt["history"])
         self.best_score, self.best_epoch, self.bad_epochs = ckpt["best_score"], ckpt["best_epoch"], ckpt["bad_epochs"]
@@ -366,7 +380,9 @@ class Trainer:
             loss_sum, rows, finite, objective, step_loss = lossd.double() * n, n, torch.isfinite(lossd), loss, lossd
         stats.add(step, loss_sum, rows, finite, step_loss, per_task)
         self.optimizer.zero_grad(set_to_none=True)
+        self.embedding.before_backward(self.schedule)  # the fused update's lr (it may run inside the backward)
         (objective if self.scaler is None else self.scaler.scale(objective)).backward()
+        self.embedding.after_backward(self.optimizer, self.scaler is not None)  # DDP / fp16: gather, mark infs
         if self.task_weighting is not None and self.world_size > 1:
             # outside DDP: average the log-variances' gradients over the ranks (one small all-reduce)
             g = self.task_weighting.log_var.grad
@@ -374,13 +390,12 @@ class Trainer:
         if self.cfg.grad_clip:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            # the dense parameters' gradients (a fused embedding weight has none: its rows are not clipped)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.schedule.before_step(self.optimizer)
-        if self.scaler is None:
-            self.optimizer.step()
-        else:  # skips the step on the device when a gradient is inf / NaN (fused Adam: no host sync)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        # the scaler skips the step on the device when a gradient is inf / NaN (fused Adam: no host sync);
+        # a deferred embedding update follows the dense step (skipped with it)
+        self.embedding.optimizer_step(self.optimizer, self.scaler)
 
     def _sync_point(self, stats: _EpochStats, bar=None) -> float:
         """Raise what the device recorded since the last sync (a bad id the GPU skipped, a
@@ -526,7 +541,8 @@ class Trainer:
                     log(f"epoch {self.epoch}: {cut}")
                 # without files (or on ranks other than 0, which write none) the best weights stay in memory
                 if improved and (not self.out_dir or not self.is_main):
-                    self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                    self._best_state = {k: v.detach().clone()
+                                        for k, v in without_optimizer_state(self.model.state_dict()).items()}
                 if self.out_dir and self.is_main:
                     self._save_epoch(improved)
                 if on_epoch is not None:
@@ -546,6 +562,8 @@ class Trainer:
         """The history columns of the trainer's options: mean step time, the lr of the epoch's last
         step, the learned task weights."""
         extras = {"step_ms": 1000.0 * train_seconds / max(steps, 1), "lr": self.optimizer.param_groups[0]["lr"]}
+        if self.embedding.fused:
+            extras["embedding_lr"] = self.embedding.opt.lr
         if self.task_weighting is not None:
             extras.update({f"task_weight/{t}": w for t, w in zip(self.model.tasks, self.task_weighting.weights())})
         return extras
