@@ -54,12 +54,23 @@ FIM_OPTIONS: dict[str, dict[str, tuple[Any, dict]]] = {
     "memonet": {"fields": (Any, {}), "num_hcnets": (int, _POS), "num_hashes": (int, _POS),
                 "num_buckets": (int, _POS), "codebook_dim": (int, _POS), "shared_codebook": (bool, {})},
 }
+# model.torchrec: the sharded TorchRec backend (dtn.train.sharded; checked there against the schema)
+TORCHREC_OPTIONS: dict[str, tuple[Any, dict]] = {
+    "shard": (str, {"choices": ("auto", "always")}),  # auto: DistributedModelParallel under torchrun; always: also alone
+    "sharding": (Any, {}),  # null (the planner chooses), one sharding type for every table, or {feature: type}
+    "memory_budget_mb": (Any, {}),  # null or the embedding memory one process may hold, for the planner
+    "column_shard_dim": (Any, {}),  # null or the width of a column-wise shard (the planner's min_partition)
+}
 
 
 @dataclass
 class ModelConfig:
     name: str = "dtn"
     embed_dim: int = _f(16, ge=1)
+    # the input layer: "own" (dtn.features.InputLayer) or "torchrec" (an EmbeddingBagCollection, shardable)
+    embeddings: str = _f("own", choices=("own", "torchrec"))
+    torchrec: dict[str, Any] = _f(factory=lambda: {"shard": "auto", "sharding": None, "memory_budget_mb": None,
+                                                   "column_shard_dim": None}, options=TORCHREC_OPTIONS)
     tower_hidden: list[int] = _f(factory=lambda: [128, 64], ge=1)
     dropout: float = _f(0.0, ge=0.0, lt=1.0)
     # MLP baselines
@@ -128,6 +139,10 @@ class TrainConfig:
     # "static": the sum of the per-task losses (times task_weights); "uncertainty": learned weights
     # (Kendall et al. 2018, dtn.train.task_weighting)
     task_weighting: str = _f("static", choices=("static", "uncertainty"))
+    # the embedding tables' optimizer; sharded TorchRec tables run it fused into the backward (FBGEMM;
+    # dtn.train.sharded.fused_optimizer); embedding_lr: its lr (null: train.lr)
+    embedding_optimizer: str = _f("adam", choices=("adam", "sgd", "rowwise_adagrad", "lazy_adam"))
+    embedding_lr: Optional[float] = _f(None, gt=0.0)
     log: str = _f("none", choices=("none", "tensorboard"))  # "tensorboard": event files in <out>/tensorboard
 
     def __post_init__(self):
