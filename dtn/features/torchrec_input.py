@@ -100,6 +100,10 @@ class TorchRecInputLayer(InputLayer):
         from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 
         nn.Module.__init__(self)
+        # torch warns once that TorchRec's is_fx_tracing check is ambiguous: not this model's concern
+        import logging
+
+        logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
         self.embed_dim = embed_dim
         self.validate = validate
         self.embedding_kernel = "torchrec"
