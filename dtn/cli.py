@@ -79,6 +79,10 @@ def _config(args, config: str | None = None):
     if getattr(args, "data", None) and cfg.data.dataset != "table":
         raise ConfigError("--data names a table file: give its data schema with --data-schema too")
     _check_device(cfg.train.device)
+    if cfg.model.embeddings == "torchrec":  # an optional package: say how to install it before any data is read
+        from .features.torchrec_input import require_torchrec
+
+        require_torchrec()
     if cfg.train.log == "tensorboard":  # an optional package: say so before any data is read
         from .train.tblog import require_tensorboard
 

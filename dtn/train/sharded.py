@@ -310,6 +310,8 @@ class ShardedEmbeddings:
             raise CheckpointError(f"{ckpt.get('_path', 'checkpoint')}: its dense weights do not fit this model "
                                   f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})")
         state = {"model": self._sharded_state()}
+        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        optimizer = optimizer and any(k.startswith("optim.") for k in saved)  # sgd keeps no state
         if optimizer:
             state["optim"] = self.module.fused_optimizer.state_dict()
         with quiet_torchrec():

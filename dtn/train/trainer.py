@@ -223,7 +223,6 @@ class Trainer:
         # sharded TorchRec tables (dtn.train.sharded): DMP wraps the model, the tables' optimizer is fused
         if sharded is None:
             sharded = S.wanted(config, self.world_size)
-        S.check_embedding_optimizer(config, sharded)
         self.sharded = S.ShardedEmbeddings(model, config, self.device, log if self.is_main else _quiet) \
             if sharded else None
         params = self.sharded.dense_parameters() if self.sharded else model.parameters()
@@ -686,6 +685,7 @@ def train_model(name: str, data, config: Config, out_dir: str | None = None, res
     n_params = model.num_parameters()  # before any sharding (a rank then holds a part of the tables)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, name=model.cfg.name))
     sharded = S.wanted(config, D.rank_and_world()[1], resume)
+    S.check_embedding_optimizer(config, sharded)
     trainer = Trainer(model, config, out_dir, data.encoder, getattr(data, "fingerprint", None), warn=warn,
                       sharded=sharded, log=log)
     t0 = time.perf_counter()
