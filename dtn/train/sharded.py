@@ -185,6 +185,8 @@ class ShardedEmbeddings:
         if config.train.amp != "off":
             raise ConfigError(f"train.amp = {config.train.amp!r}: sharded TorchRec tables run in float32; allowed with "
                               "them: 'off'")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         ensure_process_group(device)
         self.model, self.config, self.device = model, config, device
         self.rank, self.world = dist.get_rank(), dist.get_world_size()

@@ -204,7 +204,7 @@ def model_from_checkpoint(ckpt: dict | str, device="cpu"):
 
 class Trainer:
     def __init__(self, model, config: Config, out_dir: str | None = None, encoder: TabularEncoder | None = None,
-                 data_fingerprint: dict | None = None, warn=None, sharded: bool | None = None, log=print):
+                 data_fingerprint: dict | None = None, warn=None, sharded: bool = False, log=print):
         self.model = model
         self.config = config
         self.cfg = config.train
@@ -220,9 +220,8 @@ class Trainer:
             torch.set_num_threads(self.cfg.num_threads)
         if self.cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        # sharded TorchRec tables (dtn.train.sharded): DMP wraps the model, the tables' optimizer is fused
-        if sharded is None:
-            sharded = S.wanted(config, self.world_size)
+        # sharded TorchRec tables (dtn.train.sharded; train_model decides): DMP wraps the model, the tables'
+        # optimizer is fused
         self.sharded = S.ShardedEmbeddings(model, config, self.device, log if self.is_main else _quiet) \
             if sharded else None
         params = self.sharded.dense_parameters() if self.sharded else model.parameters()
