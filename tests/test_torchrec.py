@@ -69,6 +69,23 @@ def test_torchrec_layer_equals_the_own_input_layer(name):
     torch.testing.assert_close(TI.own_twin(tr)(batch), out_tr.detach(), rtol=0, atol=1e-6)
 
 
+@needs_torchrec
+def test_deferred_tables_are_never_whole_and_draw_the_same_per_shard():
+    """Built for sharded training, the tables stay on the meta device (no process allocates a whole
+    table); each shard draws its own rows, the same values whatever the cut (rows, columns, blocks)."""
+    s = Schema([FeatureSpec("a", cardinality=150_000), FeatureSpec("x", kind="numeric")], labels=["t1", "t2"])
+    cfg = dataclasses.replace(load_config("cpu").model, embeddings="torchrec")
+    with TI.deferred_tables():
+        model = build_model("mmoe", s, cfg)
+    assert model.input_layer.ebc.embedding_bags["a"].weight.is_meta and model.input_layer.deferred
+    assert not build_model("mmoe", s, cfg).input_layer.ebc.embedding_bags["a"].weight.is_meta
+    full = TI.table_init(5, 0, 150_000, slice(0, 150_000), slice(0, 8), 8, 0.05)
+    assert abs(float(full.std()) - 0.05) < 1e-3
+    for r, h, c, w in [(0, 70_000, 0, 4), (70_000, 80_000, 4, 4), (65_535, 2, 0, 8), (149_999, 1, 0, 8)]:
+        assert torch.equal(TI.table_init(5, 0, 150_000, slice(r, r + h), slice(c, c + w), 8, 0.05), full[r:r + h, c:c + w])
+    assert not torch.equal(TI.table_init(5, 1, 150_000, slice(0, 10), slice(0, 8), 8, 0.05), full[:10])  # per table
+
+
 # ---- 2 processes ---------------------------------------------------------------------------------------
 SMALL = ["--model", "mmoe", "--set", "model.embed_dim=8", "--set", "model.tower_hidden=[8]",
          "--set", "model.expert_hidden=[16]", "--set", "model.num_experts=2", "--set", "train.batch_size=200",

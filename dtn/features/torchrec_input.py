@@ -22,6 +22,8 @@ raises a ``ConfigError`` saying how to install it (:func:`require_torchrec`).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import re
 
@@ -77,6 +79,34 @@ def require_torchrec(what: str = "model.embeddings = 'torchrec'") -> None:
         raise ConfigError(f"{what} needs TorchRec, which is not usable here ({detail}); install it: {INSTALL_HINT}")
 
 
+_DEFER = contextvars.ContextVar("dtn_defer_tables", default=False)
+BLOCK_ROWS = 65536  # deferred tables are drawn in blocks of rows, each from its own seeded generator
+
+
+@contextlib.contextmanager
+def deferred_tables():
+    """TorchRec input layers built inside hold their tables on the meta device (no memory): a process
+    that will hold only some shards never allocates whole tables; :func:`table_init` fills each shard."""
+    token = _DEFER.set(True)
+    try:
+        yield
+    finally:
+        _DEFER.reset(token)
+
+
+def table_init(seed: int, table: int, num_rows: int, rows: slice, cols: slice, dim: int, std: float) -> torch.Tensor:
+    """Rows ``rows`` and columns ``cols`` of deferred table ``table`` (``num_rows`` x ``dim``): its initial
+    weights, N(0, std), the same whatever the shards (row block b of a table is drawn alone, from a generator
+    seeded with (seed, table, b)); only the blocks the slice touches are drawn."""
+    parts = []
+    for b in range(rows.start // BLOCK_ROWS, -(-rows.stop // BLOCK_ROWS)):
+        first = b * BLOCK_ROWS
+        g = torch.Generator().manual_seed((seed * 1_000_003 + table * 65_537 + b) % 2**63)
+        block = torch.randn(min(BLOCK_ROWS, num_rows - first), dim, generator=g)[:, cols] * std
+        parts.append(block[max(rows.start, first) - first:min(rows.stop, first + BLOCK_ROWS) - first])
+    return torch.cat(parts) if parts else torch.zeros(0, cols.stop - cols.start)
+
+
 def table_names(schema: Schema) -> list[str]:
     """The EmbeddingBagCollection's table name of every categorical and multi-valued feature, in field
     order (a feature's name, made a valid module name; made unique with its position if needed)."""
@@ -122,9 +152,13 @@ class TorchRecInputLayer(InputLayer):
         # per-sample weights: a weighted bag, or a mean bag (as a sum with weights 1 / len(bag))
         self.weighted = any(f.weighted or f.pooling == "mean" for f in schema.multi)
         device = torch.device(device or "cpu")
-        # the same draws as InputLayer (all table rows in one randn, then the numeric vectors)
+        self.init_std = init_std
+        # deferred (sharded training): the tables stay on the meta device, drawn per shard by table_init
+        self.deferred = _DEFER.get()
+        self.table_seed = int(torch.randint(2**62, ())) if self.deferred else None
+        # else the same draws as InputLayer (all table rows in one randn, then the numeric vectors)
         total = sum(self.cardinalities)
-        full = torch.randn(max(total, 1), embed_dim, device=device) * init_std
+        full = None if self.deferred else torch.randn(max(total, 1), embed_dim, device=device) * init_std
         n_num = len(self.num_names)
         self.numeric_weight = nn.Parameter(torch.randn(n_num, embed_dim, device=device) * init_std)
         self.numeric_bias = nn.Parameter(torch.zeros(n_num, embed_dim, device=device))
@@ -134,12 +168,13 @@ class TorchRecInputLayer(InputLayer):
         self.ebc = None
         if configs:  # built on the meta device (no random init), then given InputLayer's draws
             ebc = EmbeddingBagCollection(tables=configs, is_weighted=self.weighted, device=torch.device("meta"))
-            ebc = ebc.to_empty(device=device)
-            start = 0
-            with torch.no_grad():
-                for t, c in zip(self.table_names, self.cardinalities):
-                    ebc.embedding_bags[t].weight.copy_(full[start:start + c])
-                    start += c
+            if full is not None:
+                ebc = ebc.to_empty(device=device)
+                start = 0
+                with torch.no_grad():
+                    for t, c in zip(self.table_names, self.cardinalities):
+                        ebc.embedding_bags[t].weight.copy_(full[start:start + c])
+                        start += c
             self.ebc = ebc
 
     def to_kjt(self, batch: FeatureBatch):

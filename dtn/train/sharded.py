@@ -193,7 +193,8 @@ class ShardedEmbeddings:
         opts = config.model.torchrec
         cls, kwargs = fused_optimizer(config.train, device)
         self.table_keys = [f"input_layer.ebc.embedding_bags.{t}.weight" for t in layer.table_names]
-        initial = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.table_keys}
+        initial = None if layer.deferred else \
+            {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.table_keys}
         apply_optimizer_in_backward(cls, list(layer.ebc.parameters()), kwargs)
         budget = _budget_bytes(opts)
         cap = {} if budget is None else ({"hbm_cap": budget} if device.type == "cuda" else {"ddr_cap": budget})
@@ -216,7 +217,7 @@ class ShardedEmbeddings:
             self.module = DistributedModelParallel(
                 model, env=ShardingEnv.from_process_group(pg), device=device, plan=plan, sharders=[sharder],
                 data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False, params_to_ignore=empty))
-        self._copy_initial(initial)  # DMP allocates its own shards: give them the unsharded model's weights
+        self._init_shards(initial)  # DMP allocates its own shards: give them their initial weights
         self.plan = {"world_size": self.world, "device": device.type, "memory_budget_mb": opts.get("memory_budget_mb"),
                      "embedding_optimizer": config.train.embedding_optimizer, "tables": plan_table(plan, layer),
                      "bytes_per_rank": D.all_gather_objects(self.local_bytes())}
@@ -230,12 +231,22 @@ class ShardedEmbeddings:
     def _sharded_state(self) -> dict:
         return {k: v for k, v in self.model.state_dict().items() if k in self.table_keys}
 
-    def _copy_initial(self, initial: dict) -> None:
+    def _init_shards(self, initial: dict | None) -> None:
+        """The unsharded model's weights (``initial``), or for deferred tables (built on the meta device:
+        the usual case, see dtn.features.torchrec_input.deferred_tables) each shard's rows drawn alone."""
+        from ..features.torchrec_input import table_init
+
+        layer = self.model.input_layer
         with torch.no_grad():
-            for key, st in self._sharded_state().items():
+            for i, (key, st) in enumerate(self._sharded_state().items()):
+                t = self.table_keys.index(key)
                 for shard in st.local_shards():
                     (r, c), (h, w) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                    shard.tensor.copy_(initial[key][r:r + h, c:c + w])
+                    if initial is not None:
+                        shard.tensor.copy_(initial[key][r:r + h, c:c + w])
+                    else:
+                        shard.tensor.copy_(table_init(layer.table_seed, t, layer.cardinalities[t], slice(r, r + h),
+                                                      slice(c, c + w), layer.embed_dim, layer.init_std))
 
     def local_bytes(self) -> dict:
         """Bytes of table shards and of their fused optimizer state held by this rank."""

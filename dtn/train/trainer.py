@@ -31,6 +31,7 @@ Files in ``out_dir``:
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -213,7 +214,8 @@ class Trainer:
         self.data_fingerprint = data_fingerprint  # where the training data came from, recorded in checkpoints
         self._encoder_fp = encoder_fingerprint(encoder)
         self.device = torch.device(self.cfg.device)
-        self.model.to(self.device)
+        if not sharded:  # (sharded: DMP places the model; its deferred tables are on the meta device)
+            self.model.to(self.device)
         self.rank, self.world_size = D.rank_and_world()
         self.is_main = self.rank == 0
         if self.cfg.num_threads:
@@ -680,11 +682,14 @@ def train_model(name: str, data, config: Config, out_dir: str | None = None, res
     ``resume``: continue from ``out_dir/last.pt`` when it exists (True), or from a loaded last.pt (dict);
     either is checked to be a run of this model, config and data first."""
     seed_everything(config.train.seed)
-    model = build_model(name, data.schema, config.model, device=config.train.device)
-    n_params = model.num_parameters()  # before any sharding (a rank then holds a part of the tables)
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, name=model.cfg.name))
     sharded = S.wanted(config, D.rank_and_world()[1], resume)
     S.check_embedding_optimizer(config, sharded)
+    from ..features.torchrec_input import deferred_tables
+
+    with deferred_tables() if sharded else contextlib.nullcontext():  # sharded: no process allocates whole tables
+        model = build_model(name, data.schema, config.model, device=config.train.device)
+    n_params = model.num_parameters()  # before any sharding (a rank then holds a part of the tables)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, name=model.cfg.name))
     trainer = Trainer(model, config, out_dir, data.encoder, getattr(data, "fingerprint", None), warn=warn,
                       sharded=sharded, log=log)
     t0 = time.perf_counter()
