@@ -83,6 +83,10 @@ def _config(args, config: str | None = None):
         from .features.torchrec_input import require_torchrec
 
         require_torchrec()
+        from . import distributed as D
+        from .train.sharded import check_request
+
+        check_request(cfg, D.env_world_size())  # the tables' optimizer fits the sharding
     if cfg.train.log == "tensorboard":  # an optional package: say so before any data is read
         from .train.tblog import require_tensorboard
 

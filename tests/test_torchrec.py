@@ -32,6 +32,19 @@ def test_without_torchrec_the_cli_says_how_to_install_it(monkeypatch, capsys, tm
 
 
 @needs_torchrec
+@pytest.mark.parametrize("extra, needles", [
+    (["--set", "model.torchrec.shard=always"], ["train.embedding_optimizer = 'adam'", "'sgd', 'rowwise_adagrad'"]),
+    (["--set", "train.embedding_optimizer=sgd"], ["train.embedding_optimizer = 'sgd'", "shard=always"]),
+    (["--set", "model.torchrec.shard=always", "--set", "train.embedding_optimizer=lazy_adam"], ["CPU kernels fuse"]),
+])
+def test_the_tables_optimizer_is_checked_before_any_data_is_read(capsys, tmp_path, extra, needles):
+    assert main(["train", "--dataset", "synthetic", "--set", "model.embeddings=torchrec", *extra,
+                 "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dtn train: config error:") and all(n in err[0] for n in needles), err
+
+
+@needs_torchrec
 @pytest.mark.parametrize("name", ["mmoe", "dtn"])
 def test_torchrec_layer_equals_the_own_input_layer(name):
     """Same initial weights for one seed, same E and model outputs, same table gradients; own_state_dict

@@ -79,6 +79,14 @@ def check_embedding_optimizer(config, sharded: bool) -> None:
                           "(model.embeddings=torchrec under torchrun, or model.torchrec.shard=always); allowed here: 'adam'")
 
 
+def check_request(config, world_size: int) -> None:
+    """The embedding optimizer against the run's sharding, before any data is read (dtn train)."""
+    sharded = wanted(config, world_size)
+    check_embedding_optimizer(config, sharded)
+    if sharded:
+        fused_optimizer(config.train, torch.device(config.train.device))
+
+
 def fused_optimizer(train_cfg, device: torch.device):
     """(torchrec optimizer class, its kwargs) for the sharded tables: FBGEMM runs it in the backward on the
     rows of the batch. sgd -> EXACT_SGD, rowwise_adagrad -> EXACT_ROWWISE_ADAGRAD, lazy_adam -> ADAM (CUDA)."""
