@@ -37,7 +37,8 @@ def test_without_torchrec_the_cli_says_how_to_install_it(monkeypatch, capsys, tm
     (["--set", "train.embedding_optimizer=sgd"], ["train.embedding_optimizer = 'sgd'", "shard=always"]),
     (["--set", "model.torchrec.shard=always", "--set", "train.embedding_optimizer=lazy_adam"], ["CPU kernels fuse"]),
 ])
-def test_the_tables_optimizer_is_checked_before_any_data_is_read(capsys, tmp_path, extra, needles):
+def test_the_tables_optimizer_is_checked(capsys, tmp_path, extra, needles):
+    """Sharded: before any data is read; unsharded (a resumed sharded run would stay sharded): by train_model."""
     assert main(["train", "--dataset", "synthetic", "--set", "model.embeddings=torchrec", *extra,
                  "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

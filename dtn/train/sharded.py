@@ -80,10 +80,9 @@ def check_embedding_optimizer(config, sharded: bool) -> None:
 
 
 def check_request(config, world_size: int) -> None:
-    """The embedding optimizer against the run's sharding, before any data is read (dtn train)."""
-    sharded = wanted(config, world_size)
-    check_embedding_optimizer(config, sharded)
-    if sharded:
+    """A sharded run's table optimizer, before any data is read (dtn train). (An unsharded run's is checked
+    by train_model, which knows whether it resumes a sharded checkpoint: that one stays sharded.)"""
+    if wanted(config, world_size):
         fused_optimizer(config.train, torch.device(config.train.device))
 
 
