@@ -53,6 +53,14 @@ def _request(args, config: str | None = None, notes: bool = True):
 
     cfg, explicit = request_config(args, config, note=print if notes else None)
     _check_device(cfg.train.device)
+    if cfg.model.embeddings == "torchrec":  # an optional package: say how to install it before any data is read
+        from .features.torchrec_input import require_torchrec
+
+        require_torchrec()
+        from . import distributed as D
+        from .train.sharded import check_request
+
+        check_request(cfg, D.env_world_size())  # the tables' optimizer fits the sharding
     if cfg.train.log == "tensorboard":  # an optional package: say so before any data is read
         from .train.tblog import require_tensorboard
 

@@ -56,12 +56,23 @@ FIM_OPTIONS: dict[str, dict[str, tuple[Any, dict]]] = {
     "memonet": {"fields": (Any, {}), "num_hcnets": (int, _POS), "num_hashes": (int, _POS),
                 "num_buckets": (int, _POS), "codebook_dim": (int, _POS), "shared_codebook": (bool, {})},
 }
+# model.torchrec: the sharded TorchRec backend (dtn.train.sharded; checked there against the schema)
+TORCHREC_OPTIONS: dict[str, tuple[Any, dict]] = {
+    "shard": (str, {"choices": ("auto", "always")}),  # auto: DistributedModelParallel under torchrun; always: also alone
+    "sharding": (Any, {}),  # null (the planner chooses), one sharding type for every table, or {feature: type}
+    "memory_budget_mb": (Any, {}),  # null or the embedding memory one process may hold, for the planner
+    "column_shard_dim": (Any, {}),  # null or the width of a column-wise shard (the planner's min_partition)
+}
 
 
 @dataclass
 class ModelConfig:
     name: str = "dtn"
     embed_dim: int = _f(16, ge=1)
+    # the input layer: "own" (dtn.features.InputLayer) or "torchrec" (an EmbeddingBagCollection, shardable)
+    embeddings: str = _f("own", choices=("own", "torchrec"))
+    torchrec: dict[str, Any] = _f(factory=lambda: {"shard": "auto", "sharding": None, "memory_budget_mb": None,
+                                                   "column_shard_dim": None}, options=TORCHREC_OPTIONS)
     tower_hidden: list[int] = _f(factory=lambda: [128, 64], ge=1)
     dropout: float = _f(0.0, ge=0.0, lt=1.0)
     # MLP baselines
@@ -133,6 +144,7 @@ class TrainConfig:
     log: str = _f("none", choices=("none", "tensorboard"))  # "tensorboard": event files in <out>/tensorboard
     # the embedding tables' optimizer (dtn.train.embedding_optim): "adam" (dense, with the other weights) or a
     # fused sparse one that updates only the rows a batch touched: "sgd", "rowwise_adagrad", "lazy_adam"
+    # (sharded TorchRec tables run it fused into FBGEMM's backward: dtn.train.sharded.fused_optimizer)
     embedding_optimizer: str = _f("adam", choices=EMBEDDING_OPTIMIZERS)
     # its lr (the LR schedule scales it like train.lr); null: the optimizer's default
     # (dtn.train.embedding_optim.DEFAULT_EMBEDDING_LR: train.lr for adam and lazy_adam)

@@ -65,7 +65,18 @@ def report(device: str | None = None) -> dict:
         else:
             kernels[op] = "reference layer on CPU (Triton runs on CUDA only)"
     info["kernels"] = kernels
+    info["torchrec"] = _torchrec()
     return info
+
+
+def _torchrec() -> dict:
+    """Whether TorchRec (model.embeddings: torchrec, sharded tables) is usable here, and why not."""
+    try:
+        from dtn.features.torchrec_input import torchrec_status
+    except ImportError as exc:  # dtn_kernels without the dtn package
+        return {"usable": False, "detail": f"dtn is not importable ({exc})"}
+    ok, detail = torchrec_status()
+    return {"usable": ok, "detail": detail}
 
 
 def format_report(info: dict) -> str:
@@ -82,6 +93,10 @@ def format_report(info: dict) -> str:
     if info["extension_error"]:
         lines.append(f"                ({info['extension_error']})")
     lines.append(f"fp32 matmuls    {info['fp32_matmul_policy']} ({'TF32' if info['tf32'] else 'IEEE'})")
+    tr = info.get("torchrec")
+    if tr is not None:
+        lines.append(f"torchrec        {'usable: ' if tr['usable'] else 'not usable: '}{tr['detail']}"
+                     + ("" if tr["usable"] else " (model.embeddings: torchrec needs it; bash scripts/install_torchrec.sh)"))
     lines.append("kernels:")
     lines += [f"  {op:<14}{how}" for op, how in info["kernels"].items()]
     return "\n".join(lines)

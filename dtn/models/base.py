@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..features import FeatureBatch, InputLayer, Schema
+from ..features import FeatureBatch, Schema
+from ..features.torchrec_input import build_input_layer
 from ..layers import MLP, build_fim
 
 
@@ -39,7 +40,7 @@ class MultiTaskModel(nn.Module):
         self.cfg = cfg
         self.tasks = list(schema.labels)
         self.num_tasks = len(self.tasks)
-        self.input_layer = InputLayer(schema, cfg.embed_dim, device=device)
+        self.input_layer = build_input_layer(schema, cfg, device=device)  # model.embeddings: own or torchrec
         self.num_fields = self.input_layer.num_fields
         self.embed_dim = cfg.embed_dim
         self.input_dim = self.input_layer.output_dim

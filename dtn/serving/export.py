@@ -91,6 +91,10 @@ def for_export(model: nn.Module) -> nn.Module:
     """A CPU, eval-mode copy of ``model`` on the pure-PyTorch kernels (aten ops only)."""
     import dtn_kernels
 
+    if getattr(model.input_layer, "ebc", None) is not None:  # TorchRec tables: the own input layer, same weights
+        from ..features.torchrec_input import own_twin
+
+        model = own_twin(model)
     m = copy.deepcopy(model).cpu().eval()
     dtn_kernels.set_kernels(m, "reference")
     m.input_layer.embedding_kernel = "reference"

@@ -35,7 +35,10 @@ CHECKPOINT_FORMAT = 2
 # -- scheduler step, GradScaler scale, learned task weights -- means nothing under other settings)
 RESUMABLE = ("train.lr", "train.embedding_lr", "train.weight_decay", "train.grad_clip", "train.epochs", "train.patience", "train.progress",
              "train.num_threads", "train.device", "train.eval_batch_size", "train.min_lr", "train.plateau_factor",
-             "train.plateau_patience", "train.log", "data.path", "data.valid_path", "data.test_path")
+             "train.plateau_patience", "train.log", "data.path", "data.valid_path", "data.test_path",
+             # where sharded tables live (not what they compute): a run may resume on another plan
+             "model.torchrec.shard", "model.torchrec.sharding", "model.torchrec.memory_budget_mb",
+             "model.torchrec.column_shard_dim")
 
 
 class CheckpointError(ValueError):

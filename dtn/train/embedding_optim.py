@@ -53,15 +53,16 @@ class EmbeddingOptim:
     """The trainer's side of the embedding optimizer: the dense parameter groups, the fused
     optimizer's lr every step, and the deferred update (DDP, fp16)."""
 
-    def __init__(self, model, cfg, world_size: int = 1, device="cpu", fp16: bool = False):
+    def __init__(self, model, cfg, world_size: int = 1, device="cpu", fp16: bool = False, sharded: bool = False):
         self.cfg = cfg
         self.world_size = world_size
         self.device = torch.device(device)
         self.lr = embedding_lr(cfg)
-        self.layer = getattr(model, "input_layer", None)
+        # sharded TorchRec tables are updated by FBGEMM's fused optimizer (dtn.train.sharded): nothing to do here
+        self.layer = None if sharded else getattr(model, "input_layer", None)
         self.opt = None  # the SparseEmbeddingOptimizer when fused
         self._rows = None  # (rows, row_grads) gathered for this step's deferred update
-        if cfg.embedding_optimizer in SPARSE_OPTIMIZERS:
+        if cfg.embedding_optimizer in SPARSE_OPTIMIZERS and not sharded:
             if self.layer is None or not hasattr(self.layer, "use_sparse_optimizer"):
                 raise ValueError(f"train.embedding_optimizer = {cfg.embedding_optimizer!r}: the model has no input layer "
                                  "with embedding tables")
@@ -76,7 +77,7 @@ class EmbeddingOptim:
     def param_groups(self, model) -> list[dict]:
         """The dense Adam's parameter groups: every parameter but a fused embedding weight; with
         ``adam`` and ``train.embedding_lr`` set, the embedding weight as a group of its own."""
-        emb = self.layer.weight if self.layer is not None else None
+        emb = getattr(self.layer, "weight", None) if self.layer is not None else None
         if emb is None or (not self.fused and self.cfg.embedding_lr is None):
             return [{"params": list(model.parameters())}]
         rest = [p for p in model.parameters() if p is not emb]

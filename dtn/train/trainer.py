@@ -32,6 +32,7 @@ Files in ``out_dir``:
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -58,6 +59,7 @@ from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, FileWriteError, ato
                          check_resume, checkpoint_origin, clean_stale_temps, code_version, encoder_fingerprint,
                          ensure_writable, load_checkpoint)
 from . import precision
+from . import sharded as S
 from .metrics import task_metrics
 from .schedule import LRSchedule
 from .task_weighting import UncertaintyWeighting
@@ -178,17 +180,30 @@ def model_from_checkpoint(ckpt: dict | str, device="cpu"):
         raise CheckpointError(f"{path}: its config is not valid for this dtn ({exc}); written by "
                               f"{checkpoint_origin(ckpt)}") from None
     check_encoder(ckpt)
+    own = False  # a TorchRec model where TorchRec is not installed: the same model with the own input layer
     try:
         schema = Schema.from_dict(ckpt["schema"])
-        model = build_model(ckpt["model_name"], schema, config.model, device=device)
+        model_cfg = config.model
+        if model_cfg.embeddings == "torchrec":
+            from ..features.torchrec_input import torchrec_status
+
+            own = not torchrec_status()[0]
+            if own:
+                model_cfg = dataclasses.replace(model_cfg, embeddings="own")
+        model = build_model(ckpt["model_name"], schema, model_cfg, device=device)
         if isinstance(model, DTN) and ckpt.get("trim_active") is not None:
             model.apply_trim(ckpt["trim_active"])
     except (ValueError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{path}: cannot rebuild its {ckpt['model_name']!r} model ({exc}); written by "
                               f"{checkpoint_origin(ckpt)}") from None
+    state = S.load_full_tables(ckpt) if ckpt.get("sharded") else ckpt["model_state"]  # sharded: whole tables
+    if own:
+        from ..features.torchrec_input import own_state_dict
+
+        state = own_state_dict(state, schema)
     try:
-        model.load_state_dict(ckpt["model_state"])
-    except RuntimeError as exc:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError) as exc:
         raise CheckpointError(f"{path}: its weights do not fit the {ckpt['model_name']!r} model built from its own config "
                               f"({_state_mismatch(exc)}); written by {checkpoint_origin(ckpt)}: another code version or "
                               "an edited file") from None
@@ -204,7 +219,7 @@ def model_from_checkpoint(ckpt: dict | str, device="cpu"):
 
 class Trainer:
     def __init__(self, model, config: Config, out_dir: str | None = None, encoder: TabularEncoder | None = None,
-                 data_fingerprint: dict | None = None, warn=None):
+                 data_fingerprint: dict | None = None, warn=None, sharded: bool = False, log=print):
         self.model = model
         self.config = config
         self.cfg = config.train
@@ -213,17 +228,25 @@ class Trainer:
         self.data_fingerprint = data_fingerprint  # where the training data came from, recorded in checkpoints
         self._encoder_fp = encoder_fingerprint(encoder)
         self.device = torch.device(self.cfg.device)
-        self.model.to(self.device)
+        if not sharded:  # (sharded: DMP places the model; its deferred tables are on the meta device)
+            self.model.to(self.device)
         self.rank, self.world_size = D.rank_and_world()
         self.is_main = self.rank == 0
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
         if self.cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        # the embedding tables: in the dense Adam, or a fused sparse optimizer of the input layer
-        self.embedding = EmbeddingOptim(model, self.cfg, self.world_size, self.device, fp16=self.cfg.amp == "fp16")
-        self.optimizer = torch.optim.Adam(self.embedding.param_groups(model), lr=self.cfg.lr,
-                                          weight_decay=self.cfg.weight_decay, **precision.optimizer_options(self.cfg.amp))
+        # sharded TorchRec tables (dtn.train.sharded; train_model decides): DMP wraps the model, the tables'
+        # optimizer is fused into FBGEMM's backward
+        self.sharded = S.ShardedEmbeddings(model, config, self.device, log if self.is_main else _quiet) \
+            if sharded else None
+        # unsharded tables: in the dense Adam, or a fused sparse optimizer of the input layer
+        self.embedding = EmbeddingOptim(model, self.cfg, self.world_size, self.device, fp16=self.cfg.amp == "fp16",
+                                        sharded=bool(sharded))
+        groups = [{"params": list(self.sharded.dense_parameters())}] if self.sharded else \
+            self.embedding.param_groups(model)
+        self.optimizer = torch.optim.Adam(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+                                          **precision.optimizer_options(self.cfg.amp))
         self.scaler = precision.grad_scaler(self.cfg.amp, self.device)  # fp16 only
         self.schedule = LRSchedule(self.cfg)
         self.task_weighting = None
@@ -231,7 +254,8 @@ class Trainer:
             self.task_weighting = UncertaintyWeighting(model.num_tasks, device=self.device)
             self.optimizer.add_param_group({"params": list(self.task_weighting.parameters()), "weight_decay": 0.0})
         self.events = None  # the TensorBoard event log while fit runs (train.log)
-        self.train_module = self._data_parallel(model) if self.world_size > 1 else model
+        self.train_module = self.sharded.module if self.sharded else \
+            self._data_parallel(model) if self.world_size > 1 else model
         self.history: list[dict] = []
         self.epoch = 0  # epochs completed
         self.best_score = -math.inf
@@ -292,8 +316,14 @@ class Trainer:
         if self.embedding.fused and not any(is_optimizer_state_key(k) for k in ckpt["model_state"]):
             raise CheckpointError(f"{ckpt.get('_path', 'last.pt')}: holds no state of the embedding optimizer "
                                   f"{self.cfg.embedding_optimizer!r}; written by {checkpoint_origin(ckpt)}")
+        if bool(ckpt.get("sharded")) != bool(self.sharded):
+            raise CheckpointError(f"{ckpt.get('_path', 'last.pt')}: a {'sharded' if ckpt.get('sharded') else 'unsharded'} "
+                                  "run; it resumes only as one (model.torchrec.shard)")
         try:
-            self.model.load_state_dict(ckpt["model_state"])
+            if self.sharded:
+                self.sharded.load(ckpt, optimizer=True)
+            else:
+                self.model.load_state_dict(ckpt["model_state"])
             if self.task_weighting is not None:
                 self.task_weighting.load_state_dict(ckpt["task_weighting"])
             self.optimizer.load_state_dict(ckpt["optimizer_state"])
@@ -448,12 +478,14 @@ class Trainer:
         self.model.eval()
         local = data.shard(self.rank, self.world_size) if self.world_size > 1 else data
         probs, labels = [], []
-        for b, y in local.batches(self.cfg.eval_batch_size):
+        for b, y in local.batches(self.cfg.eval_batch_size):  # (sharded tables: every forward is collective)
             self.check_host_batch(b)
             with precision.autocast(self.cfg.amp, self.device):
                 logits = self.model(batch_to_device(b, self.device))
             probs.append(torch.sigmoid(logits.float()))  # stays on the device
             labels.append(y.float().cpu())
+        if self.sharded:
+            self.sharded.equalize_forwards(len(probs))
         raise_pending_errors(self.device)
         T = self.model.num_tasks
         p = torch.cat(probs).cpu() if probs else torch.zeros(0, T)  # one copy (and sync) per evaluation
@@ -506,6 +538,8 @@ class Trainer:
         if self.out_dir and self.is_main:
             ensure_writable(self.out_dir)
             clean_stale_temps(self.out_dir, ("last.pt", "best.pt", "history.csv", "metrics.json"))
+            if self.sharded:
+                self.sharded.write_plan(self.out_dir)
         if resume and self.resume(resume if isinstance(resume, dict) else None, log=log):
             log(f"resumed from {self._path('last.pt')} after epoch {self.epoch}")
         self.schedule.set_total_steps(self.cfg.epochs * train.num_batches(self.cfg.batch_size, self.world_size))
@@ -540,10 +574,15 @@ class Trainer:
                 if cut:
                     log(f"epoch {self.epoch}: {cut}")
                 # without files (or on ranks other than 0, which write none) the best weights stay in memory
-                if improved and (not self.out_dir or not self.is_main):
+                if self.sharded:  # every rank writes its shards
+                    if improved and not self.out_dir:
+                        self._best_state = self.sharded.snapshot()
+                    if self.out_dir:
+                        self._save_sharded(improved)
+                elif improved and (not self.out_dir or not self.is_main):
                     self._best_state = {k: v.detach().clone()
                                         for k, v in without_optimizer_state(self.model.state_dict()).items()}
-                if self.out_dir and self.is_main:
+                if self.out_dir and self.is_main and not self.sharded:
                     self._save_epoch(improved)
                 if on_epoch is not None:
                     on_epoch(self.epoch, row)
@@ -552,7 +591,12 @@ class Trainer:
                 self.events.close()
                 self.events = None
         # end on the best weights, which is what evaluation and prediction should use
-        if self._best_state is not None:
+        if self.sharded:
+            if self._best_state is not None:
+                self.sharded.restore(self._best_state)
+            elif self.out_dir:
+                self.sharded.load(load_checkpoint(self._path("best.pt"), self.device), optimizer=False)
+        elif self._best_state is not None:
             self.model.load_state_dict(self._best_state)
         elif self.out_dir and os.path.exists(self._path("best.pt")):
             self.model.load_state_dict(load_checkpoint(self._path("best.pt"), self.device)["model_state"])
@@ -606,6 +650,19 @@ class Trainer:
                     else f"nothing of this run was written to {self.out_dir}")
             raise FileWriteError(f"{exc} after epoch {self.epoch}; {kept}", getattr(exc, "errno", None)) from None
 
+    def _save_sharded(self, improved: bool) -> None:
+        """_save_epoch for sharded tables: best and last through torch.distributed.checkpoint (every rank
+        writes its shards), then rank 0 writes best.pt / last.pt naming them, and history.csv."""
+        try:
+            if improved:
+                self.sharded.save(self.out_dir, "best", self.epoch, self.payload, optimizer=False)
+            self.sharded.save(self.out_dir, "last", self.epoch, self.state, optimizer=True)
+            if self.is_main:
+                self._write_history()
+        except OSError as exc:
+            raise FileWriteError(f"{exc} after epoch {self.epoch}; rerun with --resume", getattr(exc, "errno", None)) \
+                from None
+
     def _write_history(self) -> None:
         keys = list(dict.fromkeys(k for row in self.history for k in row))
         path = self._path("history.csv")
@@ -655,15 +712,24 @@ def train_model(name: str, data, config: Config, out_dir: str | None = None, res
     ``resume``: continue from ``out_dir/last.pt`` when it exists (True), or from a loaded last.pt (dict);
     either is checked to be a run of this model, config and data first."""
     seed_everything(config.train.seed)
-    model = build_model(name, data.schema, config.model, device=config.train.device)
+    sharded = S.wanted(config, D.rank_and_world()[1], resume)
+    S.check_embedding_optimizer(config, sharded)
+    from ..features.torchrec_input import deferred_tables
+
+    with deferred_tables() if sharded else contextlib.nullcontext():  # sharded: no process allocates whole tables
+        model = build_model(name, data.schema, config.model, device=config.train.device)
+    n_params = model.num_parameters()  # before any sharding (a rank then holds a part of the tables)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, name=model.cfg.name))
-    trainer = Trainer(model, config, out_dir, data.encoder, getattr(data, "fingerprint", None), warn=warn)
+    trainer = Trainer(model, config, out_dir, data.encoder, getattr(data, "fingerprint", None), warn=warn,
+                      sharded=sharded, log=log)
     t0 = time.perf_counter()
     trainer.fit(data.train, data.valid, resume=resume, log=log)
-    result = {"model": model.cfg.name, "params": model.num_parameters(), "best_epoch": trainer.best_epoch,
+    result = {"model": model.cfg.name, "params": n_params, "best_epoch": trainer.best_epoch,
               "epochs_run": trainer.epoch, "train_seconds": time.perf_counter() - t0,
               "selection": trainer.selection, "valid": trainer.evaluate(data.valid), "test": trainer.evaluate(data.test)}
     result["world_size"] = trainer.world_size  # processes that trained it (torchrun), 1 without
+    if trainer.sharded:
+        result["sharding_plan"] = trainer.sharded.plan
     if trainer.task_weighting is not None:  # the learned weights at the end of the last epoch
         result["task_weights"] = dict(zip(model.tasks, trainer.task_weighting.weights()))
     result["fingerprint"] = run_fingerprint(trainer)
