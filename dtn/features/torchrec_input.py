@@ -137,6 +137,8 @@ class TorchRecInputLayer(InputLayer):
         self.embed_dim = embed_dim
         self.validate = validate
         self.embedding_kernel = "torchrec"
+        # the own layer's fused sparse optimizer never attaches here: sharded tables run FBGEMM's (dtn.train.sharded)
+        self.register_module("sparse_optimizer", None)
         self.cat_names = [f.name for f in schema.categorical]
         self.multi_names = [f.name for f in schema.multi]
         self.num_names = [f.name for f in schema.numeric]

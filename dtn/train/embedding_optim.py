@@ -60,6 +60,10 @@ class EmbeddingOptim:
         self.lr = embedding_lr(cfg)
         # sharded TorchRec tables are updated by FBGEMM's fused optimizer (dtn.train.sharded): nothing to do here
         self.layer = None if sharded else getattr(model, "input_layer", None)
+        if getattr(self.layer, "embedding_kernel", None) == "torchrec":
+            # TorchRec tables: a fused optimizer runs on sharded tables only (FBGEMM's; train_model refuses the
+            # rest), and evaluating a checkpoint of such a run needs none
+            sharded, self.layer = True, None
         self.opt = None  # the SparseEmbeddingOptimizer when fused
         self._rows = None  # (rows, row_grads) gathered for this step's deferred update
         if cfg.embedding_optimizer in SPARSE_OPTIMIZERS and not sharded:
