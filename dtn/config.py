@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .fileio import atomic_write_text, find_named_file
+from .fileio import atomic_write_text, find_named_file, read_yaml
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 FIM_KINDS = ("gdcn", "dcnv2", "masknet", "memonet")
@@ -356,11 +356,7 @@ def config_from_dict(d: dict, base: Config | None = None) -> Config:
 def load_config(name_or_path: str = "cpu", overrides: dict | None = None) -> Config:
     """Load a packaged config by name ("cpu", "paper") or a YAML file; apply ``overrides``."""
     path = find_named_file(name_or_path, CONFIG_DIR, "config", "config")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not a valid YAML file ({' '.join(str(exc).split())})") from None
+    raw = read_yaml(path, ConfigError)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config file is a mapping of sections (model, train, data), got {raw!r}")
     try:

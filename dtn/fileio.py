@@ -1,4 +1,5 @@
-"""Output files written whole or not at all, their temp files and write errors; packaged-file lookup.
+"""Output files written whole or not at all, their temp files and write errors; packaged-file lookup
+and YAML reading with errors that name the file.
 
 Writes go to a temp file in the target's folder (created with the user's umask, its name holding
 the writer's pid), are fsynced, then renamed over the target: a crash or a full disk never leaves a
@@ -7,7 +8,7 @@ of killed writers are removed by the next run (:func:`clean_stale_temps`). An OS
 becomes a :class:`FileWriteError` naming the file and the reason.
 
 This module imports nothing from ``dtn`` (config, checkpoints, export and the analyses all write
-through it), and torch only inside :func:`atomic_save`.
+through it); torch only inside :func:`atomic_save`, PyYAML only inside :func:`read_yaml`.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import secrets
 from typing import Any, Callable
 
 __all__ = ["FileWriteError", "open_temp", "atomic_write", "atomic_save", "atomic_write_text", "atomic_write_bytes",
-           "atomic_write_all", "pid_alive", "clean_stale_temps", "ensure_writable", "find_named_file"]
+           "atomic_write_all", "pid_alive", "clean_stale_temps", "ensure_writable", "find_named_file", "read_yaml"]
 
 
 class FileWriteError(OSError):
@@ -220,3 +221,15 @@ def find_named_file(name_or_path: str, folder: str, what: str, packaged: str) ->
         return path
     known = sorted(p[:-5] for p in os.listdir(folder) if p.endswith(".yaml")) if os.path.isdir(folder) else []
     raise FileNotFoundError(f"no {what} file {name_or_path!r} and no packaged {packaged} of that name; packaged: {known}")
+
+
+def read_yaml(path: str, error: type[Exception] = ValueError, prefix: str = ""):
+    """The YAML document in ``path``, ``{}`` for an empty file; a file that is not valid YAML (or not
+    UTF-8) raises ``error("<prefix><path>: not a valid YAML file (<reason>)")``."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise error(f"{prefix}{path}: not a valid YAML file ({' '.join(str(exc).split())})") from None

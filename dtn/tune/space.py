@@ -9,10 +9,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import yaml
 
 from ..config import CONFIG_DIR, FIM_OPTIONS, Config, ConfigError, ModelConfig, TrainConfig, config_from_dict
-from ..fileio import find_named_file
+from ..fileio import find_named_file, read_yaml
 from ..models import MODEL_REGISTRY, canonical_name
 
 SPACE_DIR = os.path.join(CONFIG_DIR, "tune")
@@ -121,11 +120,7 @@ def load_search_space(name_or_path: str = "cpu") -> SearchSpace:
     """A search-space YAML file (or a packaged one by name: ``cpu``), checked entry by entry: every key must
     be a tunable config key and every value it can take (a range's ends, each choice) a valid value of it."""
     path = find_named_file(name_or_path, SPACE_DIR, "search-space", "one")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SearchSpaceError(f"search space {path}: not a valid YAML file ({' '.join(str(exc).split())})") from None
+    raw = read_yaml(path, SearchSpaceError, "search space ")
 
     def fail(where: str, msg: str):
         raise SearchSpaceError(f"search space {path}: {where}: {msg}")
