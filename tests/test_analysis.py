@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dtn.cli import main
-from dtn.config import Config, DataConfig, TrainConfig, load_config
+from conftest import small_model_config
+from dtn.config import Config, DataConfig, TrainConfig
 from dtn.data import PLANTED, load_dataset
 from dtn.train import model_from_checkpoint, train_model
 
@@ -15,10 +16,7 @@ ROWS, SPLIT_SEED = 6000, 3
 
 
 def _config(**train):
-    cfg = load_config("cpu")
-    model = dataclasses.replace(cfg.model, embed_dim=4, fim_dim=16, tower_hidden=[16], expert_hidden=[32],
-                                bottom_hidden=[32], masknet={**cfg.model.masknet, "mask_hidden": 16, "block_dim": 16},
-                                memonet={**cfg.model.memonet, "fields": None, "num_buckets": 997, "codebook_dim": 4})
+    model = small_model_config()
     t = TrainConfig(lr=5e-3, batch_size=256, eval_batch_size=4096, epochs=4, patience=5, progress=False, seed=5)
     return Config(model=model, train=dataclasses.replace(t, **train),
                   data=DataConfig(dataset="synthetic", synthetic_rows=ROWS, split_seed=SPLIT_SEED))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dtn_kernels
-from dtn.config import load_config
+from conftest import small_model_config
 from dtn.features import FeatureBatch, FeatureSpec, Schema
 from dtn.models import build_model
 
@@ -23,10 +23,7 @@ CARDS = (5, 7, 3, 11)
 def _setup(device="cpu"):
     schema = Schema([FeatureSpec(f"c{i}", cardinality=c) for i, c in enumerate(CARDS)]
                     + [FeatureSpec("x", kind="numeric"), FeatureSpec("y", kind="numeric")], labels=["t1", "t2"])
-    cfg = load_config("cpu").model
-    cfg.embed_dim, cfg.fim_dim, cfg.tower_hidden = 4, 16, [8]
-    cfg.masknet = {**cfg.masknet, "mask_hidden": 12, "block_dim": 16}
-    cfg.memonet = {**cfg.memonet, "fields": None, "num_buckets": 53, "codebook_dim": 4}
+    cfg = small_model_config(tower_hidden=[8], masknet={"mask_hidden": 12}, memonet={"num_buckets": 53})
     torch.manual_seed(0)
     ref = build_model("dtn", schema, cfg).to(device)
     fused = copy.deepcopy(ref)

@@ -902,13 +902,15 @@ def test_input_layer_checks_values_only_of_host_tensors():
 
 
 def _tiny_trainer(synth_data, **train):
+    import dataclasses
+
+    from conftest import small_model_config
     from dtn.config import TrainConfig, load_config
     from dtn.models import build_model
     from dtn.train import Trainer
-    import dataclasses
 
     cfg = load_config("cpu")
-    model_cfg = dataclasses.replace(cfg.model, embed_dim=4, fim_dim=8, tower_hidden=[8], bottom_hidden=[8])
+    model_cfg = small_model_config(fim_dim=8, tower_hidden=[8], bottom_hidden=[8])
     config = dataclasses.replace(cfg, model=model_cfg, train=TrainConfig(
         lr=1e-3, batch_size=64, eval_batch_size=256, epochs=1, progress=False, seed=1, **train))
     torch.manual_seed(0)
