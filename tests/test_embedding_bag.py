@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 import dtn_kernels
 from dtn_kernels.ops import embedding_bag
 from dtn_kernels.reference import pt_embedding_bag
+from numerics import check_close
 
 HAS_EXT = dtn_kernels.HAS_C_EXT
 requires_ext = pytest.mark.skipif(
@@ -85,13 +86,23 @@ def make_input(cards, B, d, max_len=4, dtype=torch.float32, index_dtype=torch.in
     return weight, toff, ids.to(index_dtype), offsets.to(index_dtype), psw
 
 
+def _upstream(out, seed=1):
+    return torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+
+
 def grads(out, inputs, seed=1):
-    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
-    return torch.autograd.grad(out, inputs, go)
+    return torch.autograd.grad(out, inputs, _upstream(out, seed))
 
 
 def tol(dtype):
     return {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+
+
+# bf16 / fp16 results: the kernels (and the twin) accumulate in fp32 and round each output once, so
+# against a reference computed in fp64 from the same low-precision inputs the error is one rounding,
+# at most u |e| (unit roundoff u = 2^-8 bf16, 2^-11 fp16); rtol 2u leaves one more rounding of room.
+# atol covers results that cancel to near zero, where fp32's own sum error (~1e-6 here) remains.
+LOW_PRECISION_TOL = {torch.bfloat16: (1e-5, 2 * 2.0 ** -8), torch.float16: (1e-5, 2 * 2.0 ** -11)}
 
 
 def assert_close(a, b, dtype, what):
@@ -148,18 +159,23 @@ def test_low_precision_accumulates_in_fp32(impl, dtype, mode):
     psw = psw.requires_grad_(True) if use_psw else None
     out = run(impl, weight, toff, ids, offs, mode, psw)
     assert out.dtype == dtype
-    w32 = weight.detach().float().requires_grad_(True)
-    p32 = psw.detach().float().requires_grad_(True) if use_psw else None
-    ref = oracle(w32, toff, ids, offs, mode, p32)
-    # within 2x of the error of rounding the fp32 result to the low-precision dtype, plus an ulp
-    err_self = (out.float() - ref).abs().max()
-    err_round = (ref.to(dtype).float() - ref).abs().max()
-    assert err_self <= 2 * err_round + tol(dtype), (err_self, err_round)
+    w64 = weight.detach().double().requires_grad_(True)
+    p64 = psw.detach().double().requires_grad_(True) if use_psw else None
+    ref = oracle(w64, toff, ids, offs, mode, p64)
+    atol, rtol = LOW_PRECISION_TOL[dtype]
+    check_close(out, ref, atol, rtol, f"{impl} forward ({dtype})")
+    # the same upstream gradient on both sides: the one rounded to the low-precision dtype
     ga = grads(out, [weight] + ([psw] if use_psw else []))
-    gb = grads(ref, [w32] + ([p32] if use_psw else []))
-    for a, b in zip(ga, gb):
+    gb = torch.autograd.grad(ref, [w64] + ([p64] if use_psw else []), _upstream(out).double())
+    if impl == "twin":
+        # Relaxed for the twin only: its backward is autograd in the low-precision dtype (the weight
+        # gradient is summed in bf16 / fp16, a rounding per added id), not one fp32 accumulation; measured
+        # up to 0.14 (bf16) and 2.2e-2 (fp16) off the fp64 sums here. The op's kernels meet the one-rounding
+        # bound above. The earlier bound, 5x the dtype tolerance, kept for the twin.
+        atol = rtol = {torch.bfloat16: 0.1, torch.float16: 1e-2}[dtype]
+    for name, a, b in zip(["weight", "per_sample_weights"], ga, gb):
         assert a.dtype == dtype
-        torch.testing.assert_close(a.float(), b, atol=5 * tol(dtype), rtol=5 * tol(dtype))
+        check_close(a, b, atol, rtol, f"{impl} grad {name} ({dtype})")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -308,18 +324,19 @@ def one_id_input(cards, B, d, multi_rows=0, dtype=torch.float32, pad=None, pad_r
     return weight, toff, ids.to(index_dtype), offsets.to(index_dtype), psw
 
 
-def check_op_against_oracle(weight, toff, ids, offs, mode, psw=None, pad=None, tol_=1e-5):
+def check_op_against_oracle(weight, toff, ids, offs, mode, psw=None, pad=None, atol=1e-5, rtol=1e-5):
     w = weight.detach().clone().requires_grad_(True)
     p = psw.detach().clone().requires_grad_(True) if psw is not None else None
     out = torch.ops.dtn.embedding_bag(w, toff, ids, offs, mode, p, pad)
     wr = weight.detach().clone().double().requires_grad_(True)
     pr = psw.detach().clone().double().requires_grad_(True) if psw is not None else None
     ref = oracle(wr, toff, ids, offs, mode, pr, pad)
-    torch.testing.assert_close(out.double(), ref, atol=tol_, rtol=tol_)
-    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    check_close(out, ref, atol, rtol, f"forward {mode}")
+    # the upstream gradient rounded to the op's dtype, the same on both sides
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(out.dtype)
     inputs, ref_inputs = [w] + ([p] if p is not None else []), [wr] + ([pr] if pr is not None else [])
-    for a, b in zip(torch.autograd.grad(out, inputs, go.to(out.dtype)), torch.autograd.grad(ref, ref_inputs, go)):
-        torch.testing.assert_close(a.double(), b, atol=tol_, rtol=tol_)
+    for a, b in zip(torch.autograd.grad(out, inputs, go), torch.autograd.grad(ref, ref_inputs, go.double())):
+        check_close(a, b, atol, rtol, f"grad {mode}")
     return out
 
 
@@ -347,9 +364,9 @@ def test_large_outputs_with_streaming_stores(dtype, d):
     weight, toff, ids, offs, psw = one_id_input([9, 40, 3, 12, 6, 2, 25], B=2100, d=d, multi_rows=5000,
                                                 dtype=dtype, pad=-1)
     assert 2100 * 8 * d * weight.element_size() >= 2**20
-    tol_ = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 2e-2, torch.bfloat16: 1.5e-1}[dtype]
+    tol_ = {torch.float32: (1e-4, 1e-4), torch.float64: (1e-10, 1e-10), **LOW_PRECISION_TOL}[dtype]
     for mode in ("sum", "mean", "max"):
-        out = check_op_against_oracle(weight, toff, ids, offs, mode, None, -1, tol_)
+        out = check_op_against_oracle(weight, toff, ids, offs, mode, None, -1, *tol_)
         # one-id slices are copies of their rows, bit for bit
         t, b = 2, 1234
         i = int(ids[int(offs[t * 2100 + b])])
@@ -557,8 +574,12 @@ def test_cuda_matches_cpu(dtype, mode, d):
         out = torch.ops.dtn.embedding_bag(w, toff.to(dev), ids.to(dev), offs.to(dev), mode, p, -1)
         gs = torch.autograd.grad(out, [w] + ([p] if use_psw else []), go.to(dev))
         res[dev] = [out] + list(gs)
+    # each device rounds its own fp32 accumulation once: they may differ by one ulp of the low-precision
+    # dtype (2u relative, 2^-7 for bf16); rtol 4u allows that twice (output and gradient rounding)
+    atol, rtol = (5 * tol(dtype),) * 2 if dtype in (torch.float32, torch.float64) else \
+        (LOW_PRECISION_TOL[dtype][0], 2 * LOW_PRECISION_TOL[dtype][1])
     for a, b in zip(res["cuda"], res["cpu"]):
-        torch.testing.assert_close(a.cpu().float(), b.float(), atol=5 * tol(dtype), rtol=5 * tol(dtype))
+        check_close(a.cpu(), b, atol, rtol, f"cuda vs cpu ({dtype}, {mode})")
 
 
 @requires_cuda
