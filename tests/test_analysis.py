@@ -213,13 +213,13 @@ def test_trim_bad_threshold(dtn_ckpt, tmp_path, capsys):
 def test_tsne_writes_both_plots(dtn_ckpt, tmp_path):
     out = tmp_path / "tsne"
     assert main(["tsne", "--checkpoint", dtn_ckpt, "--out", str(out), "--fim", "gdcn", "--task", "task2",
-                 "--samples", "120", "--threads", "1"]) == 0
+                 "--samples", "40", "--threads", "1"]) == 0  # 80 and 120 points: t-SNE's cost grows with them
     for name in ("tsne_fim-gdcn.png", "tsne_task-task2.png", "tsne_fim-gdcn.csv", "tsne_task-task2.csv"):
         assert (out / name).stat().st_size > 0, name
     a = (out / "tsne_fim-gdcn.csv").read_text().splitlines()
-    assert len(a) == 1 + 2 * 120 and {l.rsplit(",", 1)[1] for l in a[1:]} == {"task1", "task2"}
+    assert len(a) == 1 + 2 * 40 and {l.rsplit(",", 1)[1] for l in a[1:]} == {"task1", "task2"}
     b = (out / "tsne_task-task2.csv").read_text().splitlines()
-    assert len(b) == 1 + 3 * 120 and {l.rsplit(",", 1)[1] for l in b[1:]} == {"gdcn", "masknet", "memonet"}
+    assert len(b) == 1 + 3 * 40 and {l.rsplit(",", 1)[1] for l in b[1:]} == {"gdcn", "masknet", "memonet"}
 
 
 def test_tsne_bad_names(dtn_ckpt, sb_ckpt, tmp_path, capsys):
