@@ -5,7 +5,10 @@ Environment switches:
   DTN_FORCE_CUDA=1   build the CUDA sources even if torch sees no GPU (needs nvcc)
   DTN_SKIP_CUDA=1    never build CUDA sources
   DTN_NO_EXT=1       build no compiled extension at all (pure Python install)
-  MAX_JOBS=N         parallel compile jobs (respected by torch's build helper)
+  DTN_USE_NINJA=0/1  compile with ninja, all sources in parallel (default: when ninja is found, on
+                     PATH or next to this Python, e.g. the `ninja` package in the venv; else one
+                     source after another, with a note)
+  MAX_JOBS=N         parallel compile jobs under ninja (default: ninja's own, the number of cores)
 """
 import glob
 import os
@@ -31,6 +34,28 @@ def _write_build_info(here, torch, with_cuda):
     if old != text:  # unchanged file: no rebuild of anything that depends on its timestamp
         with open(path, "w") as fh:
             fh.write(text)
+
+
+def _use_ninja() -> bool:
+    """DTN_USE_NINJA if set; otherwise whether a working ninja is found. A ninja installed next to this
+    interpreter (pip's `ninja` package in a venv that is not activated) is put on PATH for torch's
+    build helper, which calls `ninja` by name."""
+    import shutil
+    import subprocess
+
+    setting = os.environ.get("DTN_USE_NINJA", "").strip().lower()
+    if setting:
+        return setting in ("1", "true", "yes", "on")
+    beside = os.path.dirname(sys.executable)
+    if shutil.which("ninja") is None and shutil.which("ninja", path=beside):
+        os.environ["PATH"] = beside + os.pathsep + os.environ.get("PATH", "")
+    try:
+        subprocess.run(["ninja", "--version"], check=True, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        print("dtn-kernels: ninja not found: the extension's sources compile one after another "
+              "(pip install ninja for a parallel build)", file=sys.stderr)
+        return False
+    return True
 
 
 def _extensions():
@@ -67,7 +92,7 @@ def _extensions():
             "dtn_kernels._C", cpp, extra_compile_args=extra,
             include_dirs=[os.path.join(here, "csrc")], extra_link_args=link,
         )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=_flag("DTN_USE_NINJA"))}
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=_use_ninja())}
 
 
 ext_modules, cmdclass = _extensions()

@@ -19,8 +19,10 @@ import numpy as np
 
 from .models import canonical_name
 from .train import rela_imp, train_model, write_metrics
-from .train.checkpoint import (CheckpointError, atomic_write_text, check_resume, code_version, encoder_fingerprint,
-                               load_checkpoint, run_config, run_key, source_diff)
+from .fileio import atomic_write_text
+from .train.checkpoint import (CheckpointError, code_version, encoder_fingerprint, load_checkpoint, run_config, run_key,
+                               source_diff)
+from .train.resume import check_resume
 
 DISPLAY = {"shared_bottom": "Shared-Bottom", "mmoe": "MMoE", "ple": "PLE", "cgc": "CGC", "sfm": "SFM", "tfi": "TFI",
            "dtn": "DTN"}

@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .fileio import atomic_write_text, find_named_file, read_yaml
+
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 FIM_KINDS = ("gdcn", "dcnv2", "masknet", "memonet")
 AMP_MODES = ("off", "bf16", "fp16")
@@ -387,17 +389,8 @@ def config_from_dict(d: dict, base: Config | None = None) -> Config:
 
 def load_config(name_or_path: str = "cpu", overrides: dict | None = None) -> Config:
     """Load a packaged config by name ("cpu", "paper") or a YAML file; apply ``overrides``."""
-    path = name_or_path
-    if not os.path.exists(path):
-        path = os.path.join(CONFIG_DIR, f"{name_or_path}.yaml")
-        if not os.path.exists(path):
-            known = sorted(p[:-5] for p in os.listdir(CONFIG_DIR) if p.endswith(".yaml"))
-            raise FileNotFoundError(f"no config file {name_or_path!r} and no packaged config of that name; packaged: {known}")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not a valid YAML file ({' '.join(str(exc).split())})") from None
+    path = find_named_file(name_or_path, CONFIG_DIR, "config", "config")
+    raw = read_yaml(path, ConfigError)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config file is a mapping of sections (model, train, data), got {raw!r}")
     try:
@@ -424,6 +417,4 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]
 
 
 def save_config(cfg: Config, path: str) -> None:
-    from .train.checkpoint import atomic_write_text
-
     atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), path)

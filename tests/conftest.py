@@ -55,16 +55,30 @@ def tiny_batch():
     return FeatureBatch(cat, torch.randn(B, 2, generator=g), (multi,)), labels
 
 
-@pytest.fixture
-def small_model_cfg():
+# the tests' small model: the packaged "cpu" model config shrunk to seconds a training run
+SMALL_MODEL = {"embed_dim": 4, "fim_dim": 16, "tower_hidden": [16], "expert_hidden": [32], "bottom_hidden": [32],
+               "masknet": {"mask_hidden": 16, "block_dim": 16},
+               "memonet": {"fields": None, "num_buckets": 997, "codebook_dim": 4}}
+
+
+def small_model_config(**changes):
+    """The packaged "cpu" ModelConfig with :data:`SMALL_MODEL`'s sizes and then ``changes`` (any
+    ModelConfig field; ``masknet`` / ``memonet`` are merged into the small options, not replaced).
+    Test modules import it (``from conftest import small_model_config``); one place to shrink a model."""
     import dataclasses
 
     from dtn.config import load_config
 
-    cfg = load_config("cpu").model
-    return dataclasses.replace(cfg, embed_dim=4, fim_dim=16, tower_hidden=[8], expert_hidden=[16], bottom_hidden=[16],
-                               masknet={**cfg.masknet, "mask_hidden": 16, "block_dim": 16},
-                               memonet={**cfg.memonet, "fields": None, "num_buckets": 101, "codebook_dim": 4})
+    base = load_config("cpu").model
+    fields = {**SMALL_MODEL, **changes}
+    for opt in ("masknet", "memonet"):
+        fields[opt] = {**getattr(base, opt), **SMALL_MODEL[opt], **changes.get(opt, {})}
+    return dataclasses.replace(base, **fields)
+
+
+@pytest.fixture
+def small_model_cfg():
+    return small_model_config(tower_hidden=[8], expert_hidden=[16], bottom_hidden=[16], memonet={"num_buckets": 101})
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@ AliExpress / Ali-CCP layout files and a small model configuration."""
 import dataclasses
 import os
 
-from dtn.config import Config, DataConfig, TrainConfig, load_config
+from conftest import small_model_config
+from dtn.config import Config, DataConfig, TrainConfig
 from dtn.data.examples import make_example_frame, write_table
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -18,10 +19,7 @@ SMALL_CLI = ["--set", "model.embed_dim=4", "--set", "model.fim_dim=16", "--set",
 
 
 def small_config(epochs: int = 2, **train) -> Config:
-    cfg = load_config("cpu")
-    model = dataclasses.replace(cfg.model, embed_dim=4, fim_dim=16, tower_hidden=[16], bottom_hidden=[32],
-                                expert_hidden=[32], masknet={**cfg.model.masknet, "mask_hidden": 16, "block_dim": 16},
-                                memonet={**cfg.model.memonet, "fields": 6, "num_buckets": 997, "codebook_dim": 4})
+    model = small_model_config(memonet={"fields": 6})
     t = TrainConfig(lr=5e-3, batch_size=256, eval_batch_size=4096, epochs=epochs, patience=5, progress=False, seed=7,
                     num_threads=1)
     return Config(model=model, train=dataclasses.replace(t, **train), data=DataConfig(dataset="table"))

@@ -826,7 +826,9 @@ def test_stale_temp_files_are_removed_and_modes_follow_the_umask(env, tmp_path, 
 
 
 def test_debug_shows_the_traceback(env, capsys, tmp_path):
-    with pytest.raises(Exception, match="train.lr"):
+    from dtn.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.lr"):
         main(["train", *map(str, env["base"]), "--out", str(tmp_path / "r"), "--set", "train.lr=x", "--debug"])
 
 

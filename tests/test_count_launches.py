@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import count_launches as CL  # noqa: E402
 
 import dtn_kernels  # noqa: E402
-from dtn.config import load_config  # noqa: E402
+from conftest import small_model_config  # noqa: E402
 from dtn.features import FeatureBatch, FeatureSpec, Schema  # noqa: E402
 from dtn.models import build_model  # noqa: E402
 
@@ -20,10 +20,8 @@ def _small():
     cards = (5, 7, 3, 11)
     schema = Schema([FeatureSpec(f"c{i}", cardinality=c) for i, c in enumerate(cards)]
                     + [FeatureSpec("x", kind="numeric")], labels=["a", "b"])
-    cfg = load_config("cpu").model
-    cfg.embed_dim, cfg.fim_dim, cfg.tower_hidden = 4, 12, [6]
-    cfg.masknet = {**cfg.masknet, "mask_hidden": 10, "block_dim": 9}
-    cfg.memonet = {**cfg.memonet, "fields": None, "num_buckets": 37, "codebook_dim": 4}
+    cfg = small_model_config(fim_dim=12, tower_hidden=[6], masknet={"mask_hidden": 10, "block_dim": 9},
+                             memonet={"num_buckets": 37})
     torch.manual_seed(0)
     model = build_model("dtn", schema, cfg)
     g = torch.Generator().manual_seed(1)

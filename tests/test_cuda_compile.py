@@ -2,9 +2,16 @@
 
 Runs on machines without a GPU: it proves the kernels build, not that they are right
 (tests/test_embedding_bag.py runs them when a GPU is present). One nvcc invocation.
+
+A successful compile is remembered in ``results/tmp/test-cache`` (``DTN_TEST_CACHE`` overrides) under
+the digest of everything the compile reads -- every file under csrc/, the nvcc command's flags,
+nvcc's version, torch's version and headers' location -- so CI, which runs this test and then the
+GPU suite's CPU check (which runs it again), compiles once. Any change to an input is a new digest
+and a real compile; a failed compile is never remembered.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -17,6 +24,7 @@ import torch
 from torch.utils.cpp_extension import include_paths
 
 ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("DTN_TEST_CACHE") or ROOT / "results" / "tmp" / "test-cache")
 CU_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 
 
@@ -52,6 +60,10 @@ def test_cuda_sources_compile(tmp_path):
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         "-Xcompiler", "-fPIC", "-w", "-Xptxas", "-v",
     ] + [f"-I{p}" for p in incs]
+    marker = CACHE / f"nvcc-{_inputs_digest(cmd, tmp_path)}.ok"
+    if marker.exists():
+        print(f"nvcc compile of these exact inputs already succeeded in this tree ({marker.name})")
+        return
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr[-6000:]}"
     # ptxas -v: "N bytes stack frame, N bytes spill stores, N bytes spill loads" per kernel
@@ -59,3 +71,17 @@ def test_cuda_sources_compile(tmp_path):
     assert "spill stores" in report, "ptxas -v printed no register report"
     spills = re.findall(r"Function properties for (\S+)\n\s*\d+ bytes stack frame, ([1-9]\d*) bytes spill stores", report)
     assert not spills, f"kernels that spill registers: {spills}"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    marker.write_text(" ".join(cmd) + "\n")
+
+
+def _inputs_digest(cmd: list[str], tmp_path: Path) -> str:
+    """Digest of what the compile reads: csrc/ (every file), the command with this run's temp folder
+    taken out, nvcc's version and torch's version."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in (ROOT / "csrc").rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update(" ".join(cmd).replace(str(tmp_path), "<tmp>").encode())
+    h.update(subprocess.run([NVCC, "--version"], capture_output=True, text=True, timeout=60).stdout.encode())
+    h.update(torch.__version__.encode())
+    return h.hexdigest()[:24]

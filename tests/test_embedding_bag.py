@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 import dtn_kernels
 from dtn_kernels.ops import embedding_bag
 from dtn_kernels.reference import pt_embedding_bag
+from numerics import check_close
 
 HAS_EXT = dtn_kernels.HAS_C_EXT
 requires_ext = pytest.mark.skipif(
@@ -85,13 +86,23 @@ def make_input(cards, B, d, max_len=4, dtype=torch.float32, index_dtype=torch.in
     return weight, toff, ids.to(index_dtype), offsets.to(index_dtype), psw
 
 
+def _upstream(out, seed=1):
+    return torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+
+
 def grads(out, inputs, seed=1):
-    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
-    return torch.autograd.grad(out, inputs, go)
+    return torch.autograd.grad(out, inputs, _upstream(out, seed))
 
 
 def tol(dtype):
     return {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+
+
+# bf16 / fp16 results: the kernels (and the twin) accumulate in fp32 and round each output once, so
+# against a reference computed in fp64 from the same low-precision inputs the error is one rounding,
+# at most u |e| (unit roundoff u = 2^-8 bf16, 2^-11 fp16); rtol 2u leaves one more rounding of room.
+# atol covers results that cancel to near zero, where fp32's own sum error (~1e-6 here) remains.
+LOW_PRECISION_TOL = {torch.bfloat16: (1e-5, 2 * 2.0 ** -8), torch.float16: (1e-5, 2 * 2.0 ** -11)}
 
 
 def assert_close(a, b, dtype, what):
@@ -148,18 +159,23 @@ def test_low_precision_accumulates_in_fp32(impl, dtype, mode):
     psw = psw.requires_grad_(True) if use_psw else None
     out = run(impl, weight, toff, ids, offs, mode, psw)
     assert out.dtype == dtype
-    w32 = weight.detach().float().requires_grad_(True)
-    p32 = psw.detach().float().requires_grad_(True) if use_psw else None
-    ref = oracle(w32, toff, ids, offs, mode, p32)
-    # within 2x of the error of rounding the fp32 result to the low-precision dtype, plus an ulp
-    err_self = (out.float() - ref).abs().max()
-    err_round = (ref.to(dtype).float() - ref).abs().max()
-    assert err_self <= 2 * err_round + tol(dtype), (err_self, err_round)
+    w64 = weight.detach().double().requires_grad_(True)
+    p64 = psw.detach().double().requires_grad_(True) if use_psw else None
+    ref = oracle(w64, toff, ids, offs, mode, p64)
+    atol, rtol = LOW_PRECISION_TOL[dtype]
+    check_close(out, ref, atol, rtol, f"{impl} forward ({dtype})")
+    # the same upstream gradient on both sides: the one rounded to the low-precision dtype
     ga = grads(out, [weight] + ([psw] if use_psw else []))
-    gb = grads(ref, [w32] + ([p32] if use_psw else []))
-    for a, b in zip(ga, gb):
+    gb = torch.autograd.grad(ref, [w64] + ([p64] if use_psw else []), _upstream(out).double())
+    if impl == "twin":
+        # Relaxed for the twin only: its backward is autograd in the low-precision dtype (the weight
+        # gradient is summed in bf16 / fp16, a rounding per added id), not one fp32 accumulation; measured
+        # up to 0.14 (bf16) and 2.2e-2 (fp16) off the fp64 sums here. The op's kernels meet the one-rounding
+        # bound above. The earlier bound, 5x the dtype tolerance, kept for the twin.
+        atol = rtol = {torch.bfloat16: 0.1, torch.float16: 1e-2}[dtype]
+    for name, a, b in zip(["weight", "per_sample_weights"], ga, gb):
         assert a.dtype == dtype
-        torch.testing.assert_close(a.float(), b, atol=5 * tol(dtype), rtol=5 * tol(dtype))
+        check_close(a, b, atol, rtol, f"{impl} grad {name} ({dtype})")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -308,18 +324,19 @@ def one_id_input(cards, B, d, multi_rows=0, dtype=torch.float32, pad=None, pad_r
     return weight, toff, ids.to(index_dtype), offsets.to(index_dtype), psw
 
 
-def check_op_against_oracle(weight, toff, ids, offs, mode, psw=None, pad=None, tol_=1e-5):
+def check_op_against_oracle(weight, toff, ids, offs, mode, psw=None, pad=None, atol=1e-5, rtol=1e-5):
     w = weight.detach().clone().requires_grad_(True)
     p = psw.detach().clone().requires_grad_(True) if psw is not None else None
     out = torch.ops.dtn.embedding_bag(w, toff, ids, offs, mode, p, pad)
     wr = weight.detach().clone().double().requires_grad_(True)
     pr = psw.detach().clone().double().requires_grad_(True) if psw is not None else None
     ref = oracle(wr, toff, ids, offs, mode, pr, pad)
-    torch.testing.assert_close(out.double(), ref, atol=tol_, rtol=tol_)
-    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    check_close(out, ref, atol, rtol, f"forward {mode}")
+    # the upstream gradient rounded to the op's dtype, the same on both sides
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(out.dtype)
     inputs, ref_inputs = [w] + ([p] if p is not None else []), [wr] + ([pr] if pr is not None else [])
-    for a, b in zip(torch.autograd.grad(out, inputs, go.to(out.dtype)), torch.autograd.grad(ref, ref_inputs, go)):
-        torch.testing.assert_close(a.double(), b, atol=tol_, rtol=tol_)
+    for a, b in zip(torch.autograd.grad(out, inputs, go), torch.autograd.grad(ref, ref_inputs, go.double())):
+        check_close(a, b, atol, rtol, f"grad {mode}")
     return out
 
 
@@ -347,9 +364,9 @@ def test_large_outputs_with_streaming_stores(dtype, d):
     weight, toff, ids, offs, psw = one_id_input([9, 40, 3, 12, 6, 2, 25], B=2100, d=d, multi_rows=5000,
                                                 dtype=dtype, pad=-1)
     assert 2100 * 8 * d * weight.element_size() >= 2**20
-    tol_ = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 2e-2, torch.bfloat16: 1.5e-1}[dtype]
+    tol_ = {torch.float32: (1e-4, 1e-4), torch.float64: (1e-10, 1e-10), **LOW_PRECISION_TOL}[dtype]
     for mode in ("sum", "mean", "max"):
-        out = check_op_against_oracle(weight, toff, ids, offs, mode, None, -1, tol_)
+        out = check_op_against_oracle(weight, toff, ids, offs, mode, None, -1, *tol_)
         # one-id slices are copies of their rows, bit for bit
         t, b = 2, 1234
         i = int(ids[int(offs[t * 2100 + b])])
@@ -557,8 +574,12 @@ def test_cuda_matches_cpu(dtype, mode, d):
         out = torch.ops.dtn.embedding_bag(w, toff.to(dev), ids.to(dev), offs.to(dev), mode, p, -1)
         gs = torch.autograd.grad(out, [w] + ([p] if use_psw else []), go.to(dev))
         res[dev] = [out] + list(gs)
+    # each device rounds its own fp32 accumulation once: they may differ by one ulp of the low-precision
+    # dtype (2u relative, 2^-7 for bf16); rtol 4u allows that twice (output and gradient rounding)
+    atol, rtol = (5 * tol(dtype),) * 2 if dtype in (torch.float32, torch.float64) else \
+        (LOW_PRECISION_TOL[dtype][0], 2 * LOW_PRECISION_TOL[dtype][1])
     for a, b in zip(res["cuda"], res["cpu"]):
-        torch.testing.assert_close(a.cpu().float(), b.float(), atol=5 * tol(dtype), rtol=5 * tol(dtype))
+        check_close(a.cpu(), b, atol, rtol, f"cuda vs cpu ({dtype}, {mode})")
 
 
 @requires_cuda
@@ -811,132 +832,10 @@ def test_twin_traceable_path_matches_oracle(mode):
     torch.testing.assert_close(out, oracle(weight, toff, ids, offs, mode, p))
 
 
-# ----------------------------------------------------------------------------- CUDA backward, emulated
+# ----------------------------------------------------------------------------- sorted row keys
 #
-# A line-by-line Python transcription of the CUDA backward's chunked segmented reduction
-# (csrc/cuda/embedding_bag_cuda.cu: eb_bwd_level0_kernel, eb_bwd_level_kernel,
-# eb_bwd_final_kernel, plan_reduction), so that the algorithm is tested here, where no GPU
-# runs: every lane group becomes one iteration of a loop over chunks, buffers that the kernels
-# leave unwritten start as NaN (a read of one poisons the result), and every write of an
-# output row is counted. `chunk` is the kernel's kChunk (32); small values give many levels.
-
-
-class _Partial:
-    """A value with the length of the longest chain of dependent additions that produced it."""
-
-    def __init__(self, value, depth=0):
-        self.value, self.depth = value, depth
-
-    def add(self, other: "_Partial") -> None:
-        self.value = self.value + other.value
-        self.depth = max(self.depth, other.depth) + 1
-
-
-def emulate_cuda_backward_reduction(sorted_keys, values, R, chunk=32, dest_of=None, num_out=None, zero=0.0):
-    """Gradient rows from the sorted row keys and each sorted position's contribution.
-
-    sorted_keys: N ints, non-decreasing, R = sentinel (padding); values: N tensors (or floats),
-    ``zero`` of their kind.
-    Dense (dest_of None): returns [R] rows, a row no key touches is zero (the zero fill).
-    Sparse: dest_of[j] is position j's output row (its unique-run index), num_out rows.
-    Returns (rows, writes per row, deepest chain of dependent additions).
-    """
-    keys = [int(k) for k in sorted_keys]
-    N, L = len(keys), chunk
-    nan = zero + float("nan")
-    dense = dest_of is None
-    out = [_Partial(zero) if dense else _Partial(nan) for _ in range(R if dense else num_out)]
-    writes = [0] * len(out)
-    # plan_reduction: level sizes from N alone
-    n = [N]
-    while n[-1] >= L:
-        n.append(n[-1] // L)
-    levels = len(n)
-    chunks0 = (N + L - 1) // L
-    head = [_Partial(nan) for _ in range(chunks0)]
-    tails = [[_Partial(nan) for _ in range(n[l + 1])] for l in range(levels - 1)]
-    ends = [None] + [[_Partial(nan) for _ in range(n[l])] for l in range(1, levels)]
-
-    def store(buf, i, acc, counter=None):
-        buf[i] = _Partial(acc.value, acc.depth)
-        if counter is not None:
-            counter[i] += 1
-
-    # eb_bwd_level0_kernel: one lane group per chunk c
-    for c in range(chunks0):
-        j0 = c * L
-        j1 = min(j0 + L, N)
-        first_started_before = j0 > 0 and keys[j0 - 1] == keys[j0]
-        acc = _Partial(zero)
-        started_before = first_started_before
-        for j in range(j0, j1):
-            key = keys[j]
-            if key < R:
-                acc.add(_Partial(values[j]))
-            last_in_chunk = j + 1 == j1
-            if not last_in_chunk and keys[j + 1] == key:
-                continue
-            full_chunk_end = (j + 1) % L == 0
-            ends_after = full_chunk_end and j + 1 < N and keys[j + 1] == key
-            if full_chunk_end:
-                store(tails[0], c, acc)
-            if key < R and not ends_after:
-                if not started_before:
-                    store(out, key if dense else dest_of[j], acc, writes)
-                elif not full_chunk_end:
-                    store(head, c, acc)
-            acc = _Partial(zero)
-            started_before = False
-    # eb_bwd_level_kernel, level l >= 1
-    stride = 1
-    for lvl in range(1, levels):
-        stride *= L
-        nl = n[lvl]
-        for c in range((nl + L - 1) // L):
-            j0 = c * L
-            j1 = min(j0 + L, nl)
-            acc = _Partial(zero)
-            for j in range(j0, j1):
-                key = keys[(j + 1) * stride - 1]
-                if key < R:
-                    acc.add(tails[lvl - 1][j])
-                last_in_chunk = j + 1 == j1
-                if not last_in_chunk and keys[(j + 2) * stride - 1] == key:
-                    continue
-                if (j + 1) % L == 0:
-                    store(tails[lvl], c, acc)
-                elif key < R:
-                    store(ends[lvl], j, acc)
-                acc = _Partial(zero)
-    # eb_bwd_final_kernel: one group per level-0 chunk k >= 1
-    for k in range(1, chunks0):
-        j0 = k * L
-        j1 = min(j0 + L, N)
-        key = keys[j0]
-        if key >= R or keys[j0 - 1] != key:
-            continue
-        if j1 < N and keys[j1] == key:
-            continue
-        lo, hi = j0, j1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if keys[mid] == key:
-                lo = mid + 1
-            else:
-                hi = mid
-        e = lo
-        acc = _Partial(zero)
-        if e % L != 0:
-            acc.add(head[k])
-        stride, el = 1, e
-        for lvl in range(1, levels):
-            stride *= L
-            el //= L
-            if el >= 1 and el % L != 0 and keys[el * stride - 1] == key:
-                acc.add(ends[lvl][el - 1])
-        store(out, key if dense else dest_of[j0], acc, writes)
-    depth = max((p.depth for p in out), default=0)
-    return [p.value for p in out], writes, depth
+# Inputs of the CUDA backward's chunked segmented reduction (csrc/cuda/embedding_bag_cuda.cu), which
+# "CUDA backward, run on the CPU" below compiles from the .cu source itself and runs on the host.
 
 
 def _sorted_case(kind, N, R, seed, sentinel_rate=0.0):
@@ -956,57 +855,6 @@ def _sorted_case(kind, N, R, seed, sentinel_rate=0.0):
     keys = keys.sort(stable=True).values
     vals = torch.randn(N, 3, generator=g, dtype=torch.float64)
     return keys, vals
-
-
-@pytest.mark.parametrize("kind", ["uniform", "zipf", "equal", "runs"])
-@pytest.mark.parametrize("N", [0, 1, 3, 4, 5, 16, 17, 63, 64, 65, 257, 1000])
-@pytest.mark.parametrize("chunk", [2, 4, 32])
-def test_emulated_cuda_backward_matches_index_add(kind, N, chunk):
-    R = 7 if kind != "uniform" else 40
-    keys, vals = _sorted_case(kind, N, R, seed=N * 7 + chunk, sentinel_rate=0.1)
-    rows, writes, _ = emulate_cuda_backward_reduction(keys.tolist(), list(vals), R, chunk, zero=torch.zeros(3).double())
-    got = torch.stack(rows)
-    valid = keys < R
-    ref = torch.zeros(R, 3, dtype=torch.float64).index_add_(0, keys[valid], vals[valid])
-    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
-    touched = torch.zeros(R, dtype=torch.bool)
-    touched[keys[valid]] = True
-    # every touched row written exactly once by a kernel, the others only by the zero fill
-    assert writes == touched.long().tolist()
-
-
-@pytest.mark.parametrize("kind", ["uniform", "zipf", "equal", "runs"])
-@pytest.mark.parametrize("N", [0, 5, 64, 300])
-def test_emulated_cuda_backward_sparse(kind, N):
-    R = 9
-    keys, vals = _sorted_case(kind, N, R, seed=N + 1, sentinel_rate=0.2)
-    uniq, inverse = torch.unique_consecutive(keys, return_inverse=True)
-    keep = int(uniq.numel()) - int(bool(uniq.numel()) and int(uniq[-1]) == R)  # the sentinel's run is dropped
-    rows, writes, _ = emulate_cuda_backward_reduction(keys.tolist(), list(vals), R, chunk=4,
-                                                      dest_of=inverse.tolist(), num_out=uniq.numel(),
-                                                      zero=torch.zeros(3).double())
-    valid = keys < R
-    ref = torch.zeros(R, 3, dtype=torch.float64).index_add_(0, keys[valid], vals[valid])
-    for u in range(keep):
-        torch.testing.assert_close(rows[u], ref[int(uniq[u])], rtol=1e-12, atol=1e-12)
-    assert writes[:keep] == [1] * keep and all(w == 0 for w in writes[keep:])
-
-
-def test_emulated_cuda_backward_many_levels_and_hot_row_depth():
-    # all ids on one row: the chain of dependent additions is about chunk * levels, not N
-    for N, chunk in [(5000, 2), (5000, 3), (20_000, 32), (135_168, 32)]:
-        keys = [3] * N
-        rows, writes, depth = emulate_cuda_backward_reduction(keys, [1.0] * N, R=5, chunk=chunk)
-        levels = 1
-        while N // chunk ** levels >= 1:
-            levels += 1
-        assert rows[3] == float(N) and rows[:3] == [0.0] * 3 and writes == [0, 0, 0, 1, 0]
-        assert depth <= chunk * levels + levels, (N, chunk, depth)
-        assert depth < N / 100
-    # a Zipf-skewed Census-like batch (4 rows, B = 4096 ids each of 33 tables) at the kernel's chunk
-    keys, _ = _sorted_case("zipf", 33 * 4096, 4, seed=3)
-    _, _, depth = emulate_cuda_backward_reduction(keys.tolist(), [1.0] * keys.numel(), R=4, chunk=32)
-    assert depth <= 32 * 4 + 4
 
 
 # ----------------------------------------------------------------------------- where a bad id surfaces
@@ -1070,18 +918,20 @@ def test_input_layer_checks_values_only_of_host_tensors():
     layer._check_tables(meta, force=False)  # dtypes only
     with pytest.raises(TypeError, match="int32/int64"):
         layer._check_tables(FeatureBatch(meta.categorical.float(), meta.numeric, meta.multi), force=False)
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="meta tensors"):
         layer._check_tables(meta, force=True)  # would read the values
 
 
 def _tiny_trainer(synth_data, **train):
+    import dataclasses
+
+    from conftest import small_model_config
     from dtn.config import TrainConfig, load_config
     from dtn.models import build_model
     from dtn.train import Trainer
-    import dataclasses
 
     cfg = load_config("cpu")
-    model_cfg = dataclasses.replace(cfg.model, embed_dim=4, fim_dim=8, tower_hidden=[8], bottom_hidden=[8])
+    model_cfg = small_model_config(fim_dim=8, tower_hidden=[8], bottom_hidden=[8])
     config = dataclasses.replace(cfg, model=model_cfg, train=TrainConfig(
         lr=1e-3, batch_size=64, eval_batch_size=256, epochs=1, progress=False, seed=1, **train))
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dtn_kernels
-from dtn.config import load_config
+from conftest import small_model_config
 from dtn.features import FeatureBatch, FeatureSpec, Schema
 from dtn.models import build_model
 
@@ -22,13 +22,9 @@ def _schema():
 
 
 def _cfg(**kw):
-    cfg = load_config("cpu").model
-    cfg.embed_dim, cfg.fim_dim, cfg.tower_hidden, cfg.expert_hidden = 4, 12, [6], [10]
-    cfg.masknet = {**cfg.masknet, "mask_hidden": 10, "block_dim": 9}
-    cfg.memonet = {**cfg.memonet, "fields": None, "num_buckets": 37, "codebook_dim": 4, "num_hcnets": 2}
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
+    return small_model_config(**{"fim_dim": 12, "tower_hidden": [6], "expert_hidden": [10],
+                                 "masknet": {"mask_hidden": 10, "block_dim": 9},
+                                 "memonet": {"num_buckets": 37, "num_hcnets": 2}, **kw})
 
 
 def _batch(B=9, seed=1):

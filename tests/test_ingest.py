@@ -235,6 +235,21 @@ def test_weight_column(tmp_path):
     ts = _tiny(tmp_path, _csv(tmp_path, lines), features=feats)
     with pytest.raises(DataError, match=r"column 'w', line 3: 2 weights '3\|4' for 1 ids 't2' of feature 'tags'"):
         load_table(ts, progress=False)
+    lines[2] = "b,2,t2,1e39,0,1"
+    ts = _tiny(tmp_path, _csv(tmp_path, lines), features=feats)
+    with pytest.raises(DataError, match=r"column 'w', line 3: weight '1e39' of feature 'tags' is not a finite number "
+                                        r"within the float32 range"):
+        load_table(ts, progress=False)
+
+
+def test_split_weight_column_names_the_row():
+    """The one weight-column check of training (encoders) and serving (the exported predictor)."""
+    cells = np.array(["0.5|2", "", "3"], dtype=object)
+    w, problem = codec.split_weight_column(cells, "|", np.array([2, 0, 1]))
+    assert problem is None and w.tolist() == [0.5, 2.0, 3.0]
+    assert codec.split_weight_column(cells, "|", np.array([2, 1, 1]))[1] == ("count", 1, 0)
+    bad = np.array(["1|2", "x"], dtype=object)
+    assert codec.split_weight_column(bad, "|", np.array([2, 1]))[1] == ("value", 1, "x")
 
 
 def test_cli_reports_data_errors(tmp_path, capsys):

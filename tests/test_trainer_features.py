@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from conftest import small_model_config
 from dtn.cli import main
 from dtn.config import Config, ConfigError, DataConfig, Text, TrainConfig, config_from_dict, load_config
 from dtn.data import make_synthetic
@@ -32,10 +33,7 @@ def _restore_determinism():
 
 
 def _config(**train) -> Config:
-    cfg = load_config("cpu")
-    model = dataclasses.replace(cfg.model, embed_dim=4, fim_dim=16, tower_hidden=[16], expert_hidden=[32],
-                                bottom_hidden=[32], masknet={**cfg.model.masknet, "mask_hidden": 16, "block_dim": 16},
-                                memonet={**cfg.model.memonet, "fields": None, "num_buckets": 997, "codebook_dim": 4})
+    model = small_model_config()
     t = TrainConfig(lr=5e-3, batch_size=256, eval_batch_size=4096, epochs=3, patience=10, progress=False, seed=11,
                     num_threads=1)
     return Config(model=model, train=dataclasses.replace(t, **train), data=DataConfig(dataset="synthetic"))

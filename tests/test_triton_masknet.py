@@ -56,7 +56,11 @@ def test_wide_blocks(do):
        do=st.integers(2, 20), seed=st.integers(0, 99))
 @example(B=8, din=7, dv=5, hm=15, do=2, seed=0)  # LayerNorm over 2 columns: the fp32 twin errs 1.2e-4 there
 def test_matches_twin_hypothesis(B, din, dv, hm, do, seed):
-    compare_fwd_bwd(op, pt_mask_block, make_args(B, din, dv, hm, do, seed=seed), DIFF, seed=seed, names=NAMES)
+    # A LayerNorm over do = 2 columns normalises each row to about (-1, +1); the backward divides by the
+    # two values' standard deviation, which is small for some rows, so the fp32 rounding of the forward
+    # is amplified there (grad v off by 1.5e-5 at |e| = 0.04 in the example above): atol 5e-5 for do = 2.
+    tol = {"atol": 5e-5} if do == 2 else {}
+    compare_fwd_bwd(op, pt_mask_block, make_args(B, din, dv, hm, do, seed=seed), DIFF, seed=seed, names=NAMES, **tol)
 
 
 @interpreter

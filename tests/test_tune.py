@@ -12,6 +12,7 @@ import yaml
 
 pytest.importorskip("optuna")
 
+from conftest import small_model_config  # noqa: E402
 from dtn.analysis import significance as S  # noqa: E402
 from dtn.cli import main  # noqa: E402
 from dtn.config import Config, ConfigError, DataConfig, TrainConfig, load_config  # noqa: E402
@@ -31,10 +32,8 @@ common:
 
 
 def _base(lr=1e-4, **train):
-    cfg = load_config("cpu")
-    model = dataclasses.replace(cfg.model, embed_dim=4, fim_dim=8, tower_hidden=[8], expert_hidden=[16],
-                                bottom_hidden=[16], masknet={**cfg.model.masknet, "mask_hidden": 8, "block_dim": 8},
-                                memonet={**cfg.model.memonet, "fields": None, "num_buckets": 97, "codebook_dim": 4})
+    model = small_model_config(fim_dim=8, tower_hidden=[8], expert_hidden=[16], bottom_hidden=[16],
+                               masknet={"mask_hidden": 8, "block_dim": 8}, memonet={"num_buckets": 97})
     t = TrainConfig(lr=lr, batch_size=256, eval_batch_size=4096, epochs=3, patience=3, progress=False, seed=5,
                     num_threads=1)
     return Config(model=model, train=dataclasses.replace(t, **train),

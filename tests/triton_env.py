@@ -2,15 +2,15 @@
 
 Sets TRITON_INTERPRET=1 (unless the caller set it, e.g. TRITON_INTERPRET=0 on a GPU machine)
 and DTN_TRITON_ON_CPU=1 so that the ops run their Triton kernels on CPU tensors through the
-interpreter. Independent of tests/conftest.py.
+interpreter. Independent of tests/conftest.py. Without Triton the interpreter and GPU tests skip
+(there is no kernel to test; the twin against itself would prove nothing).
 
-How results are judged (``check_tensor``): against a reference computed in higher precision
-(fp64 for fp32 kernels, fp32 for bf16 / fp16 kernels), element-wise
-``|a - e| <= atol * scale + rtol * |e|`` with ``scale = max(1, max|e|)`` and (atol, rtol) from
-:data:`TOLERANCES` by dtype; the NaN / +inf / -inf pattern must match exactly. A tensor that
-misses the element-wise bound still passes when its largest error is within twice eager
-PyTorch's own error in the same dtype (flash-attention's rule): an op is never held to more
-than PyTorch itself achieves there. (The reference used to be the fp32 twin: a MaskNet case
+How results are judged: :mod:`numerics` (tests/numerics.py) -- element-wise
+``|a - e| <= atol + rtol * |e|`` with (atol, rtol) by the kernel's dtype, the NaN / inf pattern
+exact. :func:`compare_fwd_bwd` runs the op in the test's dtype and the twin in higher precision
+(fp64 for fp32 kernels, fp32 for bf16 / fp16) on the same inputs (rounded to the test's dtype
+first, so input rounding is no part of the error) with the same upstream gradient, and asserts
+that the op launched Triton kernels. (The reference used to be the fp32 twin: a MaskNet case
 with a LayerNorm over 2 columns then failed because the *twin* was 20x less accurate than the
 kernel against fp64 -- the kernel was right, the oracle was not.)
 """
@@ -26,113 +26,112 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+import contextlib  # noqa: E402
+import importlib.util  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from numerics import TOLERANCES, check_close, tolerance  # noqa: E402,F401
+from numerics import assert_close  # noqa: E402,F401  (the tests import it from here)
+
 HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-# interpreter tests: marked, and skipped when the interpreter is off (GPU runs)
+# interpreter tests: marked, and skipped when the interpreter is off (GPU runs) or Triton is missing
 interpreter = pytest.mark.interpreter
-needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")
+needs_interpreter = pytest.mark.skipif(not INTERPRET or not HAS_TRITON,
+                                       reason="needs TRITON_INTERPRET=1 and triton installed")
 requires_cuda = pytest.mark.requires_cuda
-needs_cuda = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA device and TRITON_INTERPRET=0")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA or INTERPRET or not HAS_TRITON,
+                                reason="needs a CUDA device, triton and TRITON_INTERPRET=0")
 
-# (atol, rtol) per kernel dtype, against the higher-precision reference
-TOLERANCES = {
-    torch.float32: (1e-5, 1e-4),
-    torch.bfloat16: (1e-2, 2e-2),
-    torch.float16: (2e-3, 4e-3),
-}
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)  # the GPU tests' dtypes
 # fp32 under a TF32 matmul policy ("high"): TF32 keeps 10 mantissa bits, as fp16 does
-TF32_TOLERANCES = TOLERANCES[torch.float16]
+TF32_TOLERANCES = tolerance(torch.float16)
 
 
 def reference_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float32 else torch.float32
 
 
-def _pattern(t: torch.Tensor):
-    return torch.isnan(t), torch.isposinf(t), torch.isneginf(t)
+@contextlib.contextmanager
+def triton_launches():
+    """Counts the Triton launches inside the block: every launcher of dtn_kernels.triton calls
+    ``_launch.launch`` (imported by name into each kernel module, so each module's binding is
+    wrapped). Yields a list that gets one kernel name per launch."""
+    import importlib
+    import pkgutil
+    import sys
+
+    import dtn_kernels.triton as package
+    from dtn_kernels.triton import _launch
+
+    for mod in pkgutil.iter_modules(package.__path__):  # the launchers are imported lazily by the ops
+        importlib.import_module(f"{package.__name__}.{mod.name}")
+    real = _launch.launch
+    seen: list[str] = []
+
+    def counting(kernel, grid, *args, **meta):
+        seen.append(getattr(kernel, "__name__", str(kernel)))
+        return real(kernel, grid, *args, **meta)
+
+    patched = [m for name, m in list(sys.modules.items())
+               if name.startswith("dtn_kernels.triton") and getattr(m, "launch", None) is real]
+    for m in patched:
+        m.launch = counting
+    try:
+        yield seen
+    finally:
+        for m in patched:
+            m.launch = real
 
 
-def check_tensor(name: str, actual, expected, atol: float, rtol: float, baseline=None) -> None:
-    """``actual`` against the higher-precision ``expected`` (see the module docstring); ``baseline``
-    is eager PyTorch's result in ``actual``'s dtype, for the 2x rule."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    for kind, pa, pe in zip(("NaN", "+inf", "-inf"), _pattern(a), _pattern(e)):
-        if not torch.equal(pa, pe):
-            where = (pa != pe).nonzero()[0].tolist()
-            raise AssertionError(f"{name}: {kind} pattern differs (first at index {where}: actual {a[tuple(where)]}, "
-                                 f"expected {e[tuple(where)]})")
-    fin = torch.isfinite(e)
-    if not fin.any():
-        return
-    err = torch.where(fin, (a - e).abs(), torch.zeros_like(a))
-    scale = max(1.0, float(e[fin].abs().max()))
-    bound = atol * scale + rtol * e.abs()
-    bad = fin & (err > bound)
-    if not bad.any():
-        return
-    worst = float(err.max())
-    base = None
-    if baseline is not None:
-        b = baseline.detach().double().cpu()
-        base = float(torch.where(fin, (b - e).abs(), torch.zeros_like(b)).max())
-        if worst <= 2 * base:
-            return
-    idx = tuple((err == err.max()).nonzero()[0].tolist())
-    raise AssertionError(
-        f"{name}: {int(bad.sum())} of {a.numel()} elements outside |a-e| <= {atol:g}*{scale:.3g} + {rtol:g}*|e|; "
-        f"worst at index {list(idx)}: actual {float(a[idx]):.6g}, expected {float(e[idx]):.6g} (error {worst:.3e})"
-        + (f"; eager PyTorch's own error in this dtype {base:.3e}" if base is not None else ""))
-
-
-def assert_close(actual, expected, name="", rtol=None, atol=None):
-    """Element-wise closeness with the tolerances of ``actual``'s dtype (or the given ones)."""
-    d_atol, d_rtol = TOLERANCES.get(actual.dtype, TOLERANCES[torch.float32])
-    check_tensor(name, actual, expected, d_atol if atol is None else atol, d_rtol if rtol is None else rtol)
-
-
-def _run(fn, args, diff_idx, dtype, n_outputs, n_grad, seed, keep=()):
+def _run(fn, args, diff_idx, dtype, n_outputs, n_grad, seed, compute_dtype=None, keep=()):
     """Outputs (first ``n_outputs``) and the gradients of ``diff_idx`` under one fixed random upstream
-    gradient per differentiable output, with the floating args cast to ``dtype`` (those in ``keep``
-    only when ``dtype`` is the higher-precision reference's)."""
+    gradient per differentiable output. Floating args are rounded to ``dtype`` and run in
+    ``compute_dtype`` (default ``dtype``), so a higher-precision reference sees the very inputs the
+    op saw; the upstream gradients are rounded the same way."""
+    compute_dtype = compute_dtype or dtype
     def cast(i, a):
-        if not a.is_floating_point() or (i in keep and dtype.itemsize <= a.dtype.itemsize):
+        if not a.is_floating_point():
             return a.detach()
-        return a.detach().to(dtype)
+        if i in keep and a.dtype.itemsize >= compute_dtype.itemsize:  # e.g. an fp32 codebook beside bf16 weights
+            return a.detach()
+        return a.detach().to(dtype).to(compute_dtype)
 
     xs = [cast(i, a).clone().requires_grad_(i in diff_idx) if torch.is_tensor(a) else a for i, a in enumerate(args)]
     outs = fn(*xs)
     outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
     outs = outs[:n_outputs]
     g = torch.Generator().manual_seed(seed)
-    ups = [torch.randn(o.shape, generator=g, dtype=torch.float32).to(device=o.device, dtype=o.dtype)
+    ups = [torch.randn(o.shape, generator=g, dtype=torch.float32).to(dtype).to(device=o.device, dtype=o.dtype)
            for o in outs[:n_grad]]
     grads = torch.autograd.grad(outs[:n_grad], [xs[i] for i in diff_idx], ups, allow_unused=True)
     return [o.detach() for o in outs], list(grads)
 
 
 def compare_fwd_bwd(op, twin, args, diff_idx, n_outputs=1, seed=0, names=None, n_grad=None, dtype=None,
-                    tolerances=None, keep=()):
+                    atol=None, rtol=None, tolerances=None, keep=()):
     """Run ``op`` in ``dtype`` (default: the args' floating dtype) and compare its outputs and the
-    gradients of every arg in ``diff_idx`` with the ``twin`` run in higher precision, eager PyTorch
-    (the twin in ``dtype``) as the baseline of the 2x rule; one shared upstream gradient.
-    ``tolerances``: (atol, rtol) instead of the dtype's; ``keep``: indices of args that stay in their
-    own (higher) dtype in the op's and the baseline's runs (e.g. an fp32 codebook next to bf16 weights)."""
+    gradients of every arg in ``diff_idx`` with the ``twin`` run in higher precision on the same
+    (rounded) inputs and upstream gradients, element-wise with :mod:`numerics`' tolerances of
+    ``dtype`` (or ``atol`` / ``rtol``, or ``tolerances`` = (atol, rtol): a case that passes them says
+    why). ``keep``: indices of args that stay in their own (higher) dtype in the op's run (e.g. an fp32
+    codebook next to bf16 weights). Fails unless ``op`` launched at least one Triton kernel."""
     dtype = dtype or next(a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point())
     n_grad = n_outputs if n_grad is None else n_grad
-    atol, rtol = tolerances or TOLERANCES[dtype]
-    ko, kg = _run(op, args, diff_idx, dtype, n_outputs, n_grad, seed, keep)
-    bo, bg = _run(twin, args, diff_idx, dtype, n_outputs, n_grad, seed, keep)
-    eo, eg = _run(twin, args, diff_idx, reference_dtype(dtype), n_outputs, n_grad, seed, keep)
-    for k, (a, b, e) in enumerate(zip(ko, bo, eo)):
-        check_tensor(f"output {k} ({dtype})", a, e, atol, rtol, baseline=b)
-    for i, a, b, e in zip(diff_idx, kg, bg, eg):
+    d_atol, d_rtol = tolerance(dtype) if tolerances is None else tolerances
+    atol, rtol = d_atol if atol is None else atol, d_rtol if rtol is None else rtol
+    with triton_launches() as launched:
+        ko, kg = _run(op, args, diff_idx, dtype, n_outputs, n_grad, seed, keep=keep)
+    assert launched, "the op launched no Triton kernel (it ran its PyTorch fallback): nothing was tested"
+    eo, eg = _run(twin, args, diff_idx, dtype, n_outputs, n_grad, seed, compute_dtype=reference_dtype(dtype), keep=keep)
+    for k, (a, e) in enumerate(zip(ko, eo)):
+        check_close(a, e, atol, rtol, f"output {k} ({dtype})")
+    for i, a, e in zip(diff_idx, kg, eg):
         label = names[i] if names else f"arg {i}"
         assert a is not None and e is not None, f"grad of {label} missing"
-        want = args[i].dtype if (i in keep and args[i].dtype.itemsize > dtype.itemsize) else dtype
+        want = args[i].dtype if i in keep and args[i].dtype.itemsize >= dtype.itemsize else dtype
         assert a.dtype == want, f"grad {label} is {a.dtype}, expected {want} (computed in the test's dtype)"
-        check_tensor(f"grad {label} ({dtype})", a, e, atol, rtol, baseline=b)
+        check_close(a, e, atol, rtol, f"grad {label} ({dtype})")

@@ -28,8 +28,8 @@
 //        in chunk k (at e): sums head[k] (if e % L != 0) and, level by level, ends_l[e_l - 1]
 //        (e_l = e / L^l) when e_l % L != 0 and that element still holds this row.
 //      Every gradient row is written once: rows that no id touches by the zero fill (dense),
-//      the others by level 0 or by the final pass. tests/test_embedding_bag.py holds a
-//      line-by-line Python emulation of this reduction, checked against index_add_.
+//      the others by level 0 or by the final pass. tests/test_embedding_bag.py compiles the
+//      host-testable regions below with the host compiler and checks them against index_add_.
 //   4. per-sample-weight gradient: one group per bag, a dot product per id reduced with
 //      warp shuffles.
 // Bad input never causes an out-of-bounds access: kernels skip it and raise the flag.

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import ensure_dir, inference_latency_ms, markdown_table, plt, predict_probs
-from ..train.checkpoint import atomic_write_text
+from ..fileio import atomic_write_text
 
 
 def require_dtn(model, command: str = "this analysis"):
@@ -248,7 +248,7 @@ def trim_markdown(r: dict) -> str:
 
 
 def write_trim(r: dict, model, encoder, config, out_dir: str) -> dict:
-    from ..train.checkpoint import atomic_save
+    from ..fileio import atomic_save
     from ..train.trainer import checkpoint_payload
 
     ensure_dir(out_dir)

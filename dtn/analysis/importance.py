@@ -17,7 +17,7 @@ import torch
 
 from . import ensure_dir, get_split, markdown_table, plt, predict_probs, subsample
 from ..data.encoders import EncodedData, _take_jagged
-from ..train.checkpoint import atomic_write_text
+from ..fileio import atomic_write_text
 from ..train.metrics import auc
 
 try:

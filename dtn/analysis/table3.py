@@ -18,7 +18,7 @@ import numpy as np
 
 from ..compare import compare, summarize, to_markdown
 from ..train import write_metrics
-from ..train.checkpoint import atomic_write_text
+from ..fileio import atomic_write_text
 
 TABLE3_MODELS = ["shared_bottom", "mmoe", "ple", "sfm", "tfi", "dtn"]
 
@@ -67,7 +67,8 @@ def test_predictions(data, run_dir: str, result: dict, log=print) -> np.ndarray:
     """[N, T] test probabilities of the run in ``run_dir`` (its best.pt), cached in test_predictions.npz under
     the run's fingerprint; checked to reproduce the test AUCs of its metrics.json."""
     from ..train import Trainer, model_from_checkpoint
-    from ..train.checkpoint import atomic_write_bytes, digest
+    from ..fileio import atomic_write_bytes
+    from ..train.checkpoint import digest
     from ..train.metrics import auc
     from ..train.trainer import runnable_config
 

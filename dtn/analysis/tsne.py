@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import ensure_dir, plt, subsample
-from ..train.checkpoint import atomic_write_text
+from ..fileio import atomic_write_text
 from .gates import require_dtn
 
 

@@ -8,6 +8,7 @@ imports numpy only; ``dtn export`` copies this file verbatim into the artifact a
 
 * :func:`canonical_strings` — the string a categorical / multi-valued cell is looked up by;
 * :func:`split_multi`       — "a|b|c" or "a:0.5|b:2" cells into ids (and weights);
+* :func:`split_weight_column` — a parallel weight column ("0.5|2") checked against its ids;
 * :func:`parse_floats`      — numbers from raw cells, with the position of the first bad one;
 * :func:`pre_transform`, :func:`scale` — the numeric transform, then standardisation;
 * :func:`bucketize`         — a numeric value into its train-quantile bucket id;
@@ -24,7 +25,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["canonical_cell", "canonical_strings", "split_multi", "parse_weights", "parse_floats", "pre_transform",
+__all__ = ["canonical_cell", "canonical_strings", "split_multi", "parse_weights", "split_weight_column", "parse_floats", "pre_transform",
            "scale", "bucketize", "lookup", "FLOAT32_MAX", "first_outside_float32", "fmix32", "murmur3_32",
            "murmur3_32_strings", "hash_buckets"]
 
@@ -139,6 +140,25 @@ def split_multi(cells, delimiter: str, weight_separator: Optional[str] = None):
         row = int(np.searchsorted(np.cumsum(lengths), bad, side="right"))
         return ids, lengths, weights, (row, ids[bad] + weight_separator + wtok[bad])
     return ids, lengths, weights, None
+
+
+def split_weight_column(cells, delimiter: str, lengths: np.ndarray):
+    """The weights of a parallel weight column (canonical strings, one cell per row, tokens split like
+    :func:`split_multi`) for bags of ``lengths`` ids -> (weights, problem).
+
+    ``weights``: float64 [sum(lengths)]; ``problem`` is None, ``("count", row, n)`` for the first row
+    whose cell holds ``n`` weights for another number of ids, or ``("value", row, token)`` for the
+    first weight that is not a finite number within the float32 range.
+    """
+    wtoks, wlens, _, _ = split_multi(cells, delimiter)
+    diff = np.flatnonzero(wlens != lengths)
+    if diff.size:
+        row = int(diff[0])
+        return None, ("count", row, int(wlens[row]))
+    weights, k = parse_weights(wtoks)
+    if k >= 0:
+        return weights, ("value", int(np.searchsorted(np.cumsum(wlens), k, side="right")), wtoks[k])
+    return weights, None
 
 
 def parse_floats(values) -> tuple[np.ndarray, int]:

@@ -380,17 +380,15 @@ class TabularEncoder:
                             f"a weight that is not a finite number within the float32 range (tokens are id{f.weight_separator}weight)")
         if f.weight_column:
             wcol = df[f.weight_column]
-            wtoks, wlens, _, _ = codec.split_multi(self._strings(wcol), f.delimiter)
-            diff = np.flatnonzero(wlens != lengths)
-            if diff.size:
-                row = int(diff[0])
-                raise DataError(f"{_where(source, f.weight_column, wcol.index, row)}: {int(wlens[row])} weights "
-                                f"{wcol.iloc[row]!r} for {int(lengths[row])} ids {col.iloc[row]!r} of feature {f.name!r}")
-            weights, k = codec.parse_weights(wtoks)
-            if k >= 0:
-                row = int(np.searchsorted(np.cumsum(wlens), k, side="right"))
-                raise DataError(f"{_where(source, f.weight_column, wcol.index, row)}: weight {wtoks[k]!r} of feature "
-                                f"{f.name!r} is not a finite number within the float32 range")
+            weights, problem = codec.split_weight_column(self._strings(wcol), f.delimiter, lengths)
+            if problem is not None:
+                kind, row, what = problem
+                where = _where(source, f.weight_column, wcol.index, row)
+                if kind == "count":
+                    raise DataError(f"{where}: {what} weights {wcol.iloc[row]!r} for {int(lengths[row])} ids "
+                                    f"{col.iloc[row]!r} of feature {f.name!r}")
+                raise DataError(f"{where}: weight {what!r} of feature {f.name!r} is not a finite number within the "
+                                "float32 range")
         return ids, lengths, weights
 
     def validate(self, df: pd.DataFrame, source: str | None = None, with_labels: bool = True) -> None:

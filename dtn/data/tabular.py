@@ -301,13 +301,9 @@ def _check_spec_types(opts: dict, key: str) -> None:
 
 def find_table_schema(name_or_path: str) -> str:
     """A data schema file: a path, or the name of a packaged one (aliexpress, ali_ccp)."""
-    if os.path.exists(name_or_path):
-        return name_or_path
-    packaged = os.path.join(SCHEMA_DIR, f"{name_or_path}.yaml")
-    if os.path.exists(packaged):
-        return packaged
-    known = sorted(p[:-5] for p in os.listdir(SCHEMA_DIR) if p.endswith(".yaml")) if os.path.isdir(SCHEMA_DIR) else []
-    raise FileNotFoundError(f"no data schema file {name_or_path!r} and no packaged schema of that name; packaged: {known}")
+    from ..fileio import find_named_file
+
+    return find_named_file(name_or_path, SCHEMA_DIR, "data schema", "schema")
 
 
 def load_table_schema(name_or_path: str, train=None, valid=None, test=None, chunk_rows: int | None = None) -> TableSchema:

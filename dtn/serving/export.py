@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..features import FeatureBatch, JaggedField, Schema
-from ..train.checkpoint import FileWriteError, open_temp
+from ..fileio import atomic_write_all
 from . import predict as _predict_module
 from ..data import codec as _codec_module
 
@@ -121,28 +121,8 @@ def export_program(model: nn.Module):
     return ep, flat
 
 
-def write_all(files: dict[str, bytes]) -> None:
-    """Write several files as one step: each to a temp file beside it first; only when every one is
-    written are they renamed into place. A failure (e.g. a full disk) removes the temp files and leaves
-    the files already there (an earlier export) as they were."""
-    staged: list[tuple[str, str]] = []
-    try:
-        for path, data in files.items():
-            fd, tmp = open_temp(path)
-            staged.append((tmp, path))
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-    except OSError as exc:
-        for tmp, _ in staged:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        failed = staged[-1][1] if staged else next(iter(files))
-        raise FileWriteError(f"{failed}: cannot write ({exc.strerror or exc}); the files already in "
-                             f"{os.path.dirname(failed)} are unchanged", exc.errno) from None
-    for tmp, path in staged:
-        os.replace(tmp, path)
+# several files written as one step (dtn.fileio); the old name, for callers that use it
+write_all = atomic_write_all
 
 
 @torch.no_grad()
@@ -192,7 +172,7 @@ def export_model(model: nn.Module, encoder, out_dir: str, model_name: str | None
         predictor = fh.read()
     with open(_codec_module.__file__, "rb") as fh:
         codec_src = fh.read()
-    write_all({paths["model"]: program,
+    atomic_write_all({paths["model"]: program,
                paths["encoders"]: json.dumps(encoder.state_dict(), indent=1).encode(),
                paths["predictor"]: predictor, paths["codec"]: codec_src,
                paths["meta"]: json.dumps(meta, indent=2, default=float).encode()})

@@ -203,17 +203,13 @@ class Predictor:
                                  "that is not a finite number")
             if f.get("weight_column"):
                 wcells = codec.canonical_strings(cols[f["weight_column"]])
-                wtoks, wlens, _, _ = codec.split_multi(wcells, f["delimiter"])
-                diff = np.flatnonzero(wlens != lengths)
-                if diff.size:
-                    r = int(diff[0])
-                    raise InputError(f"row {start + r}, column {f['weight_column']!r}: {int(wlens[r])} weights for "
-                                     f"{int(lengths[r])} ids of feature {f['name']!r}")
-                weights, k = codec.parse_weights(wtoks)
-                if k >= 0:
-                    r = int(np.searchsorted(np.cumsum(wlens), k, side="right"))
-                    raise InputError(f"row {start + r}, column {f['weight_column']!r}: weight {wtoks[k]!r} is not a "
-                                     "finite number")
+                weights, problem = codec.split_weight_column(wcells, f["delimiter"], lengths)
+                if problem is not None:
+                    kind, r, what = problem
+                    where = f"row {start + r}, column {f['weight_column']!r}"
+                    if kind == "count":
+                        raise InputError(f"{where}: {what} weights for {int(lengths[r])} ids of feature {f['name']!r}")
+                    raise InputError(f"{where}: weight {what!r} is not a finite number")
             offsets = np.zeros(n + 1, dtype=np.int64)
             np.cumsum(lengths, out=offsets[1:])
             inputs += [torch.from_numpy(self._ids(f, ids)), torch.from_numpy(offsets)]

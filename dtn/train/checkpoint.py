@@ -1,9 +1,9 @@
-"""Checkpoints and output files: atomic writes, the checkpoint format, fingerprints and their checks.
+"""Checkpoints: the checkpoint format, fingerprints and their checks.
 
-Writes go to a temp file in the target's folder (created with the user's umask, its name
-holding the writer's pid), are fsynced, then renamed over the target: a crash or a full disk
-never leaves a torn file, the last good file stays as it was, and a failed write removes its
-temp file. Temp files of killed writers are removed by the next run (:func:`clean_stale_temps`).
+Checkpoints are written whole or not at all by :mod:`dtn.fileio` (whose writers are re-exported
+here: ``atomic_save``, ``atomic_write_text``, ``FileWriteError``, ...). Whether a checkpoint can be
+resumed under a config is :mod:`dtn.train.resume`'s question (it needs the config's defaults; this
+module does not import :mod:`dtn.config`).
 
 A checkpoint (format 2) is a dict holding, besides the weights::
 
@@ -17,44 +17,24 @@ A checkpoint (format 2) is a dict holding, besides the weights::
 """
 from __future__ import annotations
 
-import errno
 import functools
 import hashlib
 import json
 import os
 import pickle
-import secrets
 import zipfile
 from typing import Any
 
 import torch
 
+# the file writers live in dtn.fileio; imported here under their old names for the callers that use them
+from ..fileio import (FileWriteError, atomic_save, atomic_write, atomic_write_bytes, atomic_write_text,  # noqa: F401
+                      clean_stale_temps, ensure_writable, open_temp, pid_alive)
+
 CHECKPOINT_FORMAT = 2
-# training settings that may change when a run is resumed; every other config key must match
-# (the lr schedule's kind and warm-up, train.amp and train.task_weighting may not: the state they left in last.pt
-# -- scheduler step, GradScaler scale, learned task weights -- means nothing under other settings)
-RESUMABLE = ("train.lr", "train.embedding_lr", "train.weight_decay", "train.grad_clip", "train.epochs", "train.patience", "train.progress",
-             "train.num_threads", "train.device", "train.eval_batch_size", "train.min_lr", "train.plateau_factor",
-             "train.plateau_patience", "train.log", "data.path", "data.valid_path", "data.test_path",
-             # where sharded tables live (not what they compute): a run may resume on another plan
-             "model.torchrec.shard", "model.torchrec.sharding", "model.torchrec.memory_budget_mb",
-             "model.torchrec.column_shard_dim")
-
-
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match what it is used for; the message names the
     file and what differs."""
-
-
-class FileWriteError(OSError):
-    """An output file that could not be written; the message names the file and the reason."""
-
-    def __init__(self, message: str, code: int | None = None):
-        super().__init__(message)
-        self.message, self.errno = message, code
-
-    def __str__(self) -> str:
-        return self.message
 
 
 # ---- fingerprints ----------------------------------------------------------------------------
@@ -143,156 +123,6 @@ def source_diff(old: dict | None, new: dict | None) -> list[str]:
     return out
 
 
-# ---- writing ---------------------------------------------------------------------------------
-def _temp_name(path: str) -> str:
-    folder, base = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def open_temp(path: str):
-    """A new temp file beside ``path``, mode 0666 less the umask (as a plain open would create)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = _temp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    return fd, tmp
-
-
-class _RecordingWriter:
-    """A file wrapper that keeps the OSError of a failed write: torch.save reports a failed write as
-    a RuntimeError of its zip writer, which hides the reason (e.g. no space left on device)."""
-
-    def __init__(self, fh):
-        self.fh, self.error = fh, None
-
-    def write(self, b):
-        try:
-            return self.fh.write(b)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def flush(self):
-        return self.fh.flush()
-
-
-def _write_failed(path: str, exc: OSError) -> FileWriteError:
-    reason = exc.strerror or str(exc)
-    return FileWriteError(f"{path}: cannot write ({reason})", exc.errno)
-
-
-def atomic_write(path: str, write) -> None:
-    """Call ``write(fh)`` on a temp file beside ``path``, fsync, rename over ``path``. On any failure
-    the temp file is removed and ``path`` is left as it was; OS errors become a FileWriteError
-    naming ``path``."""
-    tmp = None
-    try:
-        fd, tmp = open_temp(path)
-        with os.fdopen(fd, "wb") as fh:
-            rec = _RecordingWriter(fh)
-            try:
-                write(rec)
-            except RuntimeError:
-                if rec.error is not None:
-                    raise rec.error from None
-                raise
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        if isinstance(exc, FileWriteError):
-            raise
-        raise _write_failed(path, exc) from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save ``obj`` to ``path`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda fh: torch.save(obj, fh))
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
-
-
-def atomic_write_bytes(data: bytes, path: str) -> None:
-    atomic_write(path, lambda fh: fh.write(data))
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (one owned by another user counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale_temps(folder: str, names=None) -> list[str]:
-    """Remove the temp files that killed writers left in ``folder`` (``.<name>.<pid>.<hex>.tmp`` of a
-    process that no longer runs, or the older ``.<name>.<random>.tmp``); ``names`` limits it to
-    temp files of those targets. Returns the removed paths."""
-    removed = []
-    try:
-        entries = os.listdir(folder)
-    except OSError:
-        return removed
-    for entry in entries:
-        if not (entry.startswith(".") and entry.endswith(".tmp")):
-            continue
-        if names is not None and not any(entry.startswith(f".{n}.") for n in names):
-            continue
-        parts = entry[1:-4].rsplit(".", 2)
-        if len(parts) == 3 and parts[1].isdigit():
-            pid = int(parts[1])
-            if pid == os.getpid() or pid_alive(pid):
-                continue  # this process or another live one is writing it
-        try:
-            os.unlink(os.path.join(folder, entry))
-            removed.append(os.path.join(folder, entry))
-        except OSError:
-            pass
-    return removed
-
-
-def ensure_writable(folder: str, what: str = "output folder", keep: bool = True) -> None:
-    """Check that a file can be created in ``folder`` (before any work that would otherwise be lost when
-    the first write fails). ``keep``: leave the folder created; else the folders this check had to create
-    are removed again, so a command refused later (bad data, a bad checkpoint) leaves no empty folder
-    behind (the first write creates it)."""
-    created = []
-    try:
-        if os.path.exists(folder) and not os.path.isdir(folder):
-            raise FileWriteError(f"{what} {folder}: exists and is not a folder", errno.ENOTDIR)
-        probe = os.path.abspath(folder)
-        while not os.path.exists(probe):
-            created.append(probe)
-            probe = os.path.dirname(probe)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = open_temp(os.path.join(folder, ".write-check"))
-        os.close(fd)
-        os.unlink(tmp)
-    except FileWriteError:
-        raise
-    except OSError as exc:
-        raise FileWriteError(f"{what} {folder}: cannot write there ({exc.strerror or exc})", exc.errno) from None
-    finally:
-        if not keep:
-            for d in created:  # deepest first
-                try:
-                    os.rmdir(d)
-                except OSError:
-                    break
-
-
 # ---- reading ---------------------------------------------------------------------------------
 def read_torch_file(path: str, map_location="cpu"):
     """torch.load with errors that name the file: a missing, empty, truncated or foreign file."""
@@ -347,51 +177,14 @@ def check_encoder(ckpt: dict) -> None:
                               "(the file was altered after it was written)")
 
 
-def with_defaults(config: dict) -> dict:
-    """A checkpoint's config dict with the keys that this code added since it was written set to their
-    defaults (a new option left at its default is no change to the old run)."""
-    from ..config import Config
-
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
-    for section, defaults in Config().to_dict().items():
-        if isinstance(out.get(section), dict):
-            for key, value in defaults.items():
-                out[section].setdefault(key, value)
-    return out
+# moved to dtn.train.resume (they need dtn.config, which this module does not import); the old names still
+# resolve here, loaded on first use
+_MOVED_TO_RESUME = ("RESUMABLE", "with_defaults", "check_resume")
 
 
-def check_resume(ckpt: dict, model_name: str, config: dict, source: dict | None = None,
-                 encoder_fp: str | None = None) -> list[tuple[str, Any, Any]]:
-    """Check that ``ckpt`` (a last.pt) can be resumed as ``model_name`` with ``config`` on the data
-    ``source`` (both optional: the data are checked once read). Returns the settings that change
-    (key, old, new), all in :data:`RESUMABLE`; raises CheckpointError naming what may not change."""
-    from ..config import config_diff
+def __getattr__(name: str):
+    if name in _MOVED_TO_RESUME:
+        from . import resume
 
-    path = ckpt.get("_path", "last.pt")
-    if ckpt.get("format", 1) < 2:
-        raise CheckpointError(f"{path}: written by {checkpoint_origin(ckpt)}, so what it was trained on cannot be "
-                              "checked; start a new run (another --out, or without --resume)")
-    if "optimizer_state" not in ckpt:
-        raise CheckpointError(f"{path}: holds a model but no training state (a best.pt or trimmed.pt?); "
-                              "--resume continues from last.pt")
-    if ckpt["model_name"] != model_name:
-        raise CheckpointError(f"{path}: holds a {ckpt['model_name']!r} run; it cannot be resumed as {model_name!r} "
-                              "(use another --out, or the same --model)")
-    diff = config_diff(with_defaults(ckpt["config"]), config)
-    fixed = [(k, a, b) for k, a, b in diff if k not in RESUMABLE and k != "model.name"]
-    if fixed:
-        shown = "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in fixed[:6])
-        raise CheckpointError(f"{path}: cannot resume with other settings: {shown}{' ...' if len(fixed) > 6 else ''} "
-                              f"(on resume only {', '.join(k for k in RESUMABLE if k.startswith('train.'))} may change; "
-                              "use another --out to train with these)")
-    if source is not None:
-        changed = source_diff((ckpt.get("fingerprint") or {}).get("data"), source)
-        if changed:
-            raise CheckpointError(f"{path}: cannot resume on other data: {'; '.join(changed[:4])} (a resumed run must "
-                                  "see the data it started on; use another --out to train on this data)")
-    if encoder_fp is not None:
-        want = (ckpt.get("fingerprint") or {}).get("encoder")
-        if want and want != encoder_fp:
-            raise CheckpointError(f"{path}: the feature encoders differ from the ones it was trained with (ids would "
-                                  "mean other values); resume with the checkpoint's encoders")
-    return [(k, a, b) for k, a, b in diff if k in RESUMABLE and not k.startswith("data.")]
+        return getattr(resume, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
