@@ -94,7 +94,7 @@ def one(model_name: str, rows: int, optimizer: str, warmup: int, steps: int) -> 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     stats.read()  # the losses were finite
     weight_bytes = model.input_layer.weight.numel() * model.input_layer.weight.element_size()
-    return {"times": times[warmup:], "cpu_times": cpu[warmup:], "base": base, "built": built, "peak": peak, "weight_bytes": weight_bytes}
+    return {"torch": torch.__version__, "times": times[warmup:], "cpu_times": cpu[warmup:], "base": base, "built": built, "peak": peak, "weight_bytes": weight_bytes}
 
 
 def run_one(args, model: str, rows: int, opt: str) -> dict:
@@ -140,10 +140,9 @@ def main(argv=None) -> int:
             results[g].append(res)
             print(f"round {rnd + 1} {g}: median {1e3 * statistics.median(res['times']):.1f} ms, "
                   f"memory {_mb(res['peak'] - res['base'])} MB (weights {_mb(res['weight_bytes'])} MB)", flush=True)
-    import torch
-
+    version = next((r[0]["torch"] for r in results.values() if r), "?")
     lines = [f"# Training step against the vocabulary ({platform.processor() or platform.machine()}, torch "
-             f"{torch.__version__}, 1 thread)", "",
+             f"{version}, 1 thread)", "",
              f"`benchmarks/bench_embedding_scale.py` (its docstring: what is measured). {FEATURES} categorical "
              f"features x rows each, d = {EMBED_DIM}, B = {BATCH}; step = median over {args.rounds} interleaved rounds "
              f"of {args.steps} timed steps ({args.slow_steps} for dense adam at 10^6 rows); memory = peak RSS minus "

@@ -119,9 +119,9 @@ def sweep(out: str, jobs: int, only=None) -> None:
     print(text)
 
 
-def grid_runs(models=MODELS, optimizers=OPTIMIZERS) -> list[tuple]:
+def grid_runs(models=MODELS, optimizers=OPTIMIZERS, seeds=SEEDS) -> list[tuple]:
     """Model-major, then seed-major: a partial grid covers every optimizer of the first model."""
-    return [(m, opt, default_lr(opt), s) for m in models for s in SEEDS for opt in optimizers]
+    return [(m, opt, default_lr(opt), s) for m in models for s in seeds for opt in optimizers]
 
 
 def grid(out: str, jobs: int, run: bool = True) -> None:
@@ -205,6 +205,7 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs at once (each 1 thread)")
     p.add_argument("--only", nargs="*", choices=OPTIMIZERS, help="these optimizers only (grid: no table)")
     p.add_argument("--models", nargs="*", choices=MODELS, default=list(MODELS), help="grid: these models")
+    p.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS), help="grid: these seeds")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     if a.phase == "sweep":
@@ -213,8 +214,8 @@ def main(argv=None) -> int:
         status(a.out)
     elif a.phase == "table":
         grid(a.out, a.jobs, run=False)
-    elif a.only or a.models != list(MODELS):
-        todo = grid_runs(a.models, a.only or OPTIMIZERS)
+    elif a.only or a.models != list(MODELS) or a.seeds != list(SEEDS):
+        todo = grid_runs(a.models, a.only or OPTIMIZERS, a.seeds)
         with ThreadPoolExecutor(a.jobs) as pool:
             list(pool.map(lambda x: train(a.out, *x), todo))
     else:
