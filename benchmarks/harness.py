@@ -54,7 +54,7 @@ import pytest
 import torch
 
 import dtn_kernels
-from numerics import REFERENCE_PROVIDER, TOLERANCES, NumericsGate, compare_outputs, numerics_reason, tolerance  # noqa: F401
+from numerics_gate import REFERENCE_PROVIDER, TOLERANCES, NumericsGate, compare_outputs, numerics_reason, tolerance  # noqa: F401
 
 PROVIDERS = ("eager", "fused", "compile", "compile_fused", "fused_graph")
 # providers some files add: the embedding bag's per-feature loop; the fused ops with their GEMMs forced

@@ -330,7 +330,7 @@ def markdown(rows: list[dict], skipped: list[dict], env: dict, command: str | No
                       "step ≥ 2x eager and ≥ 1.25x torch.compile."]
     lines += ["", "Numerics: before timing, every provider's forward output and gradients are compared with eager's "
                   "at the group's shape and precision, element-wise: |a - e| <= atol * max|e| + rtol * |e| "
-                  "(benchmarks/numerics.py TOLERANCES). **FAILED**: over the bound (or the check raised); no time and "
+                  "(benchmarks/numerics_gate.py TOLERANCES). **FAILED**: over the bound (or the check raised); no time and "
                   "no speed-up is shown for that provider (its median stays in the log, marked FAILED)."]
     breaks = sorted({(r["op"], p, c.get("fullgraph"), c.get("graph_breaks"), c.get("break_reason"))
                      for r in rows for p, c in r.get("compile", {}).items()}, key=str)
