@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 
 from ._dispatch import interpreting
 
@@ -29,9 +28,15 @@ _COUNTED: Optional[list] = None
 _SM_COUNT: dict = {}
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host's grid arithmetic. (``triton.cdiv`` and ``triton.next_power_of_2`` cost
+    about 10 us a call in triton 3.9, and a fused training step makes hundreds of them.)"""
+    return -(-int(a) // int(b))
+
+
 def pow2(n: int, lo: int = 16) -> int:
     """Next power of two >= max(n, lo); tl.dot needs every block dimension >= 16."""
-    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+    return max(lo, 1 << (max(int(n), 1) - 1).bit_length())
 
 
 def num_sms(device: torch.device) -> int:
@@ -75,7 +80,7 @@ def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
     table = [t for t in (_TWO_ACC_TABLE if two_acc else _GEMM_TABLE) if t[0] * t[1] <= max_tile]
     choice = table[-1]
     for cand in table:
-        if groups * triton.cdiv(M, cand[0]) * triton.cdiv(N, cand[1]) >= sms:
+        if groups * cdiv(M, cand[0]) * cdiv(N, cand[1]) >= sms:
             choice = cand
             break
     bm, bn, warps, stages = choice
@@ -95,7 +100,7 @@ def row_block(rows: int, device: torch.device, cap: int = 16, groups: int = 1) -
         return 4
     sms = num_sms(device)
     bm = cap
-    while bm > 1 and groups * triton.cdiv(rows, bm) < sms:
+    while bm > 1 and groups * cdiv(rows, bm) < sms:
         bm //= 2
     return bm
 

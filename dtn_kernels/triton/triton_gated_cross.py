@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import fused_gemm_in_triton, interpreting, resolve_tf32
-from ._launch import Tiles, gemm_tiles, grid_1d, launch, pow2
+from ._launch import cdiv, Tiles, gemm_tiles, grid_1d, launch, pow2
 from .triton_linear import GROUP_M, _tile_of, precision, rows_contiguous
 
 
@@ -142,7 +142,7 @@ def _elementwise_tiles(D):
 
 def _launch_fwd(tiles, prec, from_pre, save_pre, gated, x0, xl, weight, bias, wg, z, a, out):
     G, B, D = xl.shape
-    grid = grid_1d(G * triton.cdiv(B, tiles.BM) * triton.cdiv(D, tiles.BN))
+    grid = grid_1d(G * cdiv(B, tiles.BM) * cdiv(D, tiles.BN))
     launch(_gated_cross_fwd_kernel, grid, x0, xl, weight, bias, wg, z, a, out, B, D, x0.stride(0), xl.stride(0),
            FROM_PRE=from_pre, SAVE_PRE=save_pre, GATED=gated, PRECISION=prec, BM=tiles.BM, BN=tiles.BN,
            BK=tiles.BK, GROUP=GROUP_M, num_warps=tiles.warps, num_stages=tiles.stages,
@@ -205,7 +205,7 @@ def gated_cross_backward(grad_out, x0, xl, weight, bias, gate_weight=None, z=Non
     dzda = torch.empty((G, B, 2 * D if gated else D), device=xl.device, dtype=xl.dtype)
     if B > 0 and D > 0 and G > 0:
         t = _elementwise_tiles(D)
-        grid = grid_1d(G * triton.cdiv(B, t.BM) * triton.cdiv(D, t.BN))
+        grid = grid_1d(G * cdiv(B, t.BM) * cdiv(D, t.BN))
         launch(_gated_cross_bwd_kernel, grid, x0, z, a, go, dx0, dzda, B, D, x0.stride(0), GATED=gated,
                BM=t.BM, BN=t.BN, GROUP=GROUP_M, num_warps=t.warps)
     else:

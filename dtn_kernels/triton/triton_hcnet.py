@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import interpreting, resolve_tf32, tensor_cores
-from ._launch import grid_1d, launch, num_sms, pow2
+from ._launch import cdiv, grid_1d, launch, num_sms, pow2
 from .triton_linear import precision
 
 
@@ -257,7 +257,7 @@ def hcnet_forward(ids, salts, seeds, codebook, restore_weight, attn, allow_tf32=
         else:
             tf32 = resolve_tf32(allow_tf32)
             BB, BH, BDC, BD, warps = _blocks(H, DC, D, tensor_cores(restore_weight.dtype, tf32))
-            launch(_hcnet_fwd_kernel, (triton.cdiv(B, BB), S, G),
+            launch(_hcnet_fwd_kernel, (cdiv(B, BB), S, G),
                    ids, salts, seeds, codebook, restore_weight, attn, u, B, S, S * (S - 1) // 2, N, D, H, DC,
                    SHARED=books == 1, PRECISION=precision(tf32), BB=BB, BH=BH, BDC=BDC,
                    BD=min(BD, 64), num_warps=warps, dot_m=BB)
@@ -286,7 +286,7 @@ def _crosses_per_program(nblk: int, M: int, device) -> int:
     if interpreting():
         return 2
     want = max(1, (nblk * M) // (8 * num_sms(device)))
-    return triton.next_power_of_2(want)  # no cap: the dW_o partials stay ~8 per SM whatever M is
+    return pow2(want, 1)  # no cap: the dW_o partials stay ~8 per SM whatever M is
 
 
 def hcnet_backward(grad_u, ids, salts, seeds, codebook, restore_weight, attn, deterministic: bool = False,
@@ -305,9 +305,9 @@ def hcnet_backward(grad_u, ids, salts, seeds, codebook, restore_weight, attn, de
     gu = grad_u.to(restore_weight.dtype).reshape(G, B, S, D).contiguous()
     tf32 = resolve_tf32(allow_tf32)
     BB, BH, BDC, BD, warps = _blocks(H, DC, D, tensor_cores(restore_weight.dtype, tf32))
-    nblk = triton.cdiv(B, BB)
+    nblk = cdiv(B, BB)
     kper = _crosses_per_program(nblk * G, M, dev)
-    programs = nblk * triton.cdiv(M, kper)  # per member
+    programs = nblk * cdiv(M, kper)  # per member
     pi, pj = _pairs(S, dev)
     dwr_part = torch.empty((G, programs, D, H * DC), device=dev, dtype=torch.float32)
     rows = books * N  # per member

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import fused_gemm_in_triton
-from ._launch import gemm_tiles, grid_1d, launch
+from ._launch import cdiv, gemm_tiles, grid_1d, launch
 
 EPI_NONE, EPI_BIAS, EPI_BIAS_RELU, EPI_RELU_GRAD, EPI_SPLIT_MUL = 0, 1, 2, 3, 4
 GROUP_M = 8
@@ -151,7 +151,7 @@ def _gemm_triton(a, b, a2, bias, epilogue, aux, aux2, tf32):
     x = aux if aux is not None else c
     bias = bias.contiguous() if bias is not None else None
     t = gemm_tiles(M, N, K, a.dtype, a.device, max_tile=128 * 64 if split else 128 * 128, groups=G)
-    grid = grid_1d(G * triton.cdiv(M, t.BM) * triton.cdiv(N, t.BN))
+    grid = grid_1d(G * cdiv(M, t.BM) * cdiv(N, t.BN))
     launch(_gemm_kernel, grid,
            a, a2 if a2 is not None else a, b, c, c2, c3, bias if bias is not None else c, x,
            aux2 if aux2 is not None else x,

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import interpreting, resolve_tf32
-from ._launch import launch, pow2, row_block
+from ._launch import cdiv, launch, pow2, row_block
 from .triton_linear import EPI_BIAS_RELU, EPI_NONE, EPI_RELU_GRAD, EPI_SPLIT_MUL, gemm, rows_contiguous
 
 
@@ -167,7 +167,7 @@ def mask_block_forward(e, v, w1, b1, w2, b2, w3, gamma, beta, eps: float = 1e-5,
     rstd = torch.empty_like(mean)
     if B > 0 and DO > 0 and G > 0:
         bm = row_block(B, v.device, groups=G)
-        launch(_ln_relu_fwd_kernel, (triton.cdiv(B, bm), G), z, gamma, beta, out, mean, rstd, B, DO, float(eps),
+        launch(_ln_relu_fwd_kernel, (cdiv(B, bm), G), z, gamma, beta, out, mean, rstd, B, DO, float(eps),
                BM=bm, BN=_row_chunk(DO, bm), num_warps=4)
     elif DO == 0:  # an output width of 0: the statistics of an empty row, as the twin defines them
         mean.zero_()
@@ -189,7 +189,7 @@ def mask_block_backward(grad_out, e, v, w1, w2, w3, gamma, beta, hid, mask, z, m
     tf32 = resolve_tf32(allow_tf32)
     G, B, DO = z.shape
     bm = row_block(B, z.device, groups=G)
-    nblk = triton.cdiv(B, bm)
+    nblk = cdiv(B, bm)
     dz = torch.empty_like(z)
     dg = torch.empty((G, max(nblk, 1), DO), device=z.device, dtype=torch.float32)  # every partial is written
     db = torch.empty_like(dg)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import interpreting
-from ._launch import grid_1d, launch, pow2, row_block
+from ._launch import cdiv, grid_1d, launch, pow2, row_block
 
 
 def _blocks(B, din, K, h, device):
@@ -133,7 +133,7 @@ def softmax_gate_forward(x, experts, weight, bias, mask=None, allow_tf32=None):
         return out, wts
     m = _mask2d(mask, B, K)
     BB, BK, BD, BH, warps = _blocks(B, din, K, h, x.device)
-    launch(_softmax_gate_fwd_kernel, grid_1d(triton.cdiv(B, BB)),
+    launch(_softmax_gate_fwd_kernel, grid_1d(cdiv(B, BB)),
            x, weight.contiguous() if has_x else x, bias.contiguous() if has_x else x, m if m is not None else x,
            experts, out, wts, B, din, K, h,
            m.stride(0) if m is not None else 0, m.stride(1) if m is not None else 0, x.stride(0),
@@ -154,7 +154,7 @@ def softmax_gate_backward(grad_out, grad_weights, x, experts, weight, weights, a
     dx = torch.empty_like(x) if has_x else dl
     if B > 0:
         BB, BK, BD, BH, warps = _blocks(B, din, K, h, x.device)
-        launch(_softmax_gate_bwd_kernel, grid_1d(triton.cdiv(B, BB)),
+        launch(_softmax_gate_bwd_kernel, grid_1d(cdiv(B, BB)),
                go, gw if gw is not None else weights, weights, experts, weight.contiguous() if has_x else x, dexp, dl,
                dx, B, din, K, h, HAS_GW=gw is not None, BB=BB, BK=BK, BD=BD, BH=BH, num_warps=warps)
     if not has_x:
