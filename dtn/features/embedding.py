@@ -48,20 +48,9 @@ class InputLayer(nn.Module):
 
     def __init__(self, schema: Schema, embed_dim: int, validate: bool = True, init_std: float = 0.05, device=None):
         super().__init__()
-        self.embed_dim = embed_dim
-        self.validate = validate
+        self._set_fields(schema, embed_dim, validate)
         self.embedding_kernel = "auto"  # "auto": the compiled op when built; "reference": the PyTorch twin
-        self.cat_names = [f.name for f in schema.categorical]
-        self.multi_names = [f.name for f in schema.multi]
-        self.num_names = [f.name for f in schema.numeric]
-        self.multi_pooling = [f.pooling for f in schema.multi]
-        tables = schema.categorical + schema.multi
-        for f in tables:
-            if f.cardinality < 1:
-                raise ValueError(f"feature {f.name!r}: cardinality must be >= 1 (fit the encoder first), got {f.cardinality}")
-        cards = [f.cardinality for f in tables]
-        self.cardinalities = cards
-        self._cards_host = torch.tensor(cards, dtype=torch.long)  # id checks on host batches never touch the GPU
+        cards = self.cardinalities
         offsets = [0]
         for c in cards:
             offsets.append(offsets[-1] + c)
@@ -72,6 +61,20 @@ class InputLayer(nn.Module):
         self.numeric_weight = nn.Parameter(torch.randn(n_num, embed_dim, device=device) * init_std)
         self.numeric_bias = nn.Parameter(torch.zeros(n_num, embed_dim, device=device))
         self.register_module("sparse_optimizer", None)  # a SparseEmbeddingOptimizer once attached
+
+    def _set_fields(self, schema: Schema, embed_dim: int, validate: bool) -> None:
+        """The field lists and table sizes every input layer keeps (this one and the TorchRec one)."""
+        self.embed_dim = embed_dim
+        self.validate = validate
+        self.cat_names = [f.name for f in schema.categorical]
+        self.multi_names = [f.name for f in schema.multi]
+        self.num_names = [f.name for f in schema.numeric]
+        self.multi_pooling = [f.pooling for f in schema.multi]
+        for f in schema.categorical + schema.multi:
+            if f.cardinality < 1:
+                raise ValueError(f"feature {f.name!r}: cardinality must be >= 1 (fit the encoder first), got {f.cardinality}")
+        self.cardinalities = [f.cardinality for f in schema.categorical + schema.multi]
+        self._cards_host = torch.tensor(self.cardinalities, dtype=torch.long)  # host id checks never touch the GPU
 
     def use_sparse_optimizer(self, optimizer: str, lr: float, weight_decay: float = 0.0, **options) -> SparseEmbeddingOptimizer:
         """Attach a fused sparse optimizer (``sgd``, ``rowwise_adagrad``, ``lazy_adam``) to ``weight``:

@@ -134,21 +134,11 @@ class TorchRecInputLayer(InputLayer):
         import logging
 
         logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-        self.embed_dim = embed_dim
-        self.validate = validate
+        self._set_fields(schema, embed_dim, validate)
         self.embedding_kernel = "torchrec"
         # the own layer's fused sparse optimizer never attaches here: sharded tables run FBGEMM's (dtn.train.sharded)
         self.register_module("sparse_optimizer", None)
-        self.cat_names = [f.name for f in schema.categorical]
-        self.multi_names = [f.name for f in schema.multi]
-        self.num_names = [f.name for f in schema.numeric]
-        self.multi_pooling = [f.pooling for f in schema.multi]
         tables = schema.categorical + schema.multi
-        for f in tables:
-            if f.cardinality < 1:
-                raise ValueError(f"feature {f.name!r}: cardinality must be >= 1 (fit the encoder first), got {f.cardinality}")
-        self.cardinalities = [f.cardinality for f in tables]
-        self._cards_host = torch.tensor(self.cardinalities, dtype=torch.long)
         self.table_names = table_names(schema)
         self.feature_keys = [f.name for f in tables]
         # per-sample weights: a weighted bag, or a mean bag (as a sum with weights 1 / len(bag))
