@@ -46,6 +46,8 @@ class InputLayer(nn.Module):
         (2, 2, 4)
     """
 
+    own_sparse_optimizer = True  # the trainer may attach a fused sparse optimizer (use_sparse_optimizer)
+
     def __init__(self, schema: Schema, embed_dim: int, validate: bool = True, init_std: float = 0.05, device=None):
         super().__init__()
         self._set_fields(schema, embed_dim, validate)

@@ -125,6 +125,10 @@ class TorchRecInputLayer(InputLayer):
     (``self.ebc``). The batch checks (shapes, dtypes, ids against their tables, jagged offsets) are
     ``InputLayer``'s, with the same messages."""
 
+    # the trainer attaches no fused optimizer of the own layer here: sharded tables run FBGEMM's
+    # (dtn.train.sharded), and unsharded ones train with the dense Adam
+    own_sparse_optimizer = False
+
     def __init__(self, schema: Schema, embed_dim: int, validate: bool = True, init_std: float = 0.05, device=None):
         require_torchrec()
         from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
@@ -136,8 +140,7 @@ class TorchRecInputLayer(InputLayer):
         logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
         self._set_fields(schema, embed_dim, validate)
         self.embedding_kernel = "torchrec"
-        # the own layer's fused sparse optimizer never attaches here: sharded tables run FBGEMM's (dtn.train.sharded)
-        self.register_module("sparse_optimizer", None)
+        self.register_module("sparse_optimizer", None)  # never attached: see own_sparse_optimizer
         tables = schema.categorical + schema.multi
         self.table_names = table_names(schema)
         self.feature_keys = [f.name for f in tables]

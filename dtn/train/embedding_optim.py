@@ -58,15 +58,13 @@ class EmbeddingOptim:
         self.world_size = world_size
         self.device = torch.device(device)
         self.lr = embedding_lr(cfg)
-        # sharded TorchRec tables are updated by FBGEMM's fused optimizer (dtn.train.sharded): nothing to do here
-        self.layer = None if sharded else getattr(model, "input_layer", None)
-        if getattr(self.layer, "embedding_kernel", None) == "torchrec":
-            # TorchRec tables: a fused optimizer runs on sharded tables only (FBGEMM's; train_model refuses the
-            # rest), and evaluating a checkpoint of such a run needs none
-            sharded, self.layer = True, None
+        # a layer whose tables another optimizer updates (TorchRec's: FBGEMM's fused one when sharded, and
+        # train_model refuses the rest) or sharded tables: nothing to do here
+        layer = None if sharded else getattr(model, "input_layer", None)
+        self.layer = layer if getattr(layer, "own_sparse_optimizer", True) else None
         self.opt = None  # the SparseEmbeddingOptimizer when fused
         self._rows = None  # (rows, row_grads) gathered for this step's deferred update
-        if cfg.embedding_optimizer in SPARSE_OPTIMIZERS and not sharded:
+        if cfg.embedding_optimizer in SPARSE_OPTIMIZERS and not sharded and self.layer is layer:
             if self.layer is None or not hasattr(self.layer, "use_sparse_optimizer"):
                 raise ValueError(f"train.embedding_optimizer = {cfg.embedding_optimizer!r}: the model has no input layer "
                                  "with embedding tables")
