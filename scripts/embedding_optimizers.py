@@ -45,9 +45,17 @@ def default_lr(opt: str):
     return DEFAULT_EMBEDDING_LR[opt]
 
 
+def kept_metrics(out: str, model: str, opt: str, lr, seed: int) -> str:
+    """The copy of a finished run's metrics.json that is kept in git (run folders are not)."""
+    return os.path.join(out, "metrics", os.path.basename(run_dir(out, model, opt, lr, seed)) + ".json")
+
+
 def train(out: str, model: str, opt: str, lr, seed: int) -> dict:
     folder = run_dir(out, model, opt, lr, seed)
     metrics = os.path.join(folder, "metrics.json")
+    kept = kept_metrics(out, model, opt, lr, seed)
+    if not os.path.exists(metrics) and os.path.exists(kept):
+        return _load(kept)
     lock = os.path.join(folder, ".running")
     if not os.path.exists(metrics) and os.path.exists(lock) and _alive(int(open(lock).read() or 0)):
         print(f"skip {folder}: another process runs it", flush=True)
@@ -70,7 +78,11 @@ def train(out: str, model: str, opt: str, lr, seed: int) -> dict:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
         print(f"done {folder}", flush=True)
     with open(metrics) as fh:
-        return json.load(fh)
+        result = json.load(fh)
+    os.makedirs(os.path.dirname(kept), exist_ok=True)
+    with open(kept, "w") as fh:
+        json.dump(result, fh, indent=1)
+    return result
 
 
 def _alive(pid: int) -> bool:
@@ -90,11 +102,9 @@ def _mean_std(values) -> str:
 
 
 def _done(out: str, model: str, opt: str, lr, seed: int):
+    """A finished run's metrics: its folder's metrics.json, else the copy kept in git (None: not run)."""
     path = os.path.join(run_dir(out, model, opt, lr, seed), "metrics.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as fh:
-        return json.load(fh)
+    return _load(path if os.path.exists(path) else kept_metrics(out, model, opt, lr, seed))
 
 
 def sweep(out: str, jobs: int, only=None) -> None:
