@@ -227,7 +227,7 @@ def cmd_evaluate(args) -> int:
     from .data import load_dataset
     from .train import Trainer, load_checkpoint, model_from_checkpoint, write_metrics
     from .train.checkpoint import FileWriteError, ensure_writable
-    from .train.trainer import runnable_config
+    from .train.model_file import runnable_config
 
     from .request_check import check_split
 
@@ -466,7 +466,7 @@ def cmd_export(args) -> int:
     from .serving import export_model
     from .train import load_checkpoint, model_from_checkpoint
     from .train.checkpoint import CheckpointError, ensure_writable
-    from .train.trainer import runnable_config
+    from .train.model_file import runnable_config
 
     _threads(args)
     ckpt = load_checkpoint(args.checkpoint)
