@@ -8,7 +8,8 @@ from .tools import cmd_env, cmd_example_data, cmd_export
 from .training import cmd_compare, cmd_evaluate, cmd_table3, cmd_train, cmd_tune
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common_flags(p: argparse.ArgumentParser) -> None:
+    """The config, data and override flags of the commands that train (train, compare, table3, tune)."""
     p.add_argument("--config", help="packaged config name (cpu, paper) or a YAML file [cpu]")
     p.add_argument("--dataset", choices=["census", "synthetic"], help="override data.dataset")
     p.add_argument("--data-dir", help="folder with the Census-Income files (else $DTN_CENSUS_DIR, cache, download)")
@@ -26,7 +27,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     own.add_argument("--workers", type=int, help="DataLoader worker processes reading chunks when streaming [0]")
 
 
-def _analysis_common(p: argparse.ArgumentParser, out: str) -> None:
+def _analysis_flags(p: argparse.ArgumentParser, out: str) -> None:
+    """The flags of the analyses of a checkpoint (importance, gates, trim, tsne)."""
     p.add_argument("--checkpoint", required=True, help="a best.pt / trimmed.pt written by dtn train, compare or trim")
     p.add_argument("--data-dir", help="override the data path of the checkpoint's config")
     p.add_argument("--out", default=out, help=f"output folder [{out}]")
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = add_parser
 
     t = sub.add_parser("train", help="train one model")
-    _common(t)
+    _common_flags(t)
     t.add_argument("--model", help="shared_bottom, mmoe, ple, cgc, sfm, tfi, dtn [the config's model.name: dtn, "
                    "or the model a dtn tune config was tuned for]")
     t.add_argument("--out", default="runs/train", help="output folder [runs/train]")
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_example_data)
 
     c = sub.add_parser("compare", help="train several models and print a Table-3-style table")
-    _common(c)
+    _common_flags(c)
     c.add_argument("--models", default="shared_bottom,mmoe,ple,dtn")
     c.add_argument("--base", help="RelaImp base model, one of --models [shared_bottom when among --models, else no "
                    "RelaImp]")
@@ -105,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compare)
 
     i = sub.add_parser("importance", help="permutation feature importance per task (Table 1, Fig. 2)")
-    _analysis_common(i, "results/importance")
+    _analysis_flags(i, "results/importance")
     i.add_argument("--split", choices=["train", "valid", "test"], default="test")
     i.add_argument("--repeats", type=int, default=3, help="permutations per field (mean ± std) [3]")
     i.add_argument("--max-rows", type=int, default=20000, help="subsample the split to this many rows; 0 = all [20000]")
@@ -115,19 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("gates", help="mean gate weight per task and expert (MMoE, PLE / CGC, SFM, TFI) or candidate "
                        "FIM (DTN, Fig. 4)")
-    _analysis_common(g, "results/gates")
+    _analysis_flags(g, "results/gates")
     g.add_argument("--split", choices=["train", "valid", "test"], default="valid")
     g.set_defaults(func=cmd_gates)
 
     r = sub.add_parser("trim", help="DTN-trim a checkpoint; params, latency and AUC before and after")
-    _analysis_common(r, "results/trim")
+    _analysis_flags(r, "results/trim")
     r.add_argument("--threshold", type=float, required=True, help="switch off gate candidates under this mean weight")
     r.add_argument("--latency-batch", type=int, default=2048, help="rows per timed forward pass [2048]")
     r.add_argument("--repeats", type=int, default=30, help="timed forward passes (median reported) [30]")
     r.set_defaults(func=cmd_trim)
 
     s = sub.add_parser("tsne", help="t-SNE of FIM representations (Fig. 5)")
-    _analysis_common(s, "results/tsne")
+    _analysis_flags(s, "results/tsne")
     s.add_argument("--split", choices=["train", "valid", "test"], default="test")
     s.add_argument("--fim", default="masknet", help="FIM kind for the per-task plot (Fig. 5a) [masknet]")
     s.add_argument("--task", help="task for the per-FIM-kind plot (Fig. 5b) [the first task]")
@@ -143,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_env)
 
     b = sub.add_parser("table3", help="Table 3: the baselines, DTN and DTN-trim, mean ± std over seeds")
-    _common(b)
+    _common_flags(b)
     b.add_argument("--models", help="comma-separated [shared_bottom,mmoe,ple,sfm,tfi,dtn]")
     b.add_argument("--base", help="RelaImp base model, one of --models [shared_bottom when among them, else no RelaImp]")
     b.add_argument("--seeds", default="1,2,3", help="comma-separated seeds [1,2,3]")
@@ -158,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("tune", help="hyperparameter search (Optuna TPE + median pruning), one study per model, "
                        "same trial budget; writes OUT/<model>/best.yaml")
-    _common(u)
+    _common_flags(u)
     u.add_argument("--models", default="shared_bottom,mmoe,ple,sfm,tfi,dtn", help="comma-separated, one study each "
                    "[shared_bottom,mmoe,ple,sfm,tfi,dtn]")
     u.add_argument("--space", default="cpu", help="search-space YAML, or a packaged one: cpu [cpu]")
