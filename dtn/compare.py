@@ -3,7 +3,7 @@
 Runs go to ``out_dir/<model>[/seed<k>]``. Before training anything, every run folder is checked:
 
 * a finished run (``metrics.json`` and ``best.pt``) of the same config, data, encoders and code
-  (its fingerprint, :func:`dtn.train.trainer.run_fingerprint`) is reused, and the log says so;
+  (its fingerprint, :func:`dtn.train.run.run_fingerprint`) is reused, and the log says so;
 * an unfinished one (``last.pt`` only) is resumed if its checkpoint matches this run;
 * any other run (other settings, other data, other code, or results without a fingerprint, such
   as copied or committed ones) is stale: ``compare`` refuses with a message naming the folder and

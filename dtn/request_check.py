@@ -14,7 +14,7 @@ The checks are driven by the definitions, so a key added to the config or the sc
 * a key given on the command line that has no effect in this run is refused: config fields carry
   ``metadata["applies"]`` (e.g. ``data.bucketize`` applies to ``data.dataset: census`` only; ``train.min_lr`` to the
   cosine and plateau schedules);
-* the data schema (``dtn.data.tabular``): kind-specific feature keys (``dtn.features.schema.kind_keys``), the
+* the data schema (``dtn.data.table_schema``): kind-specific feature keys (``dtn.features.schema.kind_keys``), the
   keys' types, distinct label columns, a file named for two splits; and (here) an empty validation split, refused
   before any row is read, and an empty test split announced;
 * each model's needs against the schema: the categorical fields MemoNet's HCNet crosses, ``model.memonet.fields``,
@@ -193,7 +193,7 @@ def request_schema(cfg: Config) -> RequestSchema:
 
     d = cfg.data
     if d.dataset == "table":
-        from .data.tabular import load_table_schema
+        from .data.table_schema import load_table_schema
 
         if not d.schema:
             raise ConfigError("data.dataset = 'table': set data.schema to a data schema YAML (--data-schema)")
@@ -249,7 +249,7 @@ def check_split(data_cfg, split: str, context: str, rows: int | None = None) -> 
         return
     if data_cfg.dataset != "table" or split == "train" or not data_cfg.schema:
         return
-    from .data.tabular import load_table_schema
+    from .data.table_schema import load_table_schema
 
     ts = load_table_schema(data_cfg.schema, train=data_cfg.path, valid=data_cfg.valid_path, test=data_cfg.test_path)
     if not getattr(ts, split) and ts.fractions()[split] == 0:

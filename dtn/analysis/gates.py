@@ -249,7 +249,7 @@ def trim_markdown(r: dict) -> str:
 
 def write_trim(r: dict, model, encoder, config, out_dir: str) -> dict:
     from ..fileio import atomic_save
-    from ..train.trainer import checkpoint_payload
+    from ..train.model_file import checkpoint_payload
 
     ensure_dir(out_dir)
     paths = {"md": os.path.join(out_dir, "trim.md"), "json": os.path.join(out_dir, "trim.json"),

@@ -70,7 +70,7 @@ def test_predictions(data, run_dir: str, result: dict, log=print) -> np.ndarray:
     from ..fileio import atomic_write_bytes
     from ..train.checkpoint import digest
     from ..train.metrics import auc
-    from ..train.trainer import runnable_config
+    from ..train.model_file import runnable_config
 
     key = digest(result.get("fingerprint"))
     path = os.path.join(run_dir, "test_predictions.npz")

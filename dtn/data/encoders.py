@@ -18,7 +18,7 @@ over chunks, or a distributed one over shards merged with :meth:`FitState.merge`
 exactly the encoder an in-memory fit gives.
 
 Error messages name rows by the DataFrame's index: a default index gives "row N" (0-based
-data row); frames read by :mod:`dtn.data.tabular` are indexed by file line ("line N") or
+data row); frames read by :mod:`dtn.data.table_reader` are indexed by file line ("line N") or
 Parquet row.
 """
 from __future__ import annotations

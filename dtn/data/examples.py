@@ -113,7 +113,7 @@ def write_table(df: pd.DataFrame, path: str, row_group_rows: int | None = None) 
     from ..train.checkpoint import atomic_write
 
     if path.lower().endswith((".parquet", ".pq")):
-        from .tabular import _pyarrow_parquet
+        from .table_reader import _pyarrow_parquet
 
         pq = _pyarrow_parquet()
         import pyarrow as pa

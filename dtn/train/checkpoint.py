@@ -139,7 +139,7 @@ def read_torch_file(path: str, map_location="cpu"):
         raise
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, TypeError, KeyError,
             AttributeError, ImportError, IndexError, UnicodeDecodeError) as exc:
-        from ..data.tabular import first_sentence
+        from ..data.table_reader import first_sentence
 
         raise CheckpointError(f"{path}: not a readable checkpoint ({size:,} bytes; truncated, damaged or another kind "
                               f"of file: {first_sentence(exc)})") from None

@@ -1,5 +1,5 @@
-"""Training and evaluation: Adam, weighted per-task BCE, early stopping on validation AUC,
-atomic checkpoints with exact resume, metrics to JSON/CSV.
+"""The trainer: Adam, weighted per-task BCE, early stopping on validation AUC, atomic checkpoints
+with exact resume. A whole run (build, train, evaluate, ``metrics.json``) is :func:`dtn.train.run.train_model`.
 
 Model selection: the best epoch is the one with the highest validation AUC (``train.early_stop_metric``:
 the mean over tasks, or one task's). When a task's validation AUC is undefined (its validation rows
@@ -17,7 +17,7 @@ split, and only rank 0 writes files and logs.
 Host syncs: a training step never makes the host wait for the GPU. The running loss, the
 first non-finite step and the CUDA embedding bag's bad-id flag stay on the device and are read
 every ``SYNC_EVERY`` steps and at the end of the epoch; batches are validated on the host
-before they are copied (``InputLayer.check_batch``) and copied without blocking.
+before they are copied (``InputLayer.check_batch``) and copied without blocking (:mod:`dtn.train.host_sync`).
 
 Options (``train.*``, all off by default): mixed precision ``amp`` (:mod:`dtn.train.precision`), the lr
 ``lr_schedule`` and ``warmup_steps`` (:mod:`dtn.train.schedule`), learned ``task_weighting``
@@ -25,18 +25,14 @@ Options (``train.*``, all off by default): mixed precision ``amp`` (:mod:`dtn.tr
 sparse ``embedding_optimizer`` (:mod:`dtn.train.embedding_optim`); their state (scheduler step, GradScaler
 scale, task log-variances, the embedding optimizer's state) is part of ``last.pt``.
 
-Files in ``out_dir``:
+Files in ``out_dir`` (written by :mod:`dtn.train.run_files`; a model is rebuilt from one by
+:func:`dtn.train.model_file.model_from_checkpoint`):
   last.pt       the resume point (model, optimizer, RNG, history), written after every epoch
   best.pt       the best model so far by the early-stopping metric (what ``dtn evaluate`` loads)
-  history.csv   one row per epoch; metrics.json the final metrics
+  history.csv   one row per epoch; metrics.json the final metrics (:func:`dtn.train.run.train_model`)
 """
 from __future__ import annotations
 
-import contextlib
-import csv
-import dataclasses
-import io
-import json
 import math
 import os
 import random
@@ -49,15 +45,16 @@ import torch
 from dtn_kernels.ops.embedding_bag import raise_pending_errors
 
 from .. import distributed as D
-from ..config import Config, ConfigError, config_from_dict
+from ..config import Config, ConfigError
 from ..data.encoders import DataError, TabularEncoder
-from ..features import FeatureBatch, JaggedField
-from ..features.fused_embedding import is_optimizer_state_key, without_optimizer_state
-from ..models import DTN, build_model
+from ..features import FeatureBatch
+from ..features.fused_embedding import without_optimizer_state
 from .embedding_optim import EmbeddingOptim
-from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, FileWriteError, atomic_save, atomic_write_text, check_encoder,
-                         check_resume, checkpoint_origin, clean_stale_temps, code_version, encoder_fingerprint,
-                         ensure_writable, load_checkpoint)
+from .checkpoint import check_resume, clean_stale_temps, encoder_fingerprint, ensure_writable, load_checkpoint
+from .host_sync import EpochStats, batch_to_device
+from .model_file import checkpoint_payload
+from .run_files import load_training_state, save_epoch, save_sharded, training_state
+from .host_sync import EpochStats as _EpochStats  # noqa: F401  (its old name, imported by scripts and tests)
 from . import precision
 from . import sharded as S
 from .metrics import task_metrics
@@ -81,42 +78,6 @@ class TrainingDivergedError(RuntimeError):
     memory are not: the steps up to the next sync point ran on)."""
 
 
-def batch_to_device(batch: FeatureBatch, device) -> FeatureBatch:
-    """``batch.to(device)`` without blocking the host: from pageable memory a non-blocking copy is
-    staged before it returns (the source may be reused at once) and does not wait for the GPU."""
-    def move(t):
-        return None if t is None else t.to(device, non_blocking=True)
-
-    multi = tuple(JaggedField(move(m.values), move(m.offsets), move(m.weights)) for m in batch.multi)
-    return FeatureBatch(move(batch.categorical), move(batch.numeric), multi)
-
-
-class _EpochStats:
-    """An epoch's running loss and its first non-finite step, kept on the device (no per-step sync)."""
-
-    def __init__(self, device, num_tasks: int):
-        f64 = dict(dtype=torch.float64, device=device)
-        self.total = torch.zeros((), **f64)  # sum of loss * rows
-        self.count = torch.zeros((), **f64)  # rows
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # 0-based step, -1: none
-        self.bad_loss = torch.zeros((), **f64)
-        self.bad_per_task = torch.zeros(num_tasks, **f64)
-
-    def add(self, step: int, loss_sum, rows, finite, step_loss, per_task) -> None:
-        newly = ~finite & (self.first_bad < 0)
-        self.first_bad = torch.where(newly, step, self.first_bad)
-        self.bad_loss = torch.where(newly, step_loss.double(), self.bad_loss)
-        self.bad_per_task = torch.where(newly, per_task.detach().double(), self.bad_per_task)
-        self.total += loss_sum
-        self.count += rows
-
-    def read(self) -> tuple[float, float, int, float, list[float]]:
-        """(total, count, first bad step or -1, its loss, its per-task losses): one device-to-host copy."""
-        v = torch.cat([torch.stack([self.total, self.count, self.first_bad.double(), self.bad_loss]),
-                       self.bad_per_task]).tolist()
-        return v[0], v[1], int(v[2]), v[3], v[4:]
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -126,95 +87,6 @@ def seed_everything(seed: int) -> None:
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The shuffle order of an epoch depends only on (seed, epoch): resuming reproduces it."""
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-
-
-def checkpoint_payload(model, encoder: TabularEncoder | None, config: Config, data_fingerprint: dict | None = None,
-                       encoder_fp: str | None = None) -> dict:
-    """What best.pt / trimmed.pt hold (last.pt adds the training state): the weights, the model's
-    name, config and schema, the fitted encoders, and the fingerprints of the encoders and the data."""
-    enc_state = encoder.state_dict() if encoder is not None else None
-    payload = {"format": CHECKPOINT_FORMAT, "dtn_version": code_version().split("+")[0], "code_version": code_version(),
-               "model_name": model.cfg.name, "config": config.to_dict(),
-               "model_state": without_optimizer_state(model.state_dict()),  # a model file: no optimizer state
-               "encoder": enc_state, "schema": model.schema.to_dict(),
-               "fingerprint": {"encoder": encoder_fp or encoder_fingerprint(encoder), "data": data_fingerprint}}
-    if isinstance(model, DTN):
-        payload["trim_active"] = model.active.clone()
-    return payload
-
-
-def _state_mismatch(exc: RuntimeError) -> str:
-    """The first lines of a load_state_dict error, on one line."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][1:4]
-    out = []
-    for line in lines:  # a long list of keys keeps its first items whole and says how many more there are
-        items = line.split(", ")
-        kept = items[:1]
-        for item in items[1:]:
-            if len(", ".join(kept + [item])) > 160:
-                break
-            kept.append(item)
-        more = len(items) - len(kept)
-        out.append(", ".join(kept) + (f", ... ({more} more)" if more else ""))
-    return "; ".join(out)
-
-
-def runnable_config(cfg: Config) -> Config:
-    """A checkpoint's config on this machine: a CUDA run evaluated where there is no GPU uses the CPU."""
-    if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
-        return cfg.replace(train=dataclasses.replace(cfg.train, device="cpu"))
-    return cfg
-
-
-def model_from_checkpoint(ckpt: dict | str, device="cpu"):
-    """(model, encoder, config) rebuilt from a checkpoint dict or path; a checkpoint whose config,
-    schema or weights do not fit this code is a CheckpointError naming the file and the difference."""
-    if isinstance(ckpt, str):
-        ckpt = load_checkpoint(ckpt)
-    from ..features import Schema
-
-    path = ckpt.get("_path", "checkpoint")
-    try:
-        config = config_from_dict(ckpt["config"])
-    except ConfigError as exc:
-        raise CheckpointError(f"{path}: its config is not valid for this dtn ({exc}); written by "
-                              f"{checkpoint_origin(ckpt)}") from None
-    check_encoder(ckpt)
-    own = False  # a TorchRec model where TorchRec is not installed: the same model with the own input layer
-    try:
-        schema = Schema.from_dict(ckpt["schema"])
-        model_cfg = config.model
-        if model_cfg.embeddings == "torchrec":
-            from ..features.torchrec_input import torchrec_status
-
-            own = not torchrec_status()[0]
-            if own:
-                model_cfg = dataclasses.replace(model_cfg, embeddings="own")
-        model = build_model(ckpt["model_name"], schema, model_cfg, device=device)
-        if isinstance(model, DTN) and ckpt.get("trim_active") is not None:
-            model.apply_trim(ckpt["trim_active"])
-    except (ValueError, TypeError, KeyError) as exc:
-        raise CheckpointError(f"{path}: cannot rebuild its {ckpt['model_name']!r} model ({exc}); written by "
-                              f"{checkpoint_origin(ckpt)}") from None
-    state = S.load_full_tables(ckpt) if ckpt.get("sharded") else ckpt["model_state"]  # sharded: whole tables
-    if own:
-        from ..features.torchrec_input import own_state_dict
-
-        state = own_state_dict(state, schema)
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError) as exc:
-        raise CheckpointError(f"{path}: its weights do not fit the {ckpt['model_name']!r} model built from its own config "
-                              f"({_state_mismatch(exc)}); written by {checkpoint_origin(ckpt)}: another code version or "
-                              "an edited file") from None
-    encoder = TabularEncoder.from_state_dict(ckpt["encoder"]) if ckpt.get("encoder") else None
-    if encoder is not None:
-        card = {f.name: f.cardinality for f in schema.features}
-        off = [f.name for f in encoder.schema.features if card.get(f.name) != f.cardinality]
-        if off:
-            raise CheckpointError(f"{path}: its encoders do not fit its model (feature(s) {off[:5]} have other "
-                                  "vocabulary sizes); the file was altered")
-    return model, encoder, config
 
 
 class Trainer:
@@ -302,54 +174,11 @@ class Trainer:
         return checkpoint_payload(self.model, self.encoder, self.config, self.data_fingerprint, self._encoder_fp)
 
     def state(self) -> dict:
-        payload = self.payload()
-        payload["model_state"] = self.model.state_dict()  # with the fused embedding optimizer's state
-        payload.update(optimizer_state=self.optimizer.state_dict(), epoch=self.epoch, history=self.history,
-                       best_score=self.best_score, best_epoch=self.best_epoch, bad_epochs=self.bad_epochs,
-                       selection=self.selection, resumed=self.resumed, schedule=self.schedule.state_dict(),
-                       scaler=None if self.scaler is None else self.scaler.state_dict(),
-                       task_weighting=None if self.task_weighting is None else self.task_weighting.state_dict(),
-                       torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state(), python_rng=random.getstate())
-        return payload
+        """The last.pt payload: the model file and the training state (:mod:`dtn.train.run_files`)."""
+        return training_state(self)
 
     def load_state(self, ckpt: dict) -> None:
-        if self.embedding.fused and not any(is_optimizer_state_key(k) for k in ckpt["model_state"]):
-            raise CheckpointError(f"{ckpt.get('_path', 'last.pt')}: holds no state of the embedding optimizer "
-                                  f"{self.cfg.embedding_optimizer!r}; written by {checkpoint_origin(ckpt)}")
-        if bool(ckpt.get("sharded")) != bool(self.sharded):
-            raise CheckpointError(f"{ckpt.get('_path', 'last.pt')}: a {'sharded' if ckpt.get('sharded') else 'unsharded'} "
-                                  "run; it resumes only as one (model.torchrec.shard)")
-        try:
-            if self.sharded:
-                self.sharded.load(ckpt, optimizer=True)
-            else:
-                self.model.load_state_dict(ckpt["model_state"])
-            if self.task_weighting is not None:
-                self.task_weighting.load_state_dict(ckpt["task_weighting"])
-            self.optimizer.load_state_dict(ckpt["optimizer_state"])
-            if self.scaler is not None:
-                self.scaler.load_state_dict(ckpt["scaler"])
-            if ckpt.get("schedule") is not None:  # absent from checkpoints written before lr schedules
-                self.schedule.load_state_dict(ckpt["schedule"])
-        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{ckpt.get('_path', 'last.pt')}: its training state does not fit this model "
-                                  f"({_state_mismatch(exc) or exc}); written by {checkpoint_origin(ckpt)}") from None
-        # the optimizer state carries the old run's lr and weight decay: this run's config decides them
-        # (the learned task weights' group has no weight decay; the embedding's, if any, has this run's)
-        self.embedding.reset_group_lrs(self.optimizer)
-        for i, group in enumerate(self.optimizer.param_groups):
-            if i == 0 or "lr_scale" in group:
-                group["weight_decay"] = self.cfg.weight_decay
-        if self.embedding.fused:
-            self.embedding.opt.weight_decay = self.cfg.weight_decay
-        self.epoch = ckpt["epoch"]
-        self.history = list(ckpt["history"])
-        self.best_score, self.best_epoch, self.bad_epochs = ckpt["best_score"], ckpt["best_epoch"], ckpt["bad_epochs"]
-        self.selection = ckpt.get("selection")
-        self.resumed = list(ckpt.get("resumed", []))
-        torch.set_rng_state(ckpt["torch_rng"])
-        np.random.set_state(ckpt["numpy_rng"])
-        random.setstate(ckpt["python_rng"])
+        load_training_state(self, ckpt)
 
     def resume(self, path: str | dict | None = None, log=print) -> bool:
         """Load ``last.pt`` (or ``path``, or an already loaded checkpoint) if it exists, after checking that
@@ -387,7 +216,7 @@ class Trainer:
                 and batch.categorical.device.type == "cpu":
             layer.check_batch(batch)
 
-    def train_step(self, batch: FeatureBatch, labels: torch.Tensor, step: int, stats: _EpochStats) -> None:
+    def train_step(self, batch: FeatureBatch, labels: torch.Tensor, step: int, stats: EpochStats) -> None:
         """One optimiser step on a batch already on the device. No host sync: the loss and a
         divergence are accumulated in ``stats`` on the device and read at the next sync point."""
         with precision.autocast(self.cfg.amp, self.device):
@@ -427,7 +256,7 @@ class Trainer:
         # a deferred embedding update follows the dense step (skipped with it)
         self.embedding.optimizer_step(self.optimizer, self.scaler)
 
-    def _sync_point(self, stats: _EpochStats, bar=None) -> float:
+    def _sync_point(self, stats: EpochStats, bar=None) -> float:
         """Raise what the device recorded since the last sync (a bad id the GPU skipped, a
         non-finite loss); returns the running mean loss."""
         raise_pending_errors(self.device)
@@ -453,7 +282,7 @@ class Trainer:
         gen = epoch_generator(self.cfg.seed, self.epoch)
         bs, world = self.cfg.batch_size, self.world_size
         bar = self._progress(data.num_batches(bs, world), f"epoch {self.epoch + 1}")
-        stats = _EpochStats(self.device, self.model.num_tasks)
+        stats = EpochStats(self.device, self.model.num_tasks)
         for step, (batch, labels) in enumerate(data.batches(bs, shuffle=self.cfg.shuffle, generator=gen,
                                                              rank=self.rank, world_size=world)):
             self.check_host_batch(batch)
@@ -578,12 +407,12 @@ class Trainer:
                     if improved and not self.out_dir:
                         self._best_state = self.sharded.snapshot()
                     if self.out_dir:
-                        self._save_sharded(improved)
+                        save_sharded(self, improved)
                 elif improved and (not self.out_dir or not self.is_main):
                     self._best_state = {k: v.detach().clone()
                                         for k, v in without_optimizer_state(self.model.state_dict()).items()}
                 if self.out_dir and self.is_main and not self.sharded:
-                    self._save_epoch(improved)
+                    save_epoch(self, improved)
                 if on_epoch is not None:
                     on_epoch(self.epoch, row)
         finally:  # an on_epoch that stops training (a pruned trial) still closes the event file
@@ -636,43 +465,6 @@ class Trainer:
         step = self.schedule.step
         self.events = EventLog(self._path("tensorboard"), purge_step=step + 1 if step else None)
 
-    def _save_epoch(self, improved: bool) -> None:
-        """best.pt (when improved), then last.pt, then history.csv. best.pt goes first: a last.pt that names
-        this epoch as the best must never sit beside an older best.pt."""
-        try:
-            if improved:
-                atomic_save(self.payload(), self._path("best.pt"))
-            atomic_save(self.state(), self._path("last.pt"))
-            self._write_history()
-        except OSError as exc:
-            done = self.epoch - 1
-            kept = (f"the files of epoch {done} in {self.out_dir} are intact; fix it and rerun with --resume" if done
-                    else f"nothing of this run was written to {self.out_dir}")
-            raise FileWriteError(f"{exc} after epoch {self.epoch}; {kept}", getattr(exc, "errno", None)) from None
-
-    def _save_sharded(self, improved: bool) -> None:
-        """_save_epoch for sharded tables: best and last through torch.distributed.checkpoint (every rank
-        writes its shards), then rank 0 writes best.pt / last.pt naming them, and history.csv."""
-        try:
-            if improved:
-                self.sharded.save(self.out_dir, "best", self.epoch, self.payload, optimizer=False)
-            self.sharded.save(self.out_dir, "last", self.epoch, self.state, optimizer=True)
-            if self.is_main:
-                self._write_history()
-        except OSError as exc:
-            raise FileWriteError(f"{exc} after epoch {self.epoch}; rerun with --resume", getattr(exc, "errno", None)) \
-                from None
-
-    def _write_history(self) -> None:
-        keys = list(dict.fromkeys(k for row in self.history for k in row))
-        path = self._path("history.csv")
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=keys)
-        w.writeheader()
-        w.writerows(self.history)
-        atomic_write_text(buf.getvalue(), path)
-
-
 def _quiet(*_args, **_kwargs) -> None:
     """The log of ranks other than 0."""
 
@@ -681,64 +473,3 @@ def _warn_stderr(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _json_safe(obj):
-    """``obj`` with NaN / infinite floats as None (JSON has no NaN: an undefined AUC is written as null)."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    return obj
-
-
-def write_metrics(metrics: dict, path: str) -> None:
-    """Metrics as strict JSON (undefined values as null), written atomically."""
-    atomic_write_text(json.dumps(_json_safe(metrics), indent=2, default=float, allow_nan=False), path)
-
-
-def run_fingerprint(trainer) -> dict:
-    """What ``dtn compare`` keys the reuse of a finished run on: its config, data, encoders and code."""
-    from .checkpoint import run_key
-
-    return run_key(trainer.config.to_dict(), trainer.data_fingerprint, trainer._encoder_fp, code_version())
-
-
-def train_model(name: str, data, config: Config, out_dir: str | None = None, resume: bool | dict = False, log=print,
-                warn=None):
-    """Build ``name`` for ``data`` (SplitData, or StreamingData for a streamed table), train, evaluate on test.
-    ``resume``: continue from ``out_dir/last.pt`` when it exists (True), or from a loaded last.pt (dict);
-    either is checked to be a run of this model, config and data first."""
-    seed_everything(config.train.seed)
-    sharded = S.wanted(config, D.rank_and_world()[1], resume)
-    S.check_embedding_optimizer(config, sharded)
-    from ..features.torchrec_input import deferred_tables
-
-    with deferred_tables() if sharded else contextlib.nullcontext():  # sharded: no process allocates whole tables
-        model = build_model(name, data.schema, config.model, device=config.train.device)
-    n_params = model.num_parameters()  # before any sharding (a rank then holds a part of the tables)
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, name=model.cfg.name))
-    trainer = Trainer(model, config, out_dir, data.encoder, getattr(data, "fingerprint", None), warn=warn,
-                      sharded=sharded, log=log)
-    t0 = time.perf_counter()
-    trainer.fit(data.train, data.valid, resume=resume, log=log)
-    result = {"model": model.cfg.name, "params": n_params, "best_epoch": trainer.best_epoch,
-              "epochs_run": trainer.epoch, "train_seconds": time.perf_counter() - t0,
-              "selection": trainer.selection, "valid": trainer.evaluate(data.valid), "test": trainer.evaluate(data.test)}
-    result["world_size"] = trainer.world_size  # processes that trained it (torchrun), 1 without
-    if trainer.sharded:
-        result["sharding_plan"] = trainer.sharded.plan
-    if trainer.task_weighting is not None:  # the learned weights at the end of the last epoch
-        result["task_weights"] = dict(zip(model.tasks, trainer.task_weighting.weights()))
-    result["fingerprint"] = run_fingerprint(trainer)
-    if trainer.resumed:
-        result["resumed"] = trainer.resumed
-    if out_dir and trainer.is_main:
-        try:
-            write_metrics(result, os.path.join(out_dir, "metrics.json"))
-        except OSError as exc:
-            raise FileWriteError(f"{exc}; training finished and best.pt / last.pt in {out_dir} are complete: rerun with "
-                                 "--resume to write the metrics", getattr(exc, "errno", None)) from None
-    return trainer, result
