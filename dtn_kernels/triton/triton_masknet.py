@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, resolve_tf32
+from ..precision import interpreting, resolve_tf32
 from ._launch import cdiv, launch, pow2, row_block
 from .triton_linear import EPI_BIAS_RELU, EPI_NONE, EPI_RELU_GRAD, EPI_SPLIT_MUL, gemm, rows_contiguous
 
