@@ -1,8 +1,8 @@
 """The reference twins' hand-written backwards against autograd of the twins' own forwards, in fp32.
 
 Each ``pt_*_backward`` in ``dtn_kernels/reference`` writes out, in PyTorch, the formula a kernel's
-backward computes (Triton for the FIMs and the gate, C++/CUDA for the embedding bag's fused
-update). The float64 gradchecks in the op tests exercise them through the ops; here each one is
+backward computes (Triton for the FIMs and the gate, the compiled extension for the embedding
+bag's fused update). The float64 gradchecks in the op tests exercise them through the ops; here each one is
 compared directly, in fp32 (the precision the kernels run), with ``torch.autograd.grad`` of the
 same twin's forward -- odd shapes, every input that has a gradient, the tolerances of
 tests/numerics.py (fp32: |a - e| <= 1e-5 + 1e-4 |e|).
