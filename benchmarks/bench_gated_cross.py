@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import EMBED_DIM, NUM_FIELDS, bench_device, group_grid, module_case, run_group
+from harness import EMBED_DIM, NUM_FIELDS, bench_device, group_grid, run_module_group
 from dtn.layers.gdcn import CrossNetwork
 
 DEVICE = bench_device()
@@ -26,8 +26,5 @@ def make_inputs(batch):
 
 @pytest.mark.parametrize("batch,mode,precision", group_grid(), ids=lambda v: str(v))
 def test_gated_cross(benchmark, batch, mode, precision, request):
-    run_group(benchmark, "gated_cross", mode, batch, precision,
-              lambda provider: module_case("gated_cross", provider, mode, batch, build, make_inputs,
-                                           precision=precision,
-                                           shape=f"B={batch} dim={DIM} layers={LAYERS}"),
-              DEVICE, request, extra=("fused_cublas",))
+    run_module_group(benchmark, "gated_cross", mode, batch, precision, build, make_inputs,
+                     f"B={batch} dim={DIM} layers={LAYERS}", DEVICE, request, extra=("fused_cublas",))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import EMBED_DIM, NUM_FIELDS, bench_device, group_grid, module_case, run_group
+from harness import EMBED_DIM, NUM_FIELDS, bench_device, group_grid, run_module_group
 from dtn.layers.memonet import HCNet
 
 DEVICE = bench_device()
@@ -30,9 +30,5 @@ def make_inputs(batch):
 
 @pytest.mark.parametrize("batch,mode,precision", group_grid(), ids=lambda v: str(v))
 def test_hcnet(benchmark, batch, mode, precision, request):
-    run_group(benchmark, "hcnet", mode, batch, precision,
-              lambda provider: module_case("hcnet", provider, mode, batch, build, make_inputs,
-                                           precision=precision,
-                                           shape=f"B={batch} fields={NUM_CATEGORICAL} H={HASHES} N={BUCKETS} "
-                                                 f"d_c={CODEBOOK_DIM}"),
-              DEVICE, request)
+    run_module_group(benchmark, "hcnet", mode, batch, precision, build, make_inputs,
+                     f"B={batch} fields={NUM_CATEGORICAL} H={HASHES} N={BUCKETS} d_c={CODEBOOK_DIM}", DEVICE, request)

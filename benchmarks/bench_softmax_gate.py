@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import EMBED_DIM, HIDDEN, NUM_FIELDS, bench_device, group_grid, module_case, run_group
+from harness import EMBED_DIM, HIDDEN, NUM_FIELDS, bench_device, group_grid, run_module_group
 from dtn.layers.gating import SoftmaxGate
 
 DEVICE = bench_device()
@@ -28,8 +28,5 @@ def make_inputs(batch):
 
 @pytest.mark.parametrize("batch,mode,precision", group_grid(), ids=lambda v: str(v))
 def test_softmax_gate(benchmark, batch, mode, precision, request):
-    run_group(benchmark, "softmax_gate", mode, batch, precision,
-              lambda provider: module_case("softmax_gate", provider, mode, batch, build, make_inputs,
-                                           precision=precision,
-                                           shape=f"B={batch} in={DIM} K={CANDIDATES} h={HIDDEN}"),
-              DEVICE, request)
+    run_module_group(benchmark, "softmax_gate", mode, batch, precision, build, make_inputs,
+                     f"B={batch} in={DIM} K={CANDIDATES} h={HIDDEN}", DEVICE, request)

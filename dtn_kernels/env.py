@@ -9,7 +9,7 @@ import platform
 import torch
 
 from . import BUILT_FOR_TORCH, C_EXT_ERROR, HAS_C_EXT, HAS_CUDA_EXT, HAS_TRITON
-from .triton._dispatch import interpreting, tf32_enabled, triton_on_cpu
+from .precision import interpreting, tf32_enabled, triton_on_cpu
 
 FUSED_OPS = ("gated_cross", "mask_block", "hcnet", "softmax_gate")
 

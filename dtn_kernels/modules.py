@@ -10,6 +10,9 @@
 
 :func:`dtn_kernels.set_kernels` turns each into its fused twin (``dtn_kernels.nn``) in place. The
 model zoo (``dtn.layers``) builds its FIMs on these; this package never imports it.
+
+The math is written once, in the ops' reference twins (``dtn_kernels.reference.pt_*``): these layers
+hold the parameters and call the twins' forward functions (autograd through plain PyTorch).
 """
 from __future__ import annotations
 
@@ -19,7 +22,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .hashing import field_salt, fmix32, hash_seed, M32
+from .hashing import field_salt, hash_seed
+from .reference.pt_gated_cross import pt_gated_cross
+from .reference.pt_hcnet import pt_hcnet_buckets, pt_hcnet_from_buckets
+from .reference.pt_masknet import pt_instance_mask, pt_mask_block_forward
+from .reference.pt_softmax_gate import pt_softmax_gate
 
 
 class GatedCrossLayer(nn.Module):
@@ -38,10 +45,7 @@ class GatedCrossLayer(nn.Module):
             self.register_parameter("gate_weight", None)
 
     def forward(self, x0: torch.Tensor, xl: torch.Tensor) -> torch.Tensor:
-        h = torch.nn.functional.linear(xl, self.weight, self.bias)
-        if self.gated:
-            h = h * torch.sigmoid(torch.nn.functional.linear(xl, self.gate_weight))
-        return x0 * h + xl
+        return pt_gated_cross(x0, xl, self.weight, self.bias, self.gate_weight if self.gated else None)
 
 
 class CrossNetwork(nn.Module):
@@ -67,7 +71,7 @@ class InstanceMask(nn.Module):
         self.fc2 = nn.Linear(hidden, output_dim, device=device)
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(e)))
+        return pt_instance_mask(e, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)[1]
 
 
 class MaskBlock(nn.Module):
@@ -80,7 +84,9 @@ class MaskBlock(nn.Module):
         self.norm = nn.LayerNorm(output_dim, device=device)
 
     def forward(self, e: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.norm(self.hidden(self.mask(e) * v)))
+        fc1, fc2, norm = self.mask.fc1, self.mask.fc2, self.norm
+        return pt_mask_block_forward(e, v, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.hidden.weight, norm.weight,
+                                     norm.bias, norm.eps)[0]
 
 
 class HCNet(nn.Module):
@@ -129,30 +135,17 @@ class HCNet(nn.Module):
         return int(self.fields.numel())
 
     def buckets(self, cat_ids: torch.Tensor) -> torch.Tensor:
-        """Bucket ids [B, M, H] of every cross under every hash (= :func:`cross_hash`).
-
-        The per-field parts of the hash are computed once per (row, field), not per cross.
-        """
-        a = fmix32((cat_ids[:, self.fields].long() & M32) ^ self.salts)  # [B, S]
-        b = a[:, self.pair_j]  # [B, M]
-        out = []
-        for s in self.seeds:
-            left = fmix32(a ^ s)[:, self.pair_i]  # [B, M]
-            out.append(fmix32(left ^ b) % self.num_buckets)
-        return torch.stack(out, dim=-1)
+        """Bucket ids [B, M, H] of every cross under every hash (= ``dtn_kernels.hashing.cross_hash``)."""
+        return pt_hcnet_buckets(cat_ids[:, self.fields], self.salts, self.seeds, self.num_buckets,
+                                (self.pair_i, self.pair_j))
 
     def attention(self, E: torch.Tensor) -> torch.Tensor:
         return self.senet(E.mean(dim=-1))  # [B, M]
 
     def forward(self, E: torch.Tensor, cat_ids: torch.Tensor) -> torch.Tensor:
-        idx = self.buckets(cat_ids)  # [B, M, H]
-        if self.codebook.shape[0] == 1:
-            cw = self.codebook[0][idx]  # [B, M, H, d_c]  -- the big eager intermediate
-        else:
-            cw = torch.stack([self.codebook[h][idx[..., h]] for h in range(self.num_hashes)], dim=2)
-        v = self.restore(cw.flatten(2))  # [B, M, d]
-        w = self.attention(E)  # [B, M]
-        return torch.einsum("sm,bmd->bsd", self.incidence, w[..., None] * v)
+        # the gather builds the [B, M, H, d_c] codewords: the big eager intermediate the kernel avoids
+        return pt_hcnet_from_buckets(self.buckets(cat_ids), self.codebook, self.restore.weight, self.attention(E),
+                                     self.incidence)
 
 
 class SoftmaxGate(nn.Module):
@@ -168,8 +161,4 @@ class SoftmaxGate(nn.Module):
         self.linear = nn.Linear(input_dim, num_experts, device=device)
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, mask: torch.Tensor | None = None):
-        logits = self.linear(x)
-        if mask is not None:
-            logits = logits.masked_fill(~mask, float("-inf"))
-        w = torch.softmax(logits, dim=-1)
-        return torch.einsum("bk,bkh->bh", w, experts), w
+        return pt_softmax_gate(x, experts, self.linear.weight, self.linear.bias, mask)

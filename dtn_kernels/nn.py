@@ -24,7 +24,7 @@ from .ops.gated_cross import cross_network, gated_cross
 from .ops.hcnet import hcnet
 from .ops.masknet import mask_block
 from .ops.softmax_gate import softmax_gate
-from .triton._dispatch import use_triton
+from .precision import use_triton
 
 __all__ = ["FusedGatedCrossLayer", "FusedCrossNetwork", "FusedMaskBlock", "FusedHCNet", "FusedSoftmaxGate",
            "FUSED_TWINS", "grouping_here"]

@@ -17,9 +17,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCH)
 
+import compile_budget  # noqa: E402
 import graphs  # noqa: E402
 import harness  # noqa: E402
 import report  # noqa: E402
+import results_log  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -31,8 +33,8 @@ def bench_env(monkeypatch):
         if var.startswith("DTN_BENCH_"):
             monkeypatch.delenv(var)
     monkeypatch.setenv("DTN_BENCH_DEVICE", "cpu")
-    monkeypatch.setattr(harness, "_COMPILE_SEEN", {})
-    monkeypatch.setattr(harness, "SKIPPED", [])
+    monkeypatch.setattr(compile_budget, "_COMPILE_SEEN", {})
+    monkeypatch.setattr(results_log, "SKIPPED", [])
     return monkeypatch
 
 
@@ -218,7 +220,7 @@ def test_run_group_compiles_within_budget_and_applies_autocast(bench_env, tmp_pa
     assert all(r["interleaved_with"] == timed and r["final"] for r in out.values())
     assert all(r["numerics"] == ("reference" if p == "eager" else "ok") for p, r in out.items())
     assert seen and all(autocast for _, autocast in seen)  # every provider's forward ran under bf16 autocast
-    assert harness._COMPILE_SEEN["op"]  # the compile providers' first calls feed the next estimate
+    assert compile_budget._COMPILE_SEEN["op"]  # the compile providers' first calls feed the next estimate
     seen.clear()
     harness.run_group(FakeBenchmark(), "toy_op", "fwd", 8, "fp32", lambda p: _sleepy_case("toy_op", p, 0.001, seen),
                       CPU, fused_on_cpu=True)

@@ -1,8 +1,8 @@
-"""Precision policy and GEMM routing of the fused ops (dtn_kernels/triton/_dispatch.py)."""
+"""Precision policy and GEMM routing of the fused ops (dtn_kernels/precision.py)."""
 import pytest
 import torch
 
-from dtn_kernels.triton import _dispatch as D
+from dtn_kernels import precision as D
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from dtn_kernels.reference.pt_hcnet import pt_hcnet
 from dtn_kernels.reference.pt_masknet import pt_mask_block
 from dtn_kernels.reference.pt_softmax_gate import pt_softmax_gate
 from dtn_kernels.sm90_check import GATE_PAPER, GATED_CROSS_PAPER, GROUPED_PAPER, HCNET_PAPER, MASK_BLOCK_PAPER
-from dtn_kernels.triton import _dispatch
+from dtn_kernels import precision as kernel_precision
 
 import test_triton_gated_cross as tgc
 import test_triton_hcnet as thc
@@ -41,7 +41,7 @@ def policy(precision):
     torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
     try:
         if precision == "tf32":
-            assert _dispatch.tf32_enabled(), "the TF32 policy did not take: the test would check IEEE fp32"
+            assert kernel_precision.tf32_enabled(), "the TF32 policy did not take: the test would check IEEE fp32"
             yield torch.float32, TF32_TOLERANCES
         else:
             yield torch.bfloat16, None

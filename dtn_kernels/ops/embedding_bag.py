@@ -25,16 +25,9 @@ from dtn_kernels.reference.pt_embedding_bag import pt_embedding_bag
 __all__ = ["embedding_bag", "raise_pending_errors", "set_check_every_call", "check_every_call"]
 
 
-def embedding_bag(
-    weight: torch.Tensor,
-    table_offsets: torch.Tensor,
-    indices: torch.Tensor,
-    offsets: torch.Tensor,
-    mode: str = "sum",
-    per_sample_weights: Optional[torch.Tensor] = None,
-    padding_idx: Optional[int] = None,
-    sparse: bool = False,
-) -> torch.Tensor:
+def embedding_bag(weight: torch.Tensor, table_offsets: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
+                  mode: str = "sum", per_sample_weights: Optional[torch.Tensor] = None,
+                  padding_idx: Optional[int] = None, sparse: bool = False) -> torch.Tensor:
     """Pools bags of ids from T embedding tables stacked in one ``weight``; returns [B, T*d].
 
     Layout (FBGEMM-style, table-major):

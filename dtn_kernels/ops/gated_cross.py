@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..reference._group import member, stack_members
 from ..reference.pt_gated_cross import pt_gated_cross_backward, pt_gated_cross_from_pre, pt_gated_cross_pre
-from ..triton._dispatch import cast_floats, compute_dtype, use_triton
+from ..precision import cast_floats, compute_dtype, use_triton
 
 
 @torch.library.custom_op("dtn::gated_cross", mutates_args=())

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..reference.pt_hcnet import pt_hcnet, pt_hcnet_backward
-from ..triton._dispatch import cast_floats, compute_dtype, use_triton
+from ..precision import cast_floats, compute_dtype, use_triton
 
 
 @torch.library.custom_op("dtn::hcnet", mutates_args=())

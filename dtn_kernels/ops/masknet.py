@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..reference.pt_masknet import pt_mask_block, pt_mask_block_backward
-from ..triton._dispatch import cast_floats, compute_dtype, use_triton
+from ..precision import cast_floats, compute_dtype, use_triton
 
 
 @torch.library.custom_op("dtn::mask_block", mutates_args=())

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..reference.pt_softmax_gate import (pt_softmax_gate, pt_softmax_gate_backward, pt_softmax_mix,
                                         pt_softmax_mix_backward)
-from ..triton._dispatch import cast_floats, compute_dtype, use_triton
+from ..precision import cast_floats, compute_dtype, use_triton
 
 
 @torch.library.custom_op("dtn::softmax_gate", mutates_args=())

@@ -50,16 +50,9 @@ def _first_true(mask: torch.Tensor) -> int:
     return int(mask.nonzero()[0, 0])
 
 
-def check_jagged_input(
-    weight: torch.Tensor,
-    table_offsets: torch.Tensor,
-    indices: torch.Tensor,
-    offsets: torch.Tensor,
-    mode: str = "sum",
-    per_sample_weights: Optional[torch.Tensor] = None,
-    padding_idx: Optional[int] = None,
-    values: bool = True,
-) -> tuple[int, int]:
+def check_jagged_input(weight: torch.Tensor, table_offsets: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
+                       mode: str = "sum", per_sample_weights: Optional[torch.Tensor] = None,
+                       padding_idx: Optional[int] = None, values: bool = True) -> tuple[int, int]:
     """Validates the input exactly like the compiled op (same messages); returns (T, B).
 
     ``values=False``: shapes, dtypes and devices only (no tensor is read, so no host sync)."""
@@ -144,16 +137,9 @@ def check_jagged_input(
     return T, B
 
 
-def pt_embedding_bag(
-    weight: torch.Tensor,
-    table_offsets: torch.Tensor,
-    indices: torch.Tensor,
-    offsets: torch.Tensor,
-    mode: str = "sum",
-    per_sample_weights: Optional[torch.Tensor] = None,
-    padding_idx: Optional[int] = None,
-    sparse: bool = False,
-) -> torch.Tensor:
+def pt_embedding_bag(weight: torch.Tensor, table_offsets: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
+                     mode: str = "sum", per_sample_weights: Optional[torch.Tensor] = None,
+                     padding_idx: Optional[int] = None, sparse: bool = False) -> torch.Tensor:
     """Reference table-batched embedding bag: one ``F.embedding_bag`` over shifted ids.
 
     With ``mode="max"`` the weight gradient is dense even if ``sparse`` (F.embedding_bag

@@ -1,25 +1,67 @@
 """Pure-PyTorch twin of ``torch.ops.dtn.hcnet``: the CPU path and the test oracle.
 
-It computes exactly what ``dtn_kernels.modules.HCNet.forward`` does after the SENet, with the
-same hash (``cross_hash``), including the [B, M, H, d_c] codeword tensor the kernel avoids.
+It is what ``dtn_kernels.modules.HCNet.forward`` runs after the SENet (the layer calls
+:func:`pt_hcnet_buckets` and :func:`pt_hcnet_from_buckets` with its precomputed pairs and
+incidence), with the hash of :func:`dtn_kernels.hashing.cross_hash`, including the
+[B, M, H, d_c] codeword tensor the kernel avoids.
 """
 from __future__ import annotations
+
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from ._group import stack_members
 
-from ..hashing import cross_hash
+from ..hashing import M32, fmix32
 
 
-def pt_hcnet_buckets(ids: torch.Tensor, salts: torch.Tensor, seeds: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """[B, M, H] buckets of every cross (i < j, itertools.combinations order) under every seed."""
-    S = ids.shape[1]
-    pi, pj = torch.triu_indices(S, S, 1, device=ids.device)
-    ii, jj = ids[:, pi].long(), ids[:, pj].long()
-    si, sj = salts.long()[pi], salts.long()[pj]
-    return torch.stack([cross_hash(ii, jj, si, sj, int(s), num_buckets) for s in seeds.tolist()], dim=-1)
+def pt_hcnet_pairs(num_fields: int, device=None) -> torch.Tensor:
+    """[2, M] (i, j) of every cross i < j of ``num_fields`` fields, in itertools.combinations order."""
+    return torch.triu_indices(num_fields, num_fields, 1, device=device)
+
+
+def pt_hcnet_buckets(ids: torch.Tensor, salts: torch.Tensor, seeds: Union[torch.Tensor, Sequence[int]],
+                     num_buckets: int, pairs: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+    """[B, M, H] buckets of every cross under every seed: ``cross_hash(ids[:, i], ids[:, j], salts[i],
+    salts[j], seed, num_buckets)`` for the crosses (i, j) of ``pairs`` (default :func:`pt_hcnet_pairs`).
+
+    The per-field part of the hash is computed once per (row, field), not per cross. ``seeds``: an
+    int64 tensor [H] or the ints themselves (a layer keeps them on the host: no device read).
+    """
+    pi, pj = pairs if pairs is not None else pt_hcnet_pairs(ids.shape[1], ids.device)
+    a = fmix32((ids.long() & M32) ^ salts.long())  # [B, S]
+    b = a[:, pj]  # [B, M]
+    seeds = seeds.tolist() if torch.is_tensor(seeds) else seeds
+    return torch.stack([fmix32(fmix32(a ^ s)[:, pi] ^ b) % num_buckets for s in seeds], dim=-1)
+
+
+def pt_hcnet_incidence(pairs: Sequence[torch.Tensor], num_fields: int, dtype=torch.float32) -> torch.Tensor:
+    """[S, M]: 1 where field s is one of the two fields of cross k."""
+    pi, pj = pairs
+    incidence = torch.zeros(num_fields, pi.numel(), device=pi.device, dtype=dtype)
+    k = torch.arange(pi.numel(), device=pi.device)
+    incidence[pi, k] = 1.0
+    incidence[pj, k] = 1.0
+    return incidence
+
+
+def pt_hcnet_codewords(idx: torch.Tensor, codebook: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, M, H*d_c]: the H codewords of every cross side by side, converted to ``dtype`` (the
+    gathered rows only: the codebook may be kept in fp32)."""
+    if codebook.shape[0] == 1:
+        cw = codebook[0][idx]  # [B, M, H, d_c]
+    else:
+        cw = torch.stack([codebook[h][idx[..., h]] for h in range(idx.shape[-1])], dim=2)
+    return cw.to(dtype).flatten(2)
+
+
+def pt_hcnet_from_buckets(idx: torch.Tensor, codebook: torch.Tensor, restore_weight: torch.Tensor,
+                          attn: torch.Tensor, incidence: torch.Tensor) -> torch.Tensor:
+    """U [B, S, d] from the buckets [B, M, H]: gather, linear restoring, attentive shrinking."""
+    v = F.linear(pt_hcnet_codewords(idx, codebook, restore_weight.dtype), restore_weight)  # [B, M, d]
+    return torch.einsum("sm,bmd->bsd", incidence, attn[..., None] * v)
 
 
 def pt_hcnet(ids: torch.Tensor, salts: torch.Tensor, seeds: torch.Tensor, codebook: torch.Tensor,
@@ -35,22 +77,10 @@ def pt_hcnet(ids: torch.Tensor, salts: torch.Tensor, seeds: torch.Tensor, codebo
     if codebook.dim() == 4:
         return torch.stack([pt_hcnet(ids, salts, seeds[g], codebook[g], restore_weight[g], attn[g])
                             for g in range(codebook.shape[0])])
-    B, S = ids.shape
-    books, N, _ = codebook.shape
-    idx = pt_hcnet_buckets(ids, salts, seeds, N)  # [B, M, H]
-    H = idx.shape[-1]
-    if books == 1:
-        cw = codebook[0][idx]  # [B, M, H, d_c]
-    else:
-        cw = torch.stack([codebook[h][idx[..., h]] for h in range(H)], dim=2)
-    cw = cw.to(restore_weight.dtype)  # the gathered rows only (the codebook may be kept in fp32)
-    v = F.linear(cw.flatten(2), restore_weight)  # [B, M, d]
-    pi, pj = torch.triu_indices(S, S, 1, device=ids.device)
-    incidence = torch.zeros(S, pi.numel(), device=ids.device, dtype=v.dtype)
-    k = torch.arange(pi.numel(), device=ids.device)
-    incidence[pi, k] = 1.0
-    incidence[pj, k] = 1.0
-    return torch.einsum("sm,bmd->bsd", incidence, attn[..., None] * v)
+    S = ids.shape[1]
+    pairs = pt_hcnet_pairs(S, ids.device)
+    idx = pt_hcnet_buckets(ids, salts, seeds, codebook.shape[1], pairs)  # [B, M, H]
+    return pt_hcnet_from_buckets(idx, codebook, restore_weight, attn, pt_hcnet_incidence(pairs, S, restore_weight.dtype))
 
 
 def pt_hcnet_backward(grad_u, ids, salts, seeds, codebook, restore_weight, attn):
@@ -59,17 +89,12 @@ def pt_hcnet_backward(grad_u, ids, salts, seeds, codebook, restore_weight, attn)
     if codebook.dim() == 4:
         return stack_members([pt_hcnet_backward(grad_u[g], ids, salts, seeds[g], codebook[g], restore_weight[g],
                                                 attn[g]) for g in range(codebook.shape[0])])
-    B, S = grad_u.shape[:2]
     books, N, dc = codebook.shape
-    idx = pt_hcnet_buckets(ids, salts, seeds, N)  # [B, M, H]
+    pi, pj = pairs = pt_hcnet_pairs(grad_u.shape[1], ids.device)
+    idx = pt_hcnet_buckets(ids, salts, seeds, N, pairs)  # [B, M, H]
     H = idx.shape[-1]
-    if books == 1:
-        cw = codebook[0][idx]
-    else:
-        cw = torch.stack([codebook[h][idx[..., h]] for h in range(H)], dim=2)
-    cw = cw.to(restore_weight.dtype).flatten(2)  # [B, M, H*dc]
+    cw = pt_hcnet_codewords(idx, codebook, restore_weight.dtype)  # [B, M, H*dc]
     v = F.linear(cw, restore_weight)
-    pi, pj = torch.triu_indices(S, S, 1, device=ids.device)
     G = grad_u[:, pi] + grad_u[:, pj]  # [B, M, d]
     dattn = (G * v).sum(-1)
     dv = attn[..., None] * G

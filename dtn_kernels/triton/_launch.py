@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ._dispatch import interpreting
+from ..precision import interpreting
 
 GRID_YZ_LIMIT = 65_535
 GRID_X_LIMIT = 2 ** 31 - 1
@@ -200,15 +200,15 @@ def count_launches(num_sms: int = 132):
     yielded list gets one kernel name per launch. Outputs of Triton kernels stay uninitialised -- for
     counting what a step issues, not for results."""
     global _COUNTED, _CAPTURE
-    from . import _dispatch
+    from .. import precision
 
     counted: list = []
-    _COUNTED, _dispatch._COUNTING = counted, True
+    _COUNTED, precision._COUNTING = counted, True
     cap, _CAPTURE = _CAPTURE, Capture(num_sms)  # num_sms() reads the SM count from it
     try:
         yield counted
     finally:
-        _COUNTED, _dispatch._COUNTING, _CAPTURE = None, False, cap
+        _COUNTED, precision._COUNTING, _CAPTURE = None, False, cap
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import fused_gemm_in_triton, interpreting, resolve_tf32
+from ..precision import fused_gemm_in_triton, interpreting, resolve_tf32
 from ._launch import cdiv, Tiles, gemm_tiles, grid_1d, launch, pow2
 from .triton_linear import GROUP_M, _tile_of, precision, rows_contiguous
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, resolve_tf32, tensor_cores
+from ..precision import interpreting, resolve_tf32, tensor_cores
 from ._launch import cdiv, grid_1d, launch, num_sms, pow2
 from .triton_linear import precision
 

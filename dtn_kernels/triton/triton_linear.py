@@ -7,7 +7,7 @@ group of G of the same shape in one launch.
 
 Accumulation is fp32 whatever the input dtype. :func:`gemm` runs it in Triton when tensor cores
 apply (bf16/fp16, or fp32 under a TF32 policy) and as cuBLAS + torch element-wise ops otherwise
-(``_dispatch.fused_gemm_in_triton``); plain GEMMs never come here (the ops call ``torch.mm`` /
+(``dtn_kernels.precision.fused_gemm_in_triton``); plain GEMMs never come here (the ops call ``torch.mm`` /
 ``bmm``). Tiles: ``_launch.gemm_tiles``; 1-D grid (members x tiles), each member's tiles in
 groups of ``GROUP_M`` row tiles, so consecutive programs reuse the same B columns from L2.
 """
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import fused_gemm_in_triton
+from ..precision import fused_gemm_in_triton
 from ._launch import cdiv, gemm_tiles, grid_1d, launch
 
 EPI_NONE, EPI_BIAS, EPI_BIAS_RELU, EPI_RELU_GRAD, EPI_SPLIT_MUL = 0, 1, 2, 3, 4

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, resolve_tf32
+from ..precision import interpreting, resolve_tf32
 from ._launch import cdiv, launch, pow2, row_block
 from .triton_linear import EPI_BIAS_RELU, EPI_NONE, EPI_RELU_GRAD, EPI_SPLIT_MUL, gemm, rows_contiguous
 
@@ -36,19 +36,23 @@ def _row_chunk(DO: int, bm: int) -> int:
 
 
 @triton.jit
+def _ln_member_rows(z_ptr, g_ptr, bt_ptr, mean_ptr, rstd_ptr, B, DO, BM: tl.constexpr):
+    """Both row kernels' layout: member g = program_id(1) of a group (rows [G, B, DO], gamma / beta
+    [G, DO], statistics [G, B]). Returns g, the tensors they share shifted to member g, and this
+    program's block of rows (rm, rm as int64, in-range mask)."""
+    grp = tl.program_id(1).to(tl.int64)
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    return (grp, z_ptr + grp * B * DO, g_ptr + grp * DO, bt_ptr + grp * DO, mean_ptr + grp * B, rstd_ptr + grp * B,
+            rm, rm.to(tl.int64), rm < B)
+
+
+@triton.jit
 def _ln_relu_fwd_kernel(z_ptr, g_ptr, bt_ptr, out_ptr, mean_ptr, rstd_ptr, B, DO, eps,
                         BM: tl.constexpr, BN: tl.constexpr):
     """Rows of member g = program_id(1) (z, out: [G, B, DO]; gamma, beta: [G, DO]; stats: [G, B])."""
-    grp = tl.program_id(1).to(tl.int64)
-    z_ptr += grp * B * DO
+    grp, z_ptr, g_ptr, bt_ptr, mean_ptr, rstd_ptr, rm, rm64, rmask = _ln_member_rows(z_ptr, g_ptr, bt_ptr, mean_ptr,
+                                                                                     rstd_ptr, B, DO, BM)
     out_ptr += grp * B * DO
-    g_ptr += grp * DO
-    bt_ptr += grp * DO
-    mean_ptr += grp * B
-    rstd_ptr += grp * B
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rm64 = rm.to(tl.int64)
-    rmask = rm < B
     # pass 1: per-chunk mean and M2, merged into the running ones (Chan et al.): no cancellation
     n = tl.zeros((BM,), dtype=tl.float32)
     mean = tl.zeros((BM,), dtype=tl.float32)
@@ -103,20 +107,13 @@ def _ln_relu_grad_chunk(go_ptr, z_ptr, g_ptr, bt_ptr, mean, rstd, rmask, rm64, n
 def _ln_relu_bwd_kernel(go_ptr, z_ptr, mean_ptr, rstd_ptr, g_ptr, bt_ptr, dz_ptr, dg_ptr, db_ptr, B, DO,
                         BM: tl.constexpr, BN: tl.constexpr):
     """Rows of member g = program_id(1); dgamma / dbeta partials [G, blocks, DO]."""
-    grp = tl.program_id(1).to(tl.int64)
+    grp, z_ptr, g_ptr, bt_ptr, mean_ptr, rstd_ptr, rm, rm64, rmask = _ln_member_rows(z_ptr, g_ptr, bt_ptr, mean_ptr,
+                                                                                     rstd_ptr, B, DO, BM)
     pid = tl.program_id(0)
     go_ptr += grp * B * DO
-    z_ptr += grp * B * DO
     dz_ptr += grp * B * DO
-    g_ptr += grp * DO
-    bt_ptr += grp * DO
-    mean_ptr += grp * B
-    rstd_ptr += grp * B
     dg_ptr += grp * tl.num_programs(0) * DO
     db_ptr += grp * tl.num_programs(0) * DO
-    rm = pid * BM + tl.arange(0, BM)
-    rm64 = rm.to(tl.int64)
-    rmask = rm < B
     mean = tl.load(mean_ptr + rm, mask=rmask, other=0.0)
     rstd = tl.load(rstd_ptr + rm, mask=rmask, other=0.0)
     c1 = tl.zeros((BM,), dtype=tl.float32)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting
+from ..precision import interpreting
 from ._launch import cdiv, grid_1d, launch, pow2, row_block
 
 

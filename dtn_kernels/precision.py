@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .. import HAS_TRITON
+from . import HAS_TRITON
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
