@@ -5,13 +5,15 @@ A test needs a GPU when it says so the way this repository's tests do: the ``req
 marker (tests/triton_env.py, pyproject.toml), or a ``skipif`` whose reason names CUDA or a GPU
 ("needs a CUDA device ..."), on the test or on its module (``pytestmark``). A test merely named
 after CUDA, e.g. a CPU emulation of the CUDA kernel's algorithm, is not selected: it runs in the
-CPU suite already. New GPU test files need nothing else to be picked up.
+CPU suite already; nor is one whose reason merely names the package ``fbgemm-gpu`` (the TorchRec
+tests' skip reason lists the installed ``fbgemm-gpu(-cpu)``: they run on CPU, in the CPU suite). New
+GPU test files need nothing else to be picked up.
 """
 from __future__ import annotations
 
 import re
 
-_GPU_WORDS = re.compile(r"\b(cuda|gpu)\b", re.IGNORECASE)
+_GPU_WORDS = re.compile(r"(?<!fbgemm-)\b(cuda|gpu)\b", re.IGNORECASE)
 
 
 def needs_gpu(item) -> bool:

@@ -639,6 +639,8 @@ def test_gpu_test_selection_keeps_tests_that_declare_a_gpu(tmp_path):
         "def test_skipif_names_cuda(): pass\n"
         "@pytest.mark.skipif(False, reason='no parquet engine')\n"
         "def test_other_skipif(): pass\n"
+        "@pytest.mark.skipif(False, reason='TorchRec is not usable here: torchrec 1.8.0, fbgemm-gpu-cpu 1.8.0')\n"
+        "def test_cpu_torchrec(): pass\n"
         "def test_emulated_cuda_algorithm_on_cpu(): pass\n")
     (tmp_path / "test_mod.py").write_text(
         "import pytest\n"
@@ -651,7 +653,7 @@ def test_gpu_test_selection_keeps_tests_that_declare_a_gpu(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     picked = sorted(line.split("::")[-1] for line in proc.stdout.splitlines() if "::" in line)
     assert picked == ["test_in_gpu_module", "test_marked", "test_skipif_names_cuda"]
-    assert "2 deselected" in proc.stdout
+    assert "3 deselected" in proc.stdout
 
 
 def test_suite_records_every_stage_and_goes_on_after_a_timeout(tmp_path):

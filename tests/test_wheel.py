@@ -1,6 +1,8 @@
 """The wheel: built with the compiled extension, installed into a fresh venv next to the same torch,
 the ops run; under another torch the import warns once (naming both versions and how to rebuild)
-and the PyTorch twins run -- never an undefined-symbol crash. Slow (it compiles the extension)."""
+and the PyTorch twins run -- never an undefined-symbol crash. `pip wheel` compiles in this tree's build/
+folder: after scripts/setup_env.sh (which compiles there) ninja finds the objects up to date and only
+links; from an empty build/ it compiles everything (minutes)."""
 from __future__ import annotations
 
 import glob
@@ -14,6 +16,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# the fresh venv's interpreter runs without PYTHONPATH: a PYTHONPATH naming this tree (as when the
+# tests run with PYTHONPATH=$PWD) would import the tree's dtn_kernels instead of the wheel's
+VENV_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 PROBE = textwrap.dedent("""
     import sys, warnings
@@ -50,14 +55,25 @@ def venv(tmp_path_factory):
     assert len(wheels) == 1, wheels
     subprocess.run([sys.executable, "-m", "venv", str(tmp / "venv")], check=True, timeout=300)
     py = str(tmp / "venv" / "bin" / "python")
-    torch_pin = f"torch=={torch.__version__.split('+')[0]}"  # the on-disk build: no download
-    subprocess.run([py, "-m", "pip", "install", "-q", torch_pin], check=True, env=env, timeout=1200)
-    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", wheels[0]], check=True, env=env, timeout=600)
+    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", wheels[0]], check=True,
+                   env={**VENV_ENV, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}, timeout=600)
+    # the same torch: this interpreter's installation, put on the new venv's path by a .pth file
+    # (after the venv's own site-packages, so the wheel's dtn_kernels is the one imported) instead of
+    # a second copy unpacked from pip's cache (~900 MB, half a minute). Written after the install:
+    # pip would otherwise see this environment's dtn-kernels there and install nothing.
+    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True,
+                          capture_output=True, text=True, timeout=120, env=VENV_ENV).stdout.strip()
+    Path(site, "same_torch.pth").write_text(str(Path(torch.__file__).resolve().parents[1]) + "\n")
+    probe = "import torch, dtn_kernels; print(torch.__version__, torch.__file__, dtn_kernels.__file__)"
+    version, torch_file, kernels_file = subprocess.run([py, "-c", probe], check=True, capture_output=True, text=True,
+                                                       timeout=300, cwd="/", env=VENV_ENV).stdout.split()
+    assert version == torch.__version__ and Path(torch_file).resolve() == Path(torch.__file__).resolve(), torch_file
+    assert Path(kernels_file).resolve().is_relative_to(Path(site).resolve()), kernels_file  # the wheel, not this tree
     return py
 
 
 def _probe(py):
-    proc = subprocess.run([py, "-c", PROBE], capture_output=True, text=True, timeout=600, cwd="/")
+    proc = subprocess.run([py, "-c", PROBE], capture_output=True, text=True, timeout=600, cwd="/", env=VENV_ENV)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
 
@@ -69,7 +85,8 @@ def test_wheel_runs_the_compiled_op(venv):
 
 def test_other_torch_warns_once_and_runs_the_twins(venv):
     info = Path(subprocess.run([venv, "-c", "import importlib.util as u; print(u.find_spec('dtn_kernels').origin)"],
-                               capture_output=True, text=True, check=True, cwd="/").stdout.strip()).parent / "_build_info.py"
+                               capture_output=True, text=True, check=True, cwd="/", env=VENV_ENV).stdout.strip()
+                ).parent / "_build_info.py"
     original = info.read_text()
     assert f"TORCH_VERSION = '{torch.__version__}'" in original
     info.write_text(original.replace(f"'{torch.__version__}'", "'2.4.1+cu121'"))
