@@ -144,10 +144,11 @@ class TrainConfig:
     # (Kendall et al. 2018, dtn.train.task_weighting)
     task_weighting: str = _f("static", choices=("static", "uncertainty"))
     log: str = _f("none", choices=("none", "tensorboard"))  # "tensorboard": event files in <out>/tensorboard
-    # the embedding tables' optimizer (dtn.train.embedding_optim): "adam" (dense, with the other weights) or a
-    # fused sparse one that updates only the rows a batch touched: "sgd", "rowwise_adagrad", "lazy_adam"
+    # the embedding tables' optimizer (dtn.train.embedding_optim): a fused sparse one that updates only the rows
+    # a batch touched: "rowwise_adagrad" (the default: Census-Income quality in the README), "sgd", "lazy_adam";
+    # or "adam" (dense, with the other weights; the paper's, and unsharded TorchRec tables' only one)
     # (sharded TorchRec tables run it fused into FBGEMM's backward: dtn.train.sharded.fused_optimizer)
-    embedding_optimizer: str = _f("adam", choices=EMBEDDING_OPTIMIZERS)
+    embedding_optimizer: str = _f("rowwise_adagrad", choices=EMBEDDING_OPTIMIZERS)
     # its lr (the LR schedule scales it like train.lr); null: the optimizer's default
     # (dtn.train.embedding_optim.DEFAULT_EMBEDDING_LR: train.lr for adam and lazy_adam)
     embedding_lr: Optional[float] = _f(None, gt=0.0)

@@ -181,7 +181,9 @@ def test_bad_values_name_the_key_and_what_is_allowed(key, value, needles):
 
 def test_default_embedding_lrs():
     t = load_config("cpu").train
-    assert t.embedding_optimizer == "adam" and t.embedding_lr is None
+    assert t.embedding_optimizer == "rowwise_adagrad" and t.embedding_lr is None
+    assert embedding_lr(t) == 0.1  # the default optimizer's default lr
+    assert load_config("paper").train.embedding_optimizer == "adam"  # the paper's Adam on every weight
     for opt in ("adam", "lazy_adam"):
         assert embedding_lr(dataclasses.replace(t, embedding_optimizer=opt)) == t.lr
     for opt in ("sgd", "rowwise_adagrad"):
@@ -234,7 +236,7 @@ def test_the_lr_schedule_scales_the_embedding_lr(synth):
 
 
 def test_adam_with_an_embedding_lr_is_a_group_of_its_own(synth):
-    trainer = _trainer(synth, embedding_lr=0.05, warmup_steps=2)
+    trainer = _trainer(synth, embedding_optimizer="adam", embedding_lr=0.05, warmup_steps=2)
     groups = trainer.optimizer.param_groups
     assert groups[1]["params"] == [trainer.model.input_layer.weight] and groups[1]["lr"] == 0.05
     batch, labels = synth.train.batch(slice(0, 64))

@@ -33,8 +33,12 @@ def test_without_torchrec_the_cli_says_how_to_install_it(monkeypatch, capsys, tm
 
 @needs_torchrec
 @pytest.mark.parametrize("extra, needles", [
-    (["--set", "model.torchrec.shard=always"], ["train.embedding_optimizer = 'adam'", "'sgd', 'rowwise_adagrad'"]),
-    (["--set", "train.embedding_optimizer=sgd"], ["train.embedding_optimizer = 'sgd'", "shard=always"]),
+    (["--set", "model.torchrec.shard=always", "--set", "train.embedding_optimizer=adam"],
+     ["train.embedding_optimizer = 'adam'", "'sgd', 'rowwise_adagrad'"]),
+    (["--set", "train.embedding_optimizer=sgd"], ["train.embedding_optimizer = 'sgd':", "shard=always",
+                                                  "--set train.embedding_optimizer=adam"]),
+    ([], ["train.embedding_optimizer = 'rowwise_adagrad' (the default)", "shard=always",
+          "unsharded TorchRec tables train with the dense Adam: add --set train.embedding_optimizer=adam"]),
     (["--set", "model.torchrec.shard=always", "--set", "train.embedding_optimizer=lazy_adam"], ["CPU kernels fuse"]),
 ])
 def test_the_tables_optimizer_is_checked(capsys, tmp_path, extra, needles):
@@ -43,6 +47,20 @@ def test_the_tables_optimizer_is_checked(capsys, tmp_path, extra, needles):
                  "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dtn train: config error:") and all(n in err[0] for n in needles), err
+
+
+@needs_torchrec
+def test_unsharded_tables_train_with_the_dense_adam_when_asked(tmp_path):
+    """train.embedding_optimizer=adam (what the default's error says to set): one process trains the
+    unsharded TorchRec tables (a plain last.pt, not a sharded one, holding the collection's tables)."""
+    args = ["train", "--dataset", "synthetic", "--set", "data.synthetic_rows=400", "--model", "mmoe",
+            "--set", "model.embed_dim=4", "--set", "model.tower_hidden=[8]", "--set", "model.expert_hidden=[8]",
+            "--set", "train.progress=false", "--epochs", "1", "--threads", "1",
+            "--set", "model.embeddings=torchrec", "--set", "train.embedding_optimizer=adam", "--out", str(tmp_path)]
+    assert main(args) == 0
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert "sharded" not in ckpt or not ckpt["sharded"]
+    assert any(".ebc." in k for k in ckpt["model_state"])
 
 
 @needs_torchrec

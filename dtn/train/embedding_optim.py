@@ -1,12 +1,16 @@
 """The embedding tables' optimizer in training (``train.embedding_optimizer``, ``train.embedding_lr``).
 
-* ``adam`` (the default): the embedding weight is one more parameter of the dense Adam (a dense
-  [R, d] gradient and Adam moments for every row, every step); with ``train.embedding_lr`` set it
-  is a parameter group of its own with that lr.
-* ``sgd``, ``rowwise_adagrad``, ``lazy_adam``: a fused sparse optimizer owned by the input layer
-  (:mod:`dtn.features.fused_embedding`) updates only the rows a batch touched, inside the backward;
-  the dense Adam keeps every other parameter. The state (``input_layer.sparse_optimizer.*``) is part
-  of the model's state_dict, so ``last.pt`` carries it (``best.pt``, a model file, does not).
+* ``rowwise_adagrad`` (the default), ``sgd``, ``lazy_adam``: a fused sparse optimizer owned by the
+  input layer (:mod:`dtn.features.fused_embedding`) updates only the rows a batch touched, inside the
+  backward; the dense Adam keeps every other parameter. The state (``input_layer.sparse_optimizer.*``)
+  is part of the model's state_dict, so ``last.pt`` carries it (``best.pt``, a model file, does not).
+  ``rowwise_adagrad`` is the default: on Census-Income (``cpu`` config, 3 seeds) it beats the dense
+  Adam on DTN on every seed and is within noise on MMoE, with one float32 of state per row and a step
+  that does not grow with the vocabulary (README, "Sparse embedding optimizers").
+* ``adam``: the embedding weight is one more parameter of the dense Adam (a dense [R, d] gradient
+  and Adam moments for every row, every step); with ``train.embedding_lr`` set it is a parameter
+  group of its own with that lr. The paper's setup (``paper`` config), and the only one of
+  unsharded TorchRec tables (:func:`dtn.train.sharded.check_embedding_optimizer`).
 
 How it meets the trainer's options:
 

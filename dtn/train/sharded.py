@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed as D
-from ..config import ConfigError
+from ..config import ConfigError, TrainConfig
 from .embedding_optim import embedding_lr
 
 MODEL_PARALLEL = ("table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise")
@@ -43,6 +43,7 @@ CUDA_ONLY = ("row_wise", "table_row_wise")
 # train.embedding_optimizer -> the torchrec optimizer class whose FBGEMM EmbOptimType runs fused
 FUSED = {"sgd": "SGD", "rowwise_adagrad": "RowWiseAdagrad", "lazy_adam": "Adam"}
 FUSED_CPU = ("sgd", "rowwise_adagrad")
+TRAIN_DEFAULTS = TrainConfig()
 
 
 @contextlib.contextmanager
@@ -73,12 +74,16 @@ def wanted(config, world_size: int, resume=None) -> bool:
 
 
 def check_embedding_optimizer(config, sharded: bool) -> None:
-    """train.embedding_optimizer other than adam: the sharded tables' fused optimizer."""
+    """train.embedding_optimizer other than adam: the sharded tables' fused optimizer. Unsharded TorchRec tables
+    are plain parameters of the dense Adam: with any other optimizer (the default rowwise_adagrad included) the run
+    stops and says what to set, rather than training the tables with another optimizer than the config names."""
     name = config.train.embedding_optimizer
     if not sharded and name != "adam" and config.model.embeddings == "torchrec":
-        raise ConfigError(f"train.embedding_optimizer = {name!r}: with model.embeddings = 'torchrec' it runs fused on "
-                          "sharded tables only (under torchrun, or model.torchrec.shard=always); allowed for unsharded "
-                          "TorchRec tables: 'adam' (or model.embeddings=own, whose tables run every embedding optimizer)")
+        default = " (the default)" if name == TRAIN_DEFAULTS.embedding_optimizer else ""
+        raise ConfigError(f"train.embedding_optimizer = {name!r}{default}: with model.embeddings = 'torchrec' it runs "
+                          "fused on sharded tables only (under torchrun, or model.torchrec.shard=always); unsharded "
+                          "TorchRec tables train with the dense Adam: add --set train.embedding_optimizer=adam "
+                          "(or model.embeddings=own, whose tables run every embedding optimizer)")
 
 
 def check_request(config, world_size: int) -> None:
