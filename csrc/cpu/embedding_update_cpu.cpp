@@ -50,12 +50,15 @@ constexpr int64_t kRowsAhead = 16;
 // lie T*d apart; a few samples ahead does not cover the latency of the L3 or of memory).
 constexpr int64_t kGradSamplesAhead = 64;
 
-// Prefetch of every cache line of [p, p + bytes) (kWrite: for writing). Never faults.
+// Prefetch of every cache line of [p, p + bytes) (kWrite: for writing). Never faults. GCC
+// counts a prefetch as no side effect, so a loop of nothing but prefetches may be deleted
+// as dead (it was, here, once inlined into a lambda): the empty volatile asm keeps it.
 template <int kWrite>
 inline void prefetch_lines(const void* p, int64_t bytes) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   for (uintptr_t l = a & ~uintptr_t(63); l < a + uintptr_t(bytes); l += 64) {
     __builtin_prefetch(reinterpret_cast<const void*>(l), kWrite, 3);
+    __asm__ __volatile__("" : : "r"(l));
   }
 }
 
