@@ -42,7 +42,25 @@ constexpr const char* kRowsName = "dtn::embedding_rows_update";
 
 constexpr int64_t kDenseTableBytes = 1 << 20;
 constexpr int64_t kDenseRowsPerId = 4;
-constexpr int64_t kRowsAhead = 12;  // touched rows prefetched ahead in the update pass
+// Pass 3: the weight row, state and gradient slice of the touched row this many rows ahead
+// are prefetched, every cache line of them (rows are scattered: each is a miss, often a TLB
+// miss, and a single-line prefetch leaves the row's other lines to stall the update).
+constexpr int64_t kRowsAhead = 16;
+// Pass 1, dense path: a table's grad_output slice this many samples ahead (a table's slices
+// lie T*d apart; a few samples ahead does not cover the latency of the L3 or of memory).
+constexpr int64_t kGradSamplesAhead = 64;
+
+// Prefetch of every cache line of [p, p + bytes) (kWrite: for writing). Never faults. GCC
+// counts a prefetch as no side effect, so a loop of nothing but prefetches may be deleted
+// as dead (it was, here, once inlined into a lambda): the empty volatile asm keeps it.
+template <int kWrite>
+inline void prefetch_lines(const void* p, int64_t bytes) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  for (uintptr_t l = a & ~uintptr_t(63); l < a + uintptr_t(bytes); l += 64) {
+    __builtin_prefetch(reinterpret_cast<const void*>(l), kWrite, 3);
+    __asm__ __volatile__("" : : "r"(l));
+  }
+}
 
 // One id: its key (local id, or global row) and its position in indices (in row_grads).
 struct Entry {
@@ -82,36 +100,60 @@ void radix_sort(std::vector<Entry>& a, std::vector<Entry>& tmp, int bits) {
   }
 }
 
-// A touched row: its reduced fp32 gradient is ready (`grad`, the dense-table path), or it is the
-// sum over the sorted entries [e0, e1) of table t.
-struct Touched {
-  int64_t row;
-  const float* grad;
-  const Entry* e0;
-  const Entry* e1;
-  int64_t t;
+// A touched row of a table: its local id and, on the sort path, its first sorted entry (the
+// row's entries run to the next run's first, or to the end).
+struct Run {
+  int64_t id;
+  int64_t e0;
 };
 
 // What pass 1 leaves per table.
 struct TableWork {
-  std::vector<float> acc;       // dense path: rows x D
-  std::vector<Entry> entries;   // sort path, sorted by local id
-  std::vector<Touched> touched;
+  bool dense = false;           // dense path (a small table): acc holds the reduced gradients
   bool one_id = false;          // every bag holds one id: the bag of position i is i - p0
   int64_t p0 = 0;
+  int64_t base = 0;             // the table's first global row
+  std::vector<float> acc;       // dense path: rows x D
+  std::vector<Entry> entries;   // sort path, sorted by local id
+  std::vector<Run> runs;        // the touched rows, one run each
 };
 
 // ------------------------------------------------------------------ the update of one row
 
 // g_in: the row's reduced fp32 gradient; g: scratch of D floats. The twin's operations, in order.
+// g_in may be a slice of grad_output itself (a row with one id): "+ 0.f" turns its -0 into the +0
+// that the twin's sum into zeros gives (and changes nothing else).
 template <EmbOptimizer kOpt, int kD, typename scalar_t>
 inline void update_row(scalar_t* __restrict__ w, float* __restrict__ s1, float* __restrict__ s2,
                        const float* __restrict__ g_in, float* __restrict__ g, const UpdateParams& p, int64_t D_) {
+  if constexpr (kOpt != EmbOptimizer::LazyAdam && kVec4<kD, float, scalar_t>) {
+    // fp32 rows of a compile-time d: the same operations on each element, 4 lanes at a time;
+    // rowwise_adagrad's sum of g*g runs in 4 vector partial sums (a fixed order: deterministic)
+    f32x4 sq[4] = {};
+    for (int c = 0; c < kD; c += 4) {
+      f32x4 x = (load4(g_in + c) + 0.f) * p.grad_scale;
+      if (p.weight_decay != 0.f) x = x + p.weight_decay * load4(w + c);
+      if constexpr (kOpt == EmbOptimizer::Sgd) {
+        store4(w + c, load4(w + c) - p.lr * x);
+      } else {
+        store4(g + c, x);
+        sq[(c / 4) % 4] += x * x;
+      }
+    }
+    if constexpr (kOpt == EmbOptimizer::RowwiseAdagrad) {
+      const f32x4 q = (sq[0] + sq[1]) + (sq[2] + sq[3]);
+      const float s = s1[0] + ((q[0] + q[1]) + (q[2] + q[3])) / float(kD);
+      s1[0] = s;
+      const float den = std::sqrt(s) + p.eps;
+      for (int c = 0; c < kD; c += 4) store4(w + c, load4(w + c) - (p.lr * load4(g + c)) / den);
+    }
+    return;
+  }
   const int64_t D = kD > 0 ? kD : D_;
   if (p.weight_decay != 0.f) {
-    for (int64_t c = 0; c < D; ++c) g[c] = g_in[c] * p.grad_scale + p.weight_decay * float(w[c]);
+    for (int64_t c = 0; c < D; ++c) g[c] = (g_in[c] + 0.f) * p.grad_scale + p.weight_decay * float(w[c]);
   } else {
-    for (int64_t c = 0; c < D; ++c) g[c] = g_in[c] * p.grad_scale;
+    for (int64_t c = 0; c < D; ++c) g[c] = (g_in[c] + 0.f) * p.grad_scale;
   }
   if constexpr (kOpt == EmbOptimizer::Sgd) {
     for (int64_t c = 0; c < D; ++c) w[c] = static_cast<scalar_t>(float(w[c]) - p.lr * g[c]);
@@ -133,42 +175,44 @@ inline void update_row(scalar_t* __restrict__ w, float* __restrict__ s1, float* 
   }
 }
 
-// Pass 3: the touched rows of every list (one per table), in one parallel loop. For each row,
-// grad_of(x, acc) returns its reduced gradient (accumulating into acc when it must), then the
-// update; prefetch_of(x) is called kRowsAhead rows earlier. Each row has one owner thread.
-template <EmbOptimizer kOpt, int kD, typename scalar_t, typename GradOf, typename PrefetchOf>
-void update_touched(const std::vector<const std::vector<Touched>*>& lists, scalar_t* W, float* S1, float* S2,
-                    const UpdateParams& p, int64_t D, GradOf grad_of, PrefetchOf prefetch_of) {
-  std::vector<int64_t> start(lists.size() + 1, 0);  // first global index of each list
-  for (size_t l = 0; l < lists.size(); ++l) start[l + 1] = start[l] + static_cast<int64_t>(lists[l]->size());
+// Pass 3: the touched rows of every list (one per table), in one parallel loop over their
+// global index u (list l holds [start[l], start[l + 1])). For the row (l, j): row_of(l, j) is
+// its global row, grad_of(l, j, acc) its reduced gradient (accumulated into acc when it must
+// be), then the update. kRowsAhead rows earlier, its weight row and state are prefetched and
+// prefetch_grad(l, j) is called. Each row has one owner thread.
+template <EmbOptimizer kOpt, int kD, typename scalar_t, typename RowOf, typename GradOf, typename PrefetchGrad>
+void update_runs(const std::vector<int64_t>& start, scalar_t* W, float* S1, float* S2, const UpdateParams& p,
+                 int64_t D, RowOf row_of, GradOf grad_of, PrefetchGrad prefetch_grad) {
   const int64_t U = start.back();
   const int64_t row_bytes = D * int64_t(sizeof(scalar_t));
+  auto list_of = [&](int64_t u) {
+    return size_t(std::upper_bound(start.begin(), start.end(), u) - start.begin() - 1);
+  };
   at::parallel_for(0, U, std::max<int64_t>(1, 2048 / std::max<int64_t>(D, 1)), [&](int64_t u0, int64_t u1) {
     BagAcc<float, kD> abuf(D), gbuf(D);
     float* __restrict__ acc = abuf.data();
     float* __restrict__ g = gbuf.data();
-    // (list, index) of u0 and of u0 + kRowsAhead, walked forward together
-    size_t l = size_t(std::upper_bound(start.begin(), start.end(), u0) - start.begin() - 1);
-    size_t la = size_t(std::upper_bound(start.begin(), start.end(), std::min(u0 + kRowsAhead, U)) - start.begin() - 1);
+    // the lists of u and of u + kRowsAhead, walked forward together
+    size_t l = list_of(u0), la = list_of(std::min(u0 + kRowsAhead, U));
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t ua = u + kRowsAhead;
       if (ua < u1) {
         while (ua >= start[la + 1]) ++la;
-        const Touched& y = (*lists[la])[size_t(ua - start[la])];
-        prefetch_row(W, y.row, row_bytes);
-        if (kOpt == EmbOptimizer::LazyAdam) {
-          prefetch_row(S1, y.row, D * 4);
-          prefetch_row(S2, y.row, D * 4);
+        const int64_t ja = ua - start[la], ra = row_of(la, ja);
+        prefetch_lines<1>(W + ra * D, row_bytes);
+        if constexpr (kOpt == EmbOptimizer::RowwiseAdagrad) __builtin_prefetch(S1 + ra, 1, 3);
+        if constexpr (kOpt == EmbOptimizer::LazyAdam) {
+          prefetch_lines<1>(S1 + ra * D, D * 4);
+          prefetch_lines<1>(S2 + ra * D, D * 4);
         }
-        prefetch_of(y);
+        prefetch_grad(la, ja);
       }
       while (u >= start[l + 1]) ++l;
-      const Touched& x = (*lists[l])[size_t(u - start[l])];
-      const float* gr = grad_of(x, acc);
-      float* s1 = kOpt == EmbOptimizer::RowwiseAdagrad ? S1 + x.row : kOpt == EmbOptimizer::LazyAdam ? S1 + x.row * D
-                                                                                                      : nullptr;
-      float* s2 = kOpt == EmbOptimizer::LazyAdam ? S2 + x.row * D : nullptr;
-      update_row<kOpt, kD>(W + x.row * D, s1, s2, gr, g, p, D);
+      const int64_t j = u - start[l], r = row_of(l, j);
+      const float* gr = grad_of(l, j, acc);
+      float* s1 = kOpt == EmbOptimizer::RowwiseAdagrad ? S1 + r : kOpt == EmbOptimizer::LazyAdam ? S1 + r * D : nullptr;
+      float* s2 = kOpt == EmbOptimizer::LazyAdam ? S2 + r * D : nullptr;
+      update_row<kOpt, kD>(W + r * D, s1, s2, gr, g, p, D);
     }
   });
 }
@@ -200,19 +244,23 @@ void gather_table(int64_t t, const FusedArgs& a, const scalar_t* __restrict__ G,
                   int32_t* __restrict__ bag_b, float* __restrict__ scale_of, TableWork& w, ErrorSlot& errors) {
   const BagShape& sh = a.sh;
   const int64_t B = sh.B, N = sh.N, D = kD > 0 ? kD : sh.D, TD = sh.T * D, k0 = t * B;
-  const int64_t base = a.toff[t], rows = a.toff[t + 1] - base, pad = a.pad;
-  for (int64_t k = k0; k < k0 + B; ++k) {
-    BagError err;
-    if (!bag_bounds_ok(k, off[k], off[k + 1], N, err)) {
-      errors.offer(err);
-      return;
+  const int64_t rows = a.toff[t + 1] - a.toff[t], pad = a.pad;
+  w.base = a.toff[t];
+  if (B == 0) return;
+  // one id per bag (every categorical field): bags in range, no per-bag checks needed
+  w.one_id = single_id_run(off, k0, B, N);
+  if (!w.one_id) {
+    for (int64_t k = k0; k < k0 + B; ++k) {
+      BagError err;
+      if (!bag_bounds_ok(k, off[k], off[k + 1], N, err)) {
+        errors.offer(err);
+        return;
+      }
     }
   }
-  if (B == 0) return;
   const int64_t p0 = off[k0], n = int64_t(off[k0 + B]) - p0;
   if (n == 0) return;
   w.p0 = p0;
-  w.one_id = single_id_run(off, k0, B, N);
   // the scale of bag k's ids: psw[i] (/ count for mean), 1 / count for mean, else 1
   auto bag_count = [&](int64_t s, int64_t e) {
     int64_t c = e - s;
@@ -222,45 +270,68 @@ void gather_table(int64_t t, const FusedArgs& a, const scalar_t* __restrict__ G,
     return c;
   };
   const bool mean = a.mode == PoolMode::Mean, max = a.mode == PoolMode::Max;
-  const bool dense = rows * D * int64_t(sizeof(float)) <= kDenseTableBytes && rows <= kDenseRowsPerId * n;
-  if (dense) {
+  w.dense = rows * D * int64_t(sizeof(float)) <= kDenseTableBytes && rows <= kDenseRowsPerId * n;
+  if (w.dense) {
     w.acc.assign(size_t(rows * D), 0.f);
     std::vector<uint8_t> hit(size_t(rows), 0);
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t k = k0 + b, s = off[k], e = off[k + 1];
-      const scalar_t* __restrict__ g = G + b * TD + t * D;
-      // this table's slices lie T*d apart, across pages, where hardware prefetchers stop
-      if (b + kSampleAhead < B) __builtin_prefetch(g + kSampleAhead * TD, 0, 3);
-      const int64_t count = mean ? std::max<int64_t>(bag_count(s, e), 1) : 1;
-      const float inv = 1.f / float(count);
-      for (int64_t i = s; i < e; ++i) {
-        const int64_t id = idx[i];
+    float* __restrict__ acc = w.acc.data();
+    const scalar_t* __restrict__ Gt = G + t * D;
+    // grad_output's slice of sample b, kGradSamplesAhead samples on prefetched (no pointer is
+    // formed past the end)
+    const uintptr_t step = uintptr_t(TD * int64_t(sizeof(scalar_t)));
+    const uintptr_t ahead = uintptr_t(Gt) + uintptr_t(kGradSamplesAhead) * step;
+    if (w.one_id && !max) {  // the slice of sample b goes to row idx[p0 + b], times psw (mean of one id: 1)
+      for (int64_t b = 0; b < B; ++b) {
+        __builtin_prefetch(reinterpret_cast<const void*>(ahead + uintptr_t(b) * step), 0, 3);
+        const int64_t i = p0 + b, id = idx[i];
         if (id == pad) continue;
         if (id < 0 || id >= rows) {
-          errors.offer(bad_id(k, i, id, rows));
+          errors.offer(bad_id(k0 + b, i, id, rows));
           return;
         }
-        float* __restrict__ r = w.acc.data() + id * D;
         hit[size_t(id)] = 1;
-        if (max) {
-          const int64_t* am = amax + k * D;
-          for (int64_t c = 0; c < D; ++c) r[c] += am[c] == i ? float(g[c]) : 0.f;
-        } else if (psw != nullptr) {
-          row_axpy<kD>(r, g, mean ? float(psw[i]) / float(count) : float(psw[i]), D);
-        } else if (a.need_scale) {
-          row_axpy<kD>(r, g, inv, D);
+        if (psw != nullptr) {
+          row_axpy<kD>(acc + id * D, Gt + b * TD, float(psw[i]), D);
         } else {
-          row_add<kD>(r, g, D);
+          row_add<kD>(acc + id * D, Gt + b * TD, D);
+        }
+      }
+    } else {
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t k = k0 + b, s = off[k], e = off[k + 1];
+        const scalar_t* __restrict__ g = Gt + b * TD;
+        __builtin_prefetch(reinterpret_cast<const void*>(ahead + uintptr_t(b) * step), 0, 3);
+        const int64_t count = mean ? std::max<int64_t>(bag_count(s, e), 1) : 1;
+        const float inv = 1.f / float(count);
+        for (int64_t i = s; i < e; ++i) {
+          const int64_t id = idx[i];
+          if (id == pad) continue;
+          if (id < 0 || id >= rows) {
+            errors.offer(bad_id(k, i, id, rows));
+            return;
+          }
+          float* __restrict__ r = acc + id * D;
+          hit[size_t(id)] = 1;
+          if (max) {
+            const int64_t* am = amax + k * D;
+            for (int64_t c = 0; c < D; ++c) r[c] += am[c] == i ? float(g[c]) : 0.f;
+          } else if (psw != nullptr) {
+            row_axpy<kD>(r, g, mean ? float(psw[i]) / float(count) : float(psw[i]), D);
+          } else if (a.need_scale) {
+            row_axpy<kD>(r, g, inv, D);
+          } else {
+            row_add<kD>(r, g, D);
+          }
         }
       }
     }
     for (int64_t id = 0; id < rows; ++id) {
-      if (hit[size_t(id)]) w.touched.push_back({base + id, w.acc.data() + id * D, nullptr, nullptr, t});
+      if (hit[size_t(id)]) w.runs.push_back({id, -1});
     }
     return;
   }
   w.entries.reserve(size_t(n));
-  if (w.one_id) {  // every categorical field: one id per bag, no scale (mean of one id is the id)
+  if (w.one_id) {  // no scale but psw (mean of one id is the id)
     for (int64_t i = p0; i < p0 + n; ++i) {
       const int64_t id = idx[i];
       if (id == pad) continue;
@@ -295,11 +366,9 @@ void gather_table(int64_t t, const FusedArgs& a, const scalar_t* __restrict__ G,
   radix_sort(w.entries, tmp, bit_width(uint64_t(std::max<int64_t>(rows - 1, 0))));
   const Entry* e = w.entries.data();
   const int64_t m = static_cast<int64_t>(w.entries.size());
-  for (int64_t j = 0; j < m;) {
-    int64_t j1 = j + 1;
-    while (j1 < m && e[j1].key == e[j].key) ++j1;
-    w.touched.push_back({base + e[j].key, nullptr, e + j, e + j1, t});
-    j = j1;
+  w.runs.reserve(size_t(m));
+  for (int64_t j = 0; j < m; ++j) {
+    if (j == 0 || e[j].key != e[j - 1].key) w.runs.push_back({e[j].key, j});
   }
 }
 
@@ -324,42 +393,52 @@ void fused_kernel(EmbOptimizer opt, const UpdateParams& p, const FusedArgs& a, c
     }
   });
   errors.raise_if_any(kFusedName, sh);  // before anything is written
-  std::vector<const std::vector<Touched>*> lists;
-  for (const TableWork& w : work) lists.push_back(&w.touched);
+  std::vector<int64_t> start(size_t(T) + 1, 0);
+  for (int64_t t = 0; t < T; ++t) start[size_t(t) + 1] = start[size_t(t)] + int64_t(work[size_t(t)].runs.size());
   const bool max = a.mode == PoolMode::Max, need_scale = a.need_scale;
   const int32_t* bb = bag_b.get();
   const float* sc = scale_of.get();
-  dispatch_optimizer(opt, [&](auto o) {
-    auto slice_of = [&](const Touched& x, int64_t i) {  // grad_output's slice of the id at position i
-      const TableWork& w = work[size_t(x.t)];
-      return G + (w.one_id ? i - w.p0 : int64_t(bb[i])) * TD + x.t * D;
-    };
-    auto prefetch_of = [&](const Touched& x) {
-      if (x.grad == nullptr) __builtin_prefetch(slice_of(x, x.e0->pos), 0, 3);
-    };
-    update_touched<decltype(o)::value, kD>(lists, W, S1, S2, p, D, [&](const Touched& x, float* acc) -> const float* {
-      if (x.grad != nullptr) return x.grad;
-      const TableWork& w = work[size_t(x.t)];
-      const scalar_t* Gt = G + x.t * D;
-      for (int64_t c = 0; c < D; ++c) acc[c] = 0.f;
-      for (const Entry* e = x.e0; e < x.e1; ++e) {
-        const int64_t i = e->pos, b = w.one_id ? i - w.p0 : int64_t(bb[i]);
-        const scalar_t* __restrict__ g = Gt + b * TD;
-        if (e + 2 < x.e1) {  // the slices of the next ids (a row's ids come from scattered samples)
-          const int64_t i2 = e[2].pos;
-          __builtin_prefetch(Gt + (w.one_id ? i2 - w.p0 : int64_t(bb[i2])) * TD, 0, 3);
-        }
-        if (max) {
-          const int64_t* a_k = am + (x.t * B + b) * D;
-          for (int64_t c = 0; c < D; ++c) acc[c] += a_k[c] == i ? float(g[c]) : 0.f;
-        } else if (need_scale) {
-          row_axpy<kD>(acc, g, sc[i], D);
-        } else {
-          row_add<kD>(acc, g, D);
-        }
+  const int64_t slice_bytes = D * int64_t(sizeof(scalar_t));
+  auto slice_of = [&](const TableWork& w, int64_t t, int64_t i) {  // grad_output's slice of the id at position i
+    return G + (w.one_id ? i - w.p0 : int64_t(bb[i])) * TD + t * D;
+  };
+  auto end_of = [&](const TableWork& w, int64_t j) {  // one past the last entry of run j
+    return j + 1 < int64_t(w.runs.size()) ? w.runs[size_t(j) + 1].e0 : int64_t(w.entries.size());
+  };
+  auto row_of = [&](size_t l, int64_t j) { return work[l].base + work[l].runs[size_t(j)].id; };
+  auto prefetch_grad = [&](size_t l, int64_t j) {
+    const TableWork& w = work[l];
+    if (!w.dense) prefetch_lines<0>(slice_of(w, int64_t(l), w.entries[size_t(w.runs[size_t(j)].e0)].pos), slice_bytes);
+  };
+  auto grad_of = [&](size_t l, int64_t j, float* acc) -> const float* {
+    const TableWork& w = work[l];
+    const Run& run = w.runs[size_t(j)];
+    if (w.dense) return w.acc.data() + run.id * D;
+    const Entry* e0 = w.entries.data() + run.e0;
+    const Entry* e1 = w.entries.data() + end_of(w, j);
+    if constexpr (std::is_same<scalar_t, float>::value) {  // one plain id: its slice is the gradient
+      if (e1 == e0 + 1 && !max && !need_scale) return slice_of(w, int64_t(l), e0->pos);
+    }
+    const int64_t t = int64_t(l);
+    for (int64_t c = 0; c < D; ++c) acc[c] = 0.f;
+    for (const Entry* e = e0; e < e1; ++e) {
+      const int64_t i = e->pos;
+      const scalar_t* __restrict__ g = slice_of(w, t, i);
+      if (e + 2 < e1) prefetch_lines<0>(slice_of(w, t, e[2].pos), slice_bytes);  // a row's ids: scattered samples
+      if (max) {
+        const int64_t b = w.one_id ? i - w.p0 : int64_t(bb[i]);
+        const int64_t* a_k = am + (t * B + b) * D;
+        for (int64_t c = 0; c < D; ++c) acc[c] += a_k[c] == i ? float(g[c]) : 0.f;
+      } else if (need_scale) {
+        row_axpy<kD>(acc, g, sc[i], D);
+      } else {
+        row_add<kD>(acc, g, D);
       }
-      return acc;
-    }, prefetch_of);
+    }
+    return acc;
+  };
+  dispatch_optimizer(opt, [&](auto o) {
+    update_runs<decltype(o)::value, kD>(start, W, S1, S2, p, D, row_of, grad_of, prefetch_grad);
   });
 }
 
@@ -371,26 +450,25 @@ void rows_kernel(EmbOptimizer opt, const UpdateParams& p, const int64_t* rows, i
   std::vector<Entry> entries(static_cast<size_t>(n)), tmp;
   for (int64_t i = 0; i < n; ++i) entries[size_t(i)] = {rows[i], i};
   radix_sort(entries, tmp, bit_width(uint64_t(std::max<int64_t>(R - 1, 0))));
-  std::vector<Touched> all;
+  std::vector<Run> runs;
   const Entry* e = entries.data();
-  for (int64_t j = 0; j < n;) {
-    int64_t j1 = j + 1;
-    while (j1 < n && e[j1].key == e[j].key) ++j1;
-    all.push_back({e[j].key, nullptr, e + j, e + j1, 0});
-    j = j1;
+  for (int64_t j = 0; j < n; ++j) {
+    if (j == 0 || e[j].key != e[j - 1].key) runs.push_back({e[j].key, j});
   }
-  const std::vector<const std::vector<Touched>*> lists{&all};
+  const int64_t U = static_cast<int64_t>(runs.size());
+  const std::vector<int64_t> start{0, U};
   dispatch_dim(D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
     dispatch_optimizer(opt, [&](auto o) {
-      update_touched<decltype(o)::value, kD>(
-          lists, W, S1, S2, p, D,
-          [&](const Touched& x, float* acc) -> const float* {
+      update_runs<decltype(o)::value, kD>(
+          start, W, S1, S2, p, D, [&](size_t, int64_t j) { return runs[size_t(j)].id; },
+          [&](size_t, int64_t j, float* acc) -> const float* {
+            const int64_t q0 = runs[size_t(j)].e0, q1 = j + 1 < U ? runs[size_t(j) + 1].e0 : n;
             for (int64_t c = 0; c < D; ++c) acc[c] = 0.f;
-            for (const Entry* q = x.e0; q < x.e1; ++q) row_add<kD>(acc, RG + q->pos * D, D);
+            for (int64_t q = q0; q < q1; ++q) row_add<kD>(acc, RG + e[q].pos * D, D);
             return acc;
           },
-          [&](const Touched& x) { __builtin_prefetch(RG + x.e0->pos * D, 0, 3); });
+          [&](size_t, int64_t j) { prefetch_lines<0>(RG + e[runs[size_t(j)].e0].pos * D, D * 4); });
     });
   });
 }
