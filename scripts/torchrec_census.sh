@@ -22,9 +22,9 @@ run() {  # run <folder> <dtn train args...>
 }
 for seed in $SEEDS; do
   run "$OUT/own/seed$seed" "$PY" -m dtn train --model "$MODEL" --config cpu --threads 1 --set train.progress=false \
-      --set "train.seed=$seed"
+      --set "train.seed=$seed" --set train.embedding_optimizer=adam
   run "$OUT/torchrec/seed$seed" "$PY" -m dtn train --model "$MODEL" --config cpu --threads 1 --set train.progress=false \
-      --set "train.seed=$seed" --set model.embeddings=torchrec
+      --set "train.seed=$seed" --set train.embedding_optimizer=adam --set model.embeddings=torchrec
 done
 seed=${SEEDS%% *}
 # shellcheck disable=SC2086

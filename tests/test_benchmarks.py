@@ -591,6 +591,8 @@ def test_smoke_suite_through_pytest_benchmark(tmp_path):
     for var in ("DTN_BENCH_SUBSET", "DTN_BENCH_DEADLINE", "DTN_BENCH_PRECISIONS", "TRITON_INTERPRET",
                 "DTN_TRITON_ON_CPU"):
         env.pop(var, None)  # the Triton tests' interpreter settings must not leak into timing
+    for var in [v for v in env if v.startswith("PYTEST_XDIST_")]:
+        env.pop(var)  # under -n 2: pytest-benchmark reads PYTEST_XDIST_WORKER as xdist on and disables itself
     out = tmp_path / "res.json"
     env["DTN_BENCH_LOG"] = str(tmp_path / "cases.jsonl")
     proc = subprocess.run(

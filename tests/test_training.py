@@ -93,8 +93,9 @@ def test_resume_continues_exactly(synth, tmp_path):
     assert resumed.epoch == 3
     a = load_checkpoint(str(tmp_path / "a" / "last.pt"))["model_state"]
     b = load_checkpoint(str(tmp_path / "b" / "last.pt"))["model_state"]
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert a.keys() == b.keys()
+    for k in a:  # the fused embedding optimizer's step count is a dict (its "_extra_state"), the rest tensors
+        assert torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k], k
     assert [r["train_loss"] for r in straight.history] == [r["train_loss"] for r in resumed.history]
 
 
