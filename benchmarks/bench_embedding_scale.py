@@ -218,7 +218,7 @@ def main(argv=None) -> int:
         rel = f"{med[g] / med[small]:.2f}x" if small in med else ""
         rel_cpu = f"{cpu[g] / cpu[small]:.2f}x" if small in cpu else ""
         lines.append(f"| {m} | {rows:,} | {opt} | {1e3 * med[g]:,.1f} | {rel} | {1e3 * cpu[g]:,.1f} | {rel_cpu} | "
-                     f"{_mb(wb)} | {_mb(warm)} | {warm / wb:.2f} | {_mb(cold)} | {cold / wb:.2f} |")
+                     f"{_mb(wb)} | {_mb(warm)} | {warm / wb:.3f} | {_mb(cold)} | {cold / wb:.3f} |")
     if failed:
         lines += ["", "Failed in every round (e.g. killed for memory): " + ", ".join(f"{m} {r:,} {o}" for m, r, o in failed)]
     text = "\n".join(lines) + "\n"

@@ -741,3 +741,25 @@ def test_report_grouped_and_cublas_route_columns(tmp_path):
     dtn = _row(md, "| model:dtn | train | 2048")
     assert "2.50x ✓" in dtn and "1.62x ✓" in dtn  # grouped: 4.0 / 1.6 vs eager (≥ 2), 2.6 / 1.6 vs compile (≥ 1.25)
     assert "1.50x" in _row(md, "| gated_cross | fwd+bwd | 2048")
+
+
+def test_embedding_scale_grid_writes_step_and_memory_per_configuration(tmp_path):
+    """bench_embedding_scale.py end to end at toy sizes: each configuration in its own process, the
+    table with one row per (rows, optimizer), the ratios to the smallest tables, and the memory of
+    a table big enough to see (26 x 20,000 rows x 16 fp32 = 33 MB) counted against its weights."""
+    out = tmp_path / "scale.md"
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_embedding_scale.py"), "--models", "mmoe",
+                           "--rows", "10", "20000", "--optimizers", "sgd", "rowwise_adagrad", "--rounds", "1",
+                           "--warmup", "1", "--steps", "1", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| mmoe |")]
+    assert [(r[1], r[2]) for r in rows] == [("10", "sgd"), ("10", "rowwise_adagrad"),
+                                            ("20,000", "sgd"), ("20,000", "rowwise_adagrad")]
+    assert rows[0][4] == "1.00x" and rows[2][4].endswith("x")
+    big = {r[2]: r for r in rows if r[1] == "20,000"}
+    for opt, r in big.items():
+        weights, warm = float(r[7].replace(",", "")), float(r[8].replace(",", ""))
+        assert weights == 32  # 26 x 20,000 x 16 x 4 bytes in MiB, rounded
+        assert warm >= weights, (opt, r)  # the tables themselves are part of the peak
