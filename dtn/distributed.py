@@ -53,8 +53,17 @@ def init_from_env(device: str = "cpu", timeout_s: float = 1800.0) -> str:
     return device
 
 
-def cleanup() -> None:
+def cleanup(drain: bool = False) -> None:
+    """Leave the process group. ``drain`` (every rank finished the run, so every rank calls this): a
+    barrier first. A gloo worker thread frees a finished collective's work after the caller has moved
+    on; if that work holds the last reference to a tensor Python has let go of, the free needs the GIL.
+    The group's destructor (here, or later when the DDP model holding it is freed) joins those threads
+    while holding the GIL, so it must not run while such a free is pending: it hung at exit about one
+    run in twelve (2 processes, gloo). Waiting in the barrier releases the GIL and lets them finish.
+    Not on an error path, where the other ranks may never reach it."""
     if dist.is_available() and dist.is_initialized():
+        if drain:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -36,7 +36,7 @@ def main(out: str) -> None:
         torch.save({"weight": layer.weight.detach().clone(), "state1": so.state1.clone(), "state2": so.state2.clone(),
                     "step": so.step, "dense": [p.detach().clone() for p in trainer.optimizer.param_groups[0]["params"]]},
                    f"{out}/{opt}-rank{rank}-of{world}.pt")
-    D.cleanup()
+    D.cleanup(drain=True)  # every rank got here
 
 
 if __name__ == "__main__":

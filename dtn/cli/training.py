@@ -24,6 +24,7 @@ def cmd_train(args) -> int:
     if "test" in request.empty_splits:
         print(f"note: the test split is empty ({request.empty_splits['test']}): there will be no test metrics")
     device = D.init_from_env(cfg.train.device)
+    finished = False
     try:
         if device != cfg.train.device:
             cfg = cfg.replace(train=dataclasses.replace(cfg.train, device=device))
@@ -43,8 +44,9 @@ def cmd_train(args) -> int:
                   + (" (selected on validation LogLoss)" if result.get("selection") == "logloss" else ""))
             print(_split_table("test", len(data.test), result["test"]))
             print(f"checkpoints and metrics in {args.out}")
+        finished = True
     finally:
-        D.cleanup()
+        D.cleanup(drain=finished)
     return 0
 
 
