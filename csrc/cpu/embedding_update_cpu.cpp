@@ -107,6 +107,20 @@ struct Run {
   int64_t e0;
 };
 
+// The runs of equal keys of entries sorted by key, appended to runs.
+inline void append_runs(const std::vector<Entry>& entries, std::vector<Run>& runs) {
+  const int64_t m = static_cast<int64_t>(entries.size());
+  runs.reserve(runs.size() + size_t(m));
+  for (int64_t j = 0; j < m; ++j) {
+    if (j == 0 || entries[size_t(j)].key != entries[size_t(j) - 1].key) runs.push_back({entries[size_t(j)].key, j});
+  }
+}
+
+// One past the last sorted entry of run j (of n_entries entries).
+inline int64_t run_end(const std::vector<Run>& runs, int64_t j, int64_t n_entries) {
+  return j + 1 < int64_t(runs.size()) ? runs[size_t(j) + 1].e0 : n_entries;
+}
+
 // What pass 1 leaves per table.
 struct TableWork {
   bool dense = false;           // dense path (a small table): acc holds the reduced gradients
@@ -269,6 +283,12 @@ void gather_table(int64_t t, const FusedArgs& a, const scalar_t* __restrict__ G,
     }
     return c;
   };
+  // whether id (position i, bag k) is a row of this table; if not, the error is offered (the caller leaves)
+  auto in_table = [&](int64_t id, int64_t k, int64_t i) {
+    if (id >= 0 && id < rows) return true;
+    errors.offer(bad_id(k, i, id, rows));
+    return false;
+  };
   const bool mean = a.mode == PoolMode::Mean, max = a.mode == PoolMode::Max;
   w.dense = rows * D * int64_t(sizeof(float)) <= kDenseTableBytes && rows <= kDenseRowsPerId * n;
   if (w.dense) {
@@ -285,10 +305,7 @@ void gather_table(int64_t t, const FusedArgs& a, const scalar_t* __restrict__ G,
         __builtin_prefetch(reinterpret_cast<const void*>(ahead + uintptr_t(b) * step), 0, 3);
         const int64_t i = p0 + b, id = idx[i];
         if (id == pad) continue;
-        if (id < 0 || id >= rows) {
-          errors.offer(bad_id(k0 + b, i, id, rows));
-          return;
-        }
+        if (!in_table(id, k0 + b, i)) return;
         hit[size_t(id)] = 1;
         if (psw != nullptr) {
           row_axpy<kD>(acc + id * D, Gt + b * TD, float(psw[i]), D);
@@ -306,10 +323,7 @@ void gather_table(int64_t t, const FusedArgs& a, const scalar_t* __restrict__ G,
         for (int64_t i = s; i < e; ++i) {
           const int64_t id = idx[i];
           if (id == pad) continue;
-          if (id < 0 || id >= rows) {
-            errors.offer(bad_id(k, i, id, rows));
-            return;
-          }
+          if (!in_table(id, k, i)) return;
           float* __restrict__ r = acc + id * D;
           hit[size_t(id)] = 1;
           if (max) {
@@ -335,10 +349,7 @@ void gather_table(int64_t t, const FusedArgs& a, const scalar_t* __restrict__ G,
     for (int64_t i = p0; i < p0 + n; ++i) {
       const int64_t id = idx[i];
       if (id == pad) continue;
-      if (id < 0 || id >= rows) {
-        errors.offer(bad_id(k0 + (i - p0), i, id, rows));
-        return;
-      }
+      if (!in_table(id, k0 + (i - p0), i)) return;
       w.entries.push_back({id, i});
       if (a.need_scale) scale_of[i] = psw != nullptr ? float(psw[i]) : 1.f;
     }
@@ -349,10 +360,7 @@ void gather_table(int64_t t, const FusedArgs& a, const scalar_t* __restrict__ G,
       for (int64_t i = s; i < e; ++i) {
         const int64_t id = idx[i];
         if (id == pad) continue;
-        if (id < 0 || id >= rows) {
-          errors.offer(bad_id(k, i, id, rows));
-          return;
-        }
+        if (!in_table(id, k, i)) return;
         w.entries.push_back({id, i});
         bag_b[i] = static_cast<int32_t>(b);
         if (a.need_scale) {
@@ -364,12 +372,7 @@ void gather_table(int64_t t, const FusedArgs& a, const scalar_t* __restrict__ G,
   }
   std::vector<Entry> tmp;
   radix_sort(w.entries, tmp, bit_width(uint64_t(std::max<int64_t>(rows - 1, 0))));
-  const Entry* e = w.entries.data();
-  const int64_t m = static_cast<int64_t>(w.entries.size());
-  w.runs.reserve(size_t(m));
-  for (int64_t j = 0; j < m; ++j) {
-    if (j == 0 || e[j].key != e[j - 1].key) w.runs.push_back({e[j].key, j});
-  }
+  append_runs(w.entries, w.runs);
 }
 
 template <typename scalar_t, typename index_t, int kD>
@@ -402,9 +405,6 @@ void fused_kernel(EmbOptimizer opt, const UpdateParams& p, const FusedArgs& a, c
   auto slice_of = [&](const TableWork& w, int64_t t, int64_t i) {  // grad_output's slice of the id at position i
     return G + (w.one_id ? i - w.p0 : int64_t(bb[i])) * TD + t * D;
   };
-  auto end_of = [&](const TableWork& w, int64_t j) {  // one past the last entry of run j
-    return j + 1 < int64_t(w.runs.size()) ? w.runs[size_t(j) + 1].e0 : int64_t(w.entries.size());
-  };
   auto row_of = [&](size_t l, int64_t j) { return work[l].base + work[l].runs[size_t(j)].id; };
   auto prefetch_grad = [&](size_t l, int64_t j) {
     const TableWork& w = work[l];
@@ -415,7 +415,7 @@ void fused_kernel(EmbOptimizer opt, const UpdateParams& p, const FusedArgs& a, c
     const Run& run = w.runs[size_t(j)];
     if (w.dense) return w.acc.data() + run.id * D;
     const Entry* e0 = w.entries.data() + run.e0;
-    const Entry* e1 = w.entries.data() + end_of(w, j);
+    const Entry* e1 = w.entries.data() + run_end(w.runs, j, int64_t(w.entries.size()));
     if constexpr (std::is_same<scalar_t, float>::value) {  // one plain id: its slice is the gradient
       if (e1 == e0 + 1 && !max && !need_scale) return slice_of(w, int64_t(l), e0->pos);
     }
@@ -451,10 +451,8 @@ void rows_kernel(EmbOptimizer opt, const UpdateParams& p, const int64_t* rows, i
   for (int64_t i = 0; i < n; ++i) entries[size_t(i)] = {rows[i], i};
   radix_sort(entries, tmp, bit_width(uint64_t(std::max<int64_t>(R - 1, 0))));
   std::vector<Run> runs;
+  append_runs(entries, runs);
   const Entry* e = entries.data();
-  for (int64_t j = 0; j < n; ++j) {
-    if (j == 0 || e[j].key != e[j - 1].key) runs.push_back({e[j].key, j});
-  }
   const int64_t U = static_cast<int64_t>(runs.size());
   const std::vector<int64_t> start{0, U};
   dispatch_dim(D, [&](auto kd) {
@@ -463,7 +461,7 @@ void rows_kernel(EmbOptimizer opt, const UpdateParams& p, const int64_t* rows, i
       update_runs<decltype(o)::value, kD>(
           start, W, S1, S2, p, D, [&](size_t, int64_t j) { return runs[size_t(j)].id; },
           [&](size_t, int64_t j, float* acc) -> const float* {
-            const int64_t q0 = runs[size_t(j)].e0, q1 = j + 1 < U ? runs[size_t(j) + 1].e0 : n;
+            const int64_t q0 = runs[size_t(j)].e0, q1 = run_end(runs, j, n);
             for (int64_t c = 0; c < D; ++c) acc[c] = 0.f;
             for (int64_t q = q0; q < q1; ++q) row_add<kD>(acc, RG + e[q].pos * D, D);
             return acc;
