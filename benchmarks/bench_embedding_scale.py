@@ -76,18 +76,23 @@ def reset_peak_rss() -> None:
 
 
 def release_freed_memory() -> None:
-    """Collect garbage and hand glibc's freed heap back to the system, so that RSS is what is alive."""
+    """Collect garbage and hand freed memory back to the system (glibc's heap and, when the trainer runs
+    it, the caching CPU allocator's free blocks), so that RSS is what is alive."""
     import ctypes
     import gc
 
     gc.collect()
+    from dtn_kernels import cpu_allocator
+
+    if cpu_allocator.enabled():
+        cpu_allocator.empty_cache()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: RSS may then keep freed blocks (the reading errs high)
         pass
 
 
-def one(model_name: str, rows: int, optimizer: str, warmup: int, steps_n: int) -> dict:
+def one(model_name: str, rows: int, optimizer: str, warmup: int, steps_n: int, allocator: str = "caching") -> dict:
     """One configuration, in this process: step times (s) and memory (bytes)."""
     import resource
     import warnings
@@ -110,7 +115,7 @@ def one(model_name: str, rows: int, optimizer: str, warmup: int, steps_n: int) -
     cfg = load_config("cpu")
     cfg = cfg.replace(model=cfg.model.__class__(**{**cfg.model.__dict__, "embed_dim": EMBED_DIM}),
                       train=cfg.train.__class__(**{**cfg.train.__dict__, "embedding_optimizer": optimizer,
-                                                   "num_threads": 1, "progress": False}))
+                                                   "cpu_allocator": allocator, "num_threads": 1, "progress": False}))
     base = rss_bytes()
 
     def steps(model, trainer, n, rows_cap=None, timed=None):
@@ -149,9 +154,9 @@ def one(model_name: str, rows: int, optimizer: str, warmup: int, steps_n: int) -
             "peak_warm": peak_warm, "weight_bytes": weight_bytes}
 
 
-def run_one(args, model: str, rows: int, opt: str) -> dict:
+def run_one(args, model: str, rows: int, opt: str, allocator: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", model, str(rows), opt,
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", model, str(rows), opt, "--cpu-allocators", allocator,
            "--warmup", str(args.warmup), "--steps", str(args.steps if rows < 10**6 or opt != "adam" else args.slow_steps)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:  # e.g. killed for memory (-9) on a machine shared with other jobs: recorded, skipped
@@ -170,6 +175,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--rows", nargs="+", type=int, default=list(ROWS))
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    p.add_argument("--cpu-allocators", nargs="+", default=["caching"], choices=("caching", "system"),
+                   help="train.cpu_allocator: the trainer's caching CPU allocator (its default) and/or torch's own")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration and round")
@@ -179,9 +186,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the markdown table here")
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(one(args.one[0], int(args.one[1]), args.one[2], args.warmup, args.steps)))
+        print(json.dumps(one(args.one[0], int(args.one[1]), args.one[2], args.warmup, args.steps, args.cpu_allocators[0])))
         return 0
-    grid = [(m, r, o) for m in args.models for r in args.rows for o in args.optimizers
+    grid = [(m, r, o, a) for m in args.models for r in args.rows for o in args.optimizers for a in args.cpu_allocators
             if not (o == "adam" and args.adam_max_rows is not None and r > args.adam_max_rows)]
     results = {g: [] for g in grid}
     for rnd in range(args.rounds):
@@ -202,25 +209,25 @@ def main(argv=None) -> int:
              "against the embedding weights' bytes: *warm* = peak RSS minus the RSS of the warmed process (the "
              "acceptance reading); *cold* = peak RSS minus the RSS before any model was built (it also counts "
              "library code and lazy imports).", "",
-             "| model | rows per feature | embedding optimizer | step wall (ms) | vs 10^3 rows | step CPU (ms) | "
+             "| model | rows per feature | embedding optimizer | CPU allocator | step wall (ms) | vs 10^3 rows | step CPU (ms) | "
              "vs 10^3 rows | weights (MB) | memory warm (MB) | warm / weights | memory cold (MB) | cold / weights |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     failed = [g for g in grid if not results[g]]
     grid = [g for g in grid if results[g]]
     med = {g: statistics.median([t for r in results[g] for t in r["times"]]) for g in grid}
     cpu = {g: statistics.median([t for r in results[g] for t in r["cpu_times"]]) for g in grid}
     for g in grid:
-        m, rows, opt = g
+        m, rows, opt, alloc = g
         warm = max(r["peak_warm"] - r["warm"] for r in results[g])
         cold = max(r["peak"] - r["base"] for r in results[g])
         wb = results[g][0]["weight_bytes"]
-        small = (m, min(args.rows), opt)
+        small = (m, min(args.rows), opt, alloc)
         rel = f"{med[g] / med[small]:.2f}x" if small in med else ""
         rel_cpu = f"{cpu[g] / cpu[small]:.2f}x" if small in cpu else ""
-        lines.append(f"| {m} | {rows:,} | {opt} | {1e3 * med[g]:,.1f} | {rel} | {1e3 * cpu[g]:,.1f} | {rel_cpu} | "
+        lines.append(f"| {m} | {rows:,} | {opt} | {alloc} | {1e3 * med[g]:,.1f} | {rel} | {1e3 * cpu[g]:,.1f} | {rel_cpu} | "
                      f"{_mb(wb)} | {_mb(warm)} | {warm / wb:.3f} | {_mb(cold)} | {cold / wb:.3f} |")
     if failed:
-        lines += ["", "Failed in every round (e.g. killed for memory): " + ", ".join(f"{m} {r:,} {o}" for m, r, o in failed)]
+        lines += ["", "Failed in every round (e.g. killed for memory): " + ", ".join(f"{m} {r:,} {o} {a}" for m, r, o, a in failed)]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/caching_allocator.h"
 #include "embedding_bag.h"
 
 TORCH_LIBRARY(dtn, m) {
@@ -40,6 +41,26 @@ TORCH_LIBRARY(dtn, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dtn-kernels compiled ops; importing this module registers torch.ops.dtn.*";
+  // The caching CPU allocator (csrc/cpu/caching_allocator.cpp); dtn_kernels.cpu_allocator wraps it.
+  m.def("_cpu_allocator_enable", &dtn::caching_allocator_enable);
+  m.def("_cpu_allocator_disable", &dtn::caching_allocator_disable);
+  m.def("_cpu_allocator_enabled", &dtn::caching_allocator_enabled);
+  m.def("_cpu_allocator_empty_cache", &dtn::caching_allocator_empty_cache);
+  m.def("_cpu_allocator_reset_peak", &dtn::caching_allocator_reset_peak);
+  m.def("_cpu_allocator_check", &dtn::caching_allocator_check);
+  m.def("_cpu_allocator_stats", [] {
+    const dtn::CachingAllocatorStats s = dtn::caching_allocator_stats();
+    py::dict d;
+    d["allocated"] = s.allocated;
+    d["peak_allocated"] = s.peak_allocated;
+    d["mapped"] = s.mapped;
+    d["free"] = s.free;
+    d["largest_free"] = s.largest_free;
+    d["segments"] = s.segments;
+    d["pool_allocs"] = s.pool_allocs;
+    d["system_allocs"] = s.system_allocs;
+    return d;
+  });
 #ifdef DTN_WITH_CUDA
   m.attr("WITH_CUDA") = true;
   // Host utilities of the CUDA embedding bag's device-side error flag (csrc/embedding_bag.h);

@@ -152,6 +152,10 @@ class TrainConfig:
     # its lr (the LR schedule scales it like train.lr); null: the optimizer's default
     # (dtn.train.embedding_optim.DEFAULT_EMBEDDING_LR: train.lr for adam and lazy_adam)
     embedding_lr: Optional[float] = _f(None, gt=0.0)
+    # the allocator of CPU tensors while training on the CPU (dtn_kernels.cpu_allocator): "caching" recycles the
+    # step's buffers (the step's memory is what it holds at once, no page faults after the first steps);
+    # "system": torch's own (glibc's heap)
+    cpu_allocator: str = _f("caching", choices=("caching", "system"), applies={"device": ("cpu",)})
 
     def __post_init__(self):
         _check(self, "train")

@@ -751,15 +751,15 @@ def test_embedding_scale_grid_writes_step_and_memory_per_configuration(tmp_path)
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_embedding_scale.py"), "--models", "mmoe",
                            "--rows", "10", "20000", "--optimizers", "sgd", "rowwise_adagrad", "--rounds", "1",
-                           "--warmup", "1", "--steps", "1", "--out", str(out)],
+                           "--cpu-allocators", "caching", "system", "--warmup", "1", "--steps", "1", "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| mmoe |")]
-    assert [(r[1], r[2]) for r in rows] == [("10", "sgd"), ("10", "rowwise_adagrad"),
-                                            ("20,000", "sgd"), ("20,000", "rowwise_adagrad")]
-    assert rows[0][4] == "1.00x" and rows[2][4].endswith("x")
-    big = {r[2]: r for r in rows if r[1] == "20,000"}
+    assert [(r[1], r[2], r[3]) for r in rows] == [
+        (n, o, a) for n in ("10", "20,000") for o in ("sgd", "rowwise_adagrad") for a in ("caching", "system")]
+    assert rows[0][5] == "1.00x" and rows[4][5].endswith("x")
+    big = {(r[2], r[3]): r for r in rows if r[1] == "20,000"}
     for opt, r in big.items():
-        weights, warm = float(r[7].replace(",", "")), float(r[8].replace(",", ""))
+        weights, warm = float(r[8].replace(",", "")), float(r[9].replace(",", ""))
         assert weights == 32  # 26 x 20,000 x 16 x 4 bytes in MiB, rounded
         assert warm >= weights, (opt, r)  # the tables themselves are part of the peak

@@ -58,6 +58,21 @@ from .host_sync import EpochStats as _EpochStats  # noqa: F401  (its old name, i
 from . import precision
 from . import sharded as S
 from .metrics import task_metrics
+
+
+def _use_caching_cpu_allocator() -> None:
+    """train.cpu_allocator = caching: dtn_kernels.cpu_allocator becomes torch's CPU allocator (process-wide)."""
+    from dtn_kernels import cpu_allocator
+
+    if cpu_allocator.available():
+        cpu_allocator.enable()
+    elif not getattr(_use_caching_cpu_allocator, "warned", False):
+        _use_caching_cpu_allocator.warned = True
+        import warnings
+
+        warnings.warn("train.cpu_allocator = 'caching' needs dtn_kernels' compiled extension, which is not loaded: "
+                      "training with torch's CPU allocator (set train.cpu_allocator=system to silence this)",
+                      RuntimeWarning, stacklevel=3)
 from .schedule import LRSchedule
 from .task_weighting import UncertaintyWeighting
 
@@ -106,6 +121,8 @@ class Trainer:
         self.is_main = self.rank == 0
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
+        if self.device.type == "cpu" and self.cfg.cpu_allocator == "caching":
+            _use_caching_cpu_allocator()
         if self.cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         # sharded TorchRec tables (dtn.train.sharded; train_model decides): DMP wraps the model, the tables'
