@@ -54,6 +54,8 @@ def test_pool_serves_its_sizes_and_reuses_the_best_fit():
     d = f32(1 * MB + 100)  # the smallest free block that fits is b's hole, not the segment's tail
     assert d.data_ptr() == pb
     assert A.stats()["allocated"] == 3 * MB + 4 * KB  # a, c and d (rounded up to 4 KiB)
+    empty = torch.empty(0)  # no bytes: nothing to allocate or free
+    del empty
     assert A._check()
     """)
 

@@ -68,6 +68,7 @@ class CachingCPUAllocator final : public c10::Allocator {
     }
     if (p == nullptr) {  // outside the pool's sizes, or no segment could be mapped
       p = c10::alloc_cpu(n);
+      if (p == nullptr) return {nullptr, nullptr, &CachingCPUAllocator::deleter, c10::Device(c10::DeviceType::CPU)};
       std::lock_guard<std::mutex> lock(mu_);
       system_size_[p] = n;  // for the profiler's free event
       ++system_allocs_;
