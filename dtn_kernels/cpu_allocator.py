@@ -14,10 +14,13 @@ Measured on the MMoE training step with 26 x 10^6-row tables, rowwise_adagrad, B
 against 1.097 to 1.101x with glibc's heap (the step's buffers: 26 MB at most at once, spread by glibc
 over ~55 MB), and the step 59 against 67 ms.
 
-It is process-wide, like any torch allocator: ``enable()`` makes it the allocator of every CPU
-tensor allocated after it; ``disable()`` restores the previous one (tensors keep the allocator
-that made them and return their memory to it when freed). The trainer enables it when it trains
-on the CPU (``train.cpu_allocator: caching``, the default; ``system`` leaves torch's allocator).
+It is process-wide, like any torch allocator: the first ``enable()`` installs it as torch's CPU
+allocator, in front of the one in place, for the rest of the process; from then on ``enable()`` /
+``disable()`` switch whether the pool serves the sizes above or hands every request to the allocator
+it replaced. Whatever is switched, a pointer always returns to the allocator that made it (oneDNN, for
+one, frees through whichever allocator torch looks up at that moment, not the tensor's). The trainer
+enables it when it trains on the CPU (``train.cpu_allocator: caching``, the default; ``system`` leaves
+torch's allocator). Pool blocks are not touched by c10's zero/junk-fill debug flags.
 
 Freed blocks stay mapped and resident until reused; ``empty_cache()`` returns their pages to the
 system (the next use faults them in again).
@@ -32,33 +35,41 @@ __all__ = ["available", "enable", "disable", "enabled", "empty_cache", "stats", 
 
 
 def _c():
-    if not HAS_C_EXT:
+    if not available():
         from . import C_EXT_ERROR
 
-        raise RuntimeError("the caching CPU allocator needs dtn_kernels' compiled extension: "
-                           + (C_EXT_ERROR or "dtn_kernels._C was not built"))
+        raise RuntimeError("the caching CPU allocator needs dtn_kernels' compiled extension, rebuilt since it was "
+                           "added: " + (C_EXT_ERROR or ("dtn_kernels._C was not built" if not HAS_C_EXT else
+                                                        "dtn_kernels._C has no _cpu_allocator_enable (rebuild it)")))
     from . import _C  # type: ignore[attr-defined]
 
     return _C
 
 
 def available() -> bool:
-    """Whether the compiled extension (and so the allocator) is here."""
-    return HAS_C_EXT
+    """Whether the compiled extension is here and has the allocator (a build older than it has not)."""
+    if not HAS_C_EXT:
+        return False
+    from . import _C  # type: ignore[attr-defined]
+
+    return hasattr(_C, "_cpu_allocator_enable")
 
 
 def enable() -> bool:
-    """Make the pool torch's CPU allocator. Returns False if it already was."""
+    """The pool serves CPU tensors of 64 KiB to 64 MiB (installed as torch's CPU allocator the first
+    time). Returns False if it already did. Raises if another library holds torch's CPU allocator at a
+    higher priority."""
     return _c()._cpu_allocator_enable()
 
 
 def disable() -> bool:
-    """Restore the allocator the pool replaced. Returns False if the pool was not enabled."""
+    """Every request goes to the allocator the pool replaced (pool blocks still return to the pool when
+    freed). Returns False if the pool was not serving."""
     return _c()._cpu_allocator_disable()
 
 
 def enabled() -> bool:
-    return HAS_C_EXT and _c()._cpu_allocator_enabled()
+    return available() and _c()._cpu_allocator_enabled()
 
 
 def empty_cache() -> int:

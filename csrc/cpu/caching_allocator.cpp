@@ -13,22 +13,29 @@
 // first steps). Smaller and larger requests go to c10::alloc_cpu / c10::free_cpu as with torch's own
 // CPU allocator (small ones are what glibc does well; large ones are long-lived: weights, tables).
 //
+// It is installed as torch's CPU allocator once (c10::SetCPUAllocator) and never uninstalled: "disable"
+// makes it hand every request to the allocator it replaced, so a pointer allocated before or after, and
+// freed through whichever allocator torch looks up at that moment (oneDNN frees through
+// GetAllocator(CPU)->raw_deallocate), always reaches the right owner: a pointer that is not a pool block
+// goes to the replaced allocator's raw deleter.
+//
 // One mutex guards the pool; a fork (DataLoader workers) takes it first, so the child's copy is
 // consistent. Freed memory stays mapped: empty_cache() returns the pages of free blocks to the system.
 #include <sys/mman.h>
 #include <pthread.h>
+#include <unistd.h>
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
-#include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
 
+#include <atomic>
 #include <cstdint>
+#include <new>
 #include <iterator>
 #include <map>
 #include <mutex>
 #include <set>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -37,12 +44,14 @@
 namespace dtn {
 namespace {
 
-constexpr size_t kPage = 4096;
-constexpr size_t kMinBlock = size_t(64) << 10;    // smaller requests: the system allocator
+constexpr size_t kGrain = 4096;                   // blocks are rounded up to this (and aligned to it)
+constexpr size_t kMinBlock = size_t(64) << 10;    // smaller requests: the replaced allocator
 constexpr size_t kMaxBlock = size_t(64) << 20;    // larger ones too (long-lived: tables, weights)
 constexpr size_t kSegment = size_t(256) << 20;    // one mapping: virtual space, resident only where written
+constexpr uint8_t kPriority = 1;                  // torch registers its own CPU allocator at 0
 
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+size_t round_down(size_t n, size_t to) { return n / to * to; }
 
 struct Block {
   size_t size;
@@ -52,28 +61,44 @@ struct Block {
 
 class CachingCPUAllocator final : public c10::Allocator {
  public:
+  // Called once, under g_switch, with torch's current CPU allocator.
+  void set_previous(c10::Allocator* a) {
+    TORCH_CHECK(a->raw_deleter() != nullptr, "dtn_kernels.cpu_allocator: the CPU allocator in place has no raw "
+                "deleter, so pointers it made could not be handed back to it; not installing the pool");
+    previous_ = a;
+    previous_delete_ = a->raw_deleter();
+  }
+
+  void set_serving(bool on) { serving_.store(on); }
+
   c10::DataPtr allocate(size_t n) override {
-    void* p = nullptr;
-    size_t charged = n;
-    if (n >= kMinBlock && n <= kMaxBlock) {
-      std::lock_guard<std::mutex> lock(mu_);
-      const size_t c = round_up(n, kPage);
-      p = take(c);
+    if (serving_.load(std::memory_order_relaxed) && n >= kMinBlock && n <= kMaxBlock) {
+      void* p = nullptr;
+      size_t c = round_up(n, kGrain), allocated = 0, mapped = 0;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        try {
+          p = take(c);
+        } catch (const std::bad_alloc&) {  // the pool's own bookkeeping: left as it was; the request goes on
+          p = nullptr;
+        }
+        if (p != nullptr) {
+          allocated_ += c;
+          peak_allocated_ = std::max(peak_allocated_, allocated_);
+          ++pool_allocs_;
+          allocated = allocated_;
+          mapped = segments_.size() * kSegment;
+        }
+      }
       if (p != nullptr) {
-        charged = c;
-        allocated_ += c;
-        peak_allocated_ = std::max(peak_allocated_, allocated_);
-        ++pool_allocs_;
+        report(p, int64_t(c), allocated, mapped);
+        return {p, p, &CachingCPUAllocator::deleter, c10::Device(c10::DeviceType::CPU)};
       }
     }
-    if (p == nullptr) {  // outside the pool's sizes, or no segment could be mapped
-      p = c10::alloc_cpu(n);
-      if (p == nullptr) return {nullptr, nullptr, &CachingCPUAllocator::deleter, c10::Device(c10::DeviceType::CPU)};
-      std::lock_guard<std::mutex> lock(mu_);
-      system_size_[p] = n;  // for the profiler's free event
-      ++system_allocs_;
-    }
-    report(p, int64_t(charged));
+    // outside the pool's sizes, the pool not serving, or no segment could be mapped: the replaced
+    // allocator (which reports to the profiler itself); its pointer comes back to it through deleter
+    void* p = previous_->raw_allocate(n);
+    system_allocs_.fetch_add(1, std::memory_order_relaxed);
     return {p, p, &CachingCPUAllocator::deleter, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -85,35 +110,33 @@ class CachingCPUAllocator final : public c10::Allocator {
 
   void release(void* p) {
     if (p == nullptr) return;
-    int64_t charged = 0;
-    bool system = false;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      auto it = blocks_.find(uintptr_t(p));
-      if (it != blocks_.end() && !it->second.free) {
-        charged = int64_t(it->second.size);
-        allocated_ -= it->second.size;
-        give_back(it);
-      } else {  // not a pool block: it came from c10::alloc_cpu
-        auto s = system_size_.find(p);
-        TORCH_INTERNAL_ASSERT(s != system_size_.end(), "dtn_kernels.cpu_allocator: freeing an unknown pointer");
-        charged = int64_t(s->second);
-        system_size_.erase(s);
-        system = true;
-      }
+    std::unique_lock<std::mutex> lock(mu_);
+    auto it = blocks_.find(uintptr_t(p));
+    if (it == blocks_.end()) {  // not a pool block: the replaced allocator's (made before, or outside the sizes)
+      lock.unlock();
+      previous_delete_(p);
+      return;
     }
-    if (system) c10::free_cpu(p);
-    report(p, -charged);
+    TORCH_INTERNAL_ASSERT(!it->second.free, "dtn_kernels.cpu_allocator: a pool block freed twice");
+    const size_t c = it->second.size;
+    allocated_ -= c;
+    const size_t allocated = allocated_, mapped = segments_.size() * kSegment;
+    // reported before the block can be handed out again (the profiler sees the free first)
+    report(p, -int64_t(c), allocated, mapped);
+    give_back(it);
   }
 
-  // madvise(DONTNEED) the whole pages of every free block: their memory goes back to the system
+  // madvise(DONTNEED) the whole pages inside every free block: their memory goes back to the system
   // (a later use faults fresh zero pages in). Returns the bytes given back.
   size_t empty_cache() {
+    static const size_t page = size_t(sysconf(_SC_PAGESIZE));
     std::lock_guard<std::mutex> lock(mu_);
     size_t released = 0;
     for (const auto& [size, addr] : free_by_size_) {
-      if (size == 0) continue;
-      if (madvise(reinterpret_cast<void*>(addr), size, MADV_DONTNEED) == 0) released += size;
+      // only pages wholly inside the block (madvise rounds a length up: a page of a live neighbour must
+      // not be advised away where the page is larger than the blocks' 4 KiB grain)
+      const uintptr_t lo = round_up(addr, page), hi = round_down(addr + size, page);
+      if (hi > lo && madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED) == 0) released += hi - lo;
     }
     return released;
   }
@@ -133,7 +156,7 @@ class CachingCPUAllocator final : public c10::Allocator {
     s.largest_free = int64_t(largest);
     s.segments = int64_t(segments_.size());
     s.pool_allocs = int64_t(pool_allocs_);
-    s.system_allocs = int64_t(system_allocs_);
+    s.system_allocs = int64_t(system_allocs_.load());
     return s;
   }
 
@@ -170,19 +193,14 @@ class CachingCPUAllocator final : public c10::Allocator {
  private:
   using BlockIt = std::map<uintptr_t, Block>::iterator;
 
-  void report(void* p, int64_t delta) {
+  static void report(void* p, int64_t delta, size_t allocated, size_t mapped) {
     if (c10::memoryProfilingEnabled()) {
-      size_t allocated, mapped;
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        allocated = allocated_;
-        mapped = segments_.size() * kSegment;
-      }
       c10::reportMemoryUsageToProfiler(p, delta, allocated, mapped, c10::Device(c10::DeviceType::CPU));
     }
   }
 
-  // The smallest free block of at least c bytes (a new segment if none), split to c.
+  // The smallest free block of at least c bytes (a new segment if none), split to c. A bad_alloc of the
+  // bookkeeping leaves the maps as they were.
   void* take(size_t c) {
     auto f = free_by_size_.lower_bound({c, 0});
     if (f == free_by_size_.end()) {
@@ -190,13 +208,18 @@ class CachingCPUAllocator final : public c10::Allocator {
       f = free_by_size_.lower_bound({c, 0});
     }
     const uintptr_t addr = f->second;
-    free_by_size_.erase(f);
     Block& b = blocks_.at(addr);
     if (b.size > c) {  // the rest stays free, after the block
-      blocks_.emplace(addr + c, Block{b.size - c, true, b.segment});
-      free_by_size_.insert({b.size - c, addr + c});
+      auto rest = blocks_.emplace(addr + c, Block{b.size - c, true, b.segment}).first;
+      try {
+        free_by_size_.insert({b.size - c, addr + c});
+      } catch (...) {
+        blocks_.erase(rest);
+        throw;
+      }
       b.size = c;
     }
+    free_by_size_.erase(f);
     b.free = false;
     return reinterpret_cast<void*>(addr);
   }
@@ -219,25 +242,40 @@ class CachingCPUAllocator final : public c10::Allocator {
         it = prev;
       }
     }
-    free_by_size_.insert({it->second.size, it->first});
+    try {
+      free_by_size_.insert({it->second.size, it->first});
+    } catch (const std::bad_alloc&) {
+      // out of memory for one index node: the block stays free but unindexed (not handed out) until a
+      // neighbour's free merges it back; nothing overlaps
+    }
   }
 
   bool map_segment() {
     void* p = mmap(nullptr, kSegment, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) return false;
     const uintptr_t addr = uintptr_t(p);
-    segments_.push_back(addr);
-    blocks_.emplace(addr, Block{kSegment, true, int(segments_.size()) - 1});
-    free_by_size_.insert({kSegment, addr});
+    try {
+      segments_.push_back(addr);
+      blocks_.emplace(addr, Block{kSegment, true, int(segments_.size()) - 1});
+      free_by_size_.insert({kSegment, addr});
+    } catch (...) {
+      if (!segments_.empty() && segments_.back() == addr) segments_.pop_back();
+      blocks_.erase(addr);
+      munmap(p, kSegment);
+      throw;
+    }
     return true;
   }
 
+  c10::Allocator* previous_ = nullptr;            // the allocator the pool replaced
+  c10::DeleterFnPtr previous_delete_ = nullptr;   // its raw deleter: frees what did not come from the pool
+  std::atomic<bool> serving_{false};
   std::map<uintptr_t, Block> blocks_;                    // every block of every segment, by address
   std::set<std::pair<size_t, uintptr_t>> free_by_size_;  // the free ones, by (size, address): best fit
   std::vector<uintptr_t> segments_;
-  std::unordered_map<void*, size_t> system_size_;        // what came from c10::alloc_cpu, and its size
   size_t allocated_ = 0, peak_allocated_ = 0;
-  uint64_t pool_allocs_ = 0, system_allocs_ = 0;
+  uint64_t pool_allocs_ = 0;
+  std::atomic<uint64_t> system_allocs_{0};
 };
 
 // Never destroyed: tensors freed during interpreter shutdown still find it.
@@ -253,14 +291,8 @@ CachingCPUAllocator& pool() {
 void CachingCPUAllocator::deleter(void* p) { pool().release(p); }
 
 std::mutex g_switch;
-c10::Allocator* g_previous = nullptr;  // the allocator the pool replaced
-uint8_t g_priority = 0;                // SetCPUAllocator only replaces an allocator of lower or equal priority
+bool g_installed = false;
 bool g_enabled = false;
-
-void set_cpu_allocator(c10::Allocator* a) {
-  TORCH_CHECK(g_priority < 255, "dtn_kernels.cpu_allocator: switched too many times");
-  c10::SetCPUAllocator(a, ++g_priority);
-}
 
 }  // namespace
 
@@ -268,9 +300,17 @@ bool caching_allocator_enable() {
   std::lock_guard<std::mutex> lock(g_switch);
   if (g_enabled) return false;
   CachingCPUAllocator& p = pool();
-  c10::Allocator* current = c10::GetCPUAllocator();
-  if (current != &p) g_previous = current;
-  set_cpu_allocator(&p);
+  if (!g_installed) {  // once: torch's CPU allocator from now on (serving or passing every request through)
+    c10::Allocator* current = c10::GetCPUAllocator();
+    p.set_previous(current);
+    c10::SetCPUAllocator(&p, kPriority);
+    TORCH_CHECK(c10::GetCPUAllocator() == &p, "dtn_kernels.cpu_allocator: torch's CPU allocator was replaced at a "
+                "priority above ", int(kPriority), " by another library; the pool cannot take its place");
+    g_installed = true;
+  }
+  TORCH_CHECK(c10::GetCPUAllocator() == &p, "dtn_kernels.cpu_allocator: another library replaced torch's CPU "
+              "allocator after the pool was installed; not enabling it");
+  p.set_serving(true);
   g_enabled = true;
   return true;
 }
@@ -278,7 +318,7 @@ bool caching_allocator_enable() {
 bool caching_allocator_disable() {
   std::lock_guard<std::mutex> lock(g_switch);
   if (!g_enabled) return false;
-  set_cpu_allocator(g_previous);  // tensors already allocated keep their deleter: they return to the pool
+  pool().set_serving(false);  // every request to the replaced allocator; pool blocks still return to the pool
   g_enabled = false;
   return true;
 }

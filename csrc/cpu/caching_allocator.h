@@ -17,8 +17,9 @@ struct CachingAllocatorStats {
   int64_t system_allocs = 0;
 };
 
-// Make the pool torch's CPU allocator (true), or restore the one it replaced (true); false when
-// there was nothing to do. Tensors keep the allocator they were made by, whatever is switched later.
+// enable: the pool serves its sizes (installed as torch's CPU allocator, once, the first time);
+// disable: every request goes to the allocator it replaced. True if it changed, false when there was
+// nothing to do. A pointer returns to the allocator that made it, whatever is switched in between.
 bool caching_allocator_enable();
 bool caching_allocator_disable();
 bool caching_allocator_enabled();
