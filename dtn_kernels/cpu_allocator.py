@@ -38,9 +38,8 @@ def _c():
     if not available():
         from . import C_EXT_ERROR
 
-        raise RuntimeError("the caching CPU allocator needs dtn_kernels' compiled extension, rebuilt since it was "
-                           "added: " + (C_EXT_ERROR or ("dtn_kernels._C was not built" if not HAS_C_EXT else
-                                                        "dtn_kernels._C has no _cpu_allocator_enable (rebuild it)")))
+        why = C_EXT_ERROR or ("dtn_kernels._C was not built" if not HAS_C_EXT else "dtn_kernels._C predates it: rebuild")
+        raise RuntimeError(f"the caching CPU allocator needs dtn_kernels' compiled extension: {why}")
     from . import _C  # type: ignore[attr-defined]
 
     return _C

@@ -10,8 +10,8 @@
 // (segments) with best-fit placement; a freed block merges with free neighbours and is reused by later
 // requests. Only pages that a tensor was written to become resident, so a step's resident memory is
 // close to the most it held at once, and it stays put from step to step (no page faults after the
-// first steps). Smaller and larger requests go to c10::alloc_cpu / c10::free_cpu as with torch's own
-// CPU allocator (small ones are what glibc does well; large ones are long-lived: weights, tables).
+// first steps). Smaller and larger requests go to the allocator it replaced, torch's own (small ones
+// are what glibc does well; large ones are long-lived: weights, tables).
 //
 // It is installed as torch's CPU allocator once (c10::SetCPUAllocator) and never uninstalled: "disable"
 // makes it hand every request to the allocator it replaced, so a pointer allocated before or after, and
@@ -70,6 +70,7 @@ class CachingCPUAllocator final : public c10::Allocator {
   }
 
   void set_serving(bool on) { serving_.store(on); }
+  bool serving() const { return serving_.load(); }
 
   c10::DataPtr allocate(size_t n) override {
     if (serving_.load(std::memory_order_relaxed) && n >= kMinBlock && n <= kMaxBlock) {
@@ -290,16 +291,15 @@ CachingCPUAllocator& pool() {
 
 void CachingCPUAllocator::deleter(void* p) { pool().release(p); }
 
-std::mutex g_switch;
+std::mutex g_switch;  // enable / disable
 bool g_installed = false;
-bool g_enabled = false;
 
 }  // namespace
 
 bool caching_allocator_enable() {
   std::lock_guard<std::mutex> lock(g_switch);
-  if (g_enabled) return false;
   CachingCPUAllocator& p = pool();
+  if (p.serving()) return false;
   if (!g_installed) {  // once: torch's CPU allocator from now on (serving or passing every request through)
     c10::Allocator* current = c10::GetCPUAllocator();
     p.set_previous(current);
@@ -311,22 +311,17 @@ bool caching_allocator_enable() {
   TORCH_CHECK(c10::GetCPUAllocator() == &p, "dtn_kernels.cpu_allocator: another library replaced torch's CPU "
               "allocator after the pool was installed; not enabling it");
   p.set_serving(true);
-  g_enabled = true;
   return true;
 }
 
 bool caching_allocator_disable() {
   std::lock_guard<std::mutex> lock(g_switch);
-  if (!g_enabled) return false;
+  if (!pool().serving()) return false;
   pool().set_serving(false);  // every request to the replaced allocator; pool blocks still return to the pool
-  g_enabled = false;
   return true;
 }
 
-bool caching_allocator_enabled() {
-  std::lock_guard<std::mutex> lock(g_switch);
-  return g_enabled;
-}
+bool caching_allocator_enabled() { return pool().serving(); }
 
 int64_t caching_allocator_empty_cache() { return int64_t(pool().empty_cache()); }
 

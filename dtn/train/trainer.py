@@ -38,6 +38,7 @@ import os
 import random
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -58,21 +59,6 @@ from .host_sync import EpochStats as _EpochStats  # noqa: F401  (its old name, i
 from . import precision
 from . import sharded as S
 from .metrics import task_metrics
-
-
-def _use_caching_cpu_allocator() -> None:
-    """train.cpu_allocator = caching: dtn_kernels.cpu_allocator becomes torch's CPU allocator (process-wide)."""
-    from dtn_kernels import cpu_allocator
-
-    if cpu_allocator.available():
-        cpu_allocator.enable()
-    elif not getattr(_use_caching_cpu_allocator, "warned", False):
-        _use_caching_cpu_allocator.warned = True
-        import warnings
-
-        warnings.warn("train.cpu_allocator = 'caching' needs dtn_kernels' compiled extension, which is not loaded: "
-                      "training with torch's CPU allocator (set train.cpu_allocator=system to silence this)",
-                      RuntimeWarning, stacklevel=3)
 from .schedule import LRSchedule
 from .task_weighting import UncertaintyWeighting
 
@@ -86,6 +72,18 @@ except ImportError:  # pragma: no cover
 # GPU skipped). A divergence is still reported with its exact step; the steps queued after it
 # run on (their weights are discarded with the error), at most SYNC_EVERY - 1 of them.
 SYNC_EVERY = 50
+
+
+def _use_caching_cpu_allocator() -> None:
+    """train.cpu_allocator = caching: dtn_kernels.cpu_allocator serves torch's CPU tensors (process-wide)."""
+    from dtn_kernels import cpu_allocator
+
+    if cpu_allocator.available():
+        cpu_allocator.enable()
+    else:  # (the default warning filter shows it once)
+        warnings.warn("train.cpu_allocator = 'caching' needs dtn_kernels' compiled extension, which is not loaded: "
+                      "training with torch's CPU allocator (set train.cpu_allocator=system to silence this)",
+                      RuntimeWarning, stacklevel=3)
 
 
 class TrainingDivergedError(RuntimeError):
